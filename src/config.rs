@@ -1,0 +1,179 @@
+//! Server configuration: every flag is also a `LAYERD_*` environment variable,
+//! and `layerd --help` shows every default.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytesize::ByteSize;
+use clap::{Parser, ValueEnum};
+
+use crate::session::Limits;
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// layerd: neural-network layers (Forward now, Backward later) over gRPC.
+///
+/// Durations take units (`90s`, `5m`, `1h`); sizes take units (`64MiB`, `4GiB`).
+/// The log filter is read from RUST_LOG (default `info`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "layerd", version, about, long_about)]
+pub struct Config {
+    /// Address to listen on for gRPC (layerd.v1, grpc.health.v1, reflection).
+    #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+
+    /// Log line format.
+    #[arg(long, env = "LAYERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Idle timeout granted when a client asks for 0 (whole seconds).
+    #[arg(long, env = "LAYERD_DEFAULT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_idle_timeout)]
+    pub default_idle_timeout: Duration,
+
+    /// Largest idle timeout granted; larger requests are lowered to it (whole seconds).
+    #[arg(long, env = "LAYERD_MAX_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_idle_timeout)]
+    pub max_idle_timeout: Duration,
+
+    /// Most sessions open at once.
+    #[arg(long, env = "LAYERD_MAX_SESSIONS", default_value_t = 10_000)]
+    pub max_sessions: usize,
+
+    /// Most layer instances in one session.
+    #[arg(long, env = "LAYERD_MAX_LAYERS_PER_SESSION", default_value_t = 1_024)]
+    pub max_layers_per_session: usize,
+
+    /// Most bytes of state kept for Backward by one session (ReLU: 1 bit per element; Sigmoid: y).
+    #[arg(long, env = "LAYERD_MAX_SESSION_KEPT_BYTES", default_value = "1GiB")]
+    pub max_session_kept_bytes: ByteSize,
+
+    /// Most bytes of state kept for Backward by all sessions together.
+    #[arg(long, env = "LAYERD_MAX_TOTAL_KEPT_BYTES", default_value = "4GiB")]
+    pub max_total_kept_bytes: ByteSize,
+
+    /// Largest gRPC message accepted or sent (a tensor's bytes plus a few bytes of framing).
+    #[arg(long, env = "LAYERD_MAX_MESSAGE_BYTES", default_value = "64MiB")]
+    pub max_message_bytes: ByteSize,
+
+    /// Server-side limit on the time one call (or one Run step) may take.
+    #[arg(long, env = "LAYERD_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// HTTP/2: most concurrent streams (calls) per connection.
+    #[arg(long, env = "LAYERD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2: most streams a connection may have reset by server-side protocol errors
+    /// before it is closed (guards against reset floods).
+    #[arg(
+        long,
+        env = "LAYERD_MAX_LOCAL_ERROR_RESET_STREAMS",
+        default_value_t = 1_024
+    )]
+    pub max_local_error_reset_streams: usize,
+
+    /// HTTP/2: most streams reset by the client but not yet accepted
+    /// (guards against Rapid Reset, CVE-2023-44487).
+    #[arg(
+        long,
+        env = "LAYERD_MAX_PENDING_ACCEPT_RESET_STREAMS",
+        default_value_t = 20
+    )]
+    pub max_pending_accept_reset_streams: usize,
+
+    /// HTTP/2: interval between keepalive PINGs on idle connections.
+    #[arg(long, env = "LAYERD_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// HTTP/2: how long to wait for a keepalive PING's answer before closing the connection.
+    #[arg(long, env = "LAYERD_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// On SIGTERM/SIGINT: how long in-flight calls may take to finish before the process exits.
+    #[arg(long, env = "LAYERD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Idle timeouts travel as whole seconds (`uint32`), so they must be ≥ 1 s.
+fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.subsec_nanos() != 0 || duration.is_zero() || duration.as_secs() > u32::MAX as u64 {
+        return Err(format!("expected whole seconds from 1s to {}s", u32::MAX));
+    }
+    Ok(duration)
+}
+
+impl Config {
+    /// The built-in defaults (plus any `LAYERD_*` variables, as for the
+    /// binary), listening on an ephemeral loopback port: for tests and embedding.
+    pub fn defaults() -> Config {
+        let mut config = Config::parse_from(["layerd"]);
+        config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
+    /// The session limits these flags set.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_sessions: self.max_sessions,
+            max_layers_per_session: self.max_layers_per_session,
+            max_session_kept_bytes: self.max_session_kept_bytes.as_u64(),
+            max_total_kept_bytes: self.max_total_kept_bytes.as_u64(),
+            default_idle_timeout: self.default_idle_timeout,
+            max_idle_timeout: self.max_idle_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent_and_every_one_has_an_env_var() {
+        Config::command().debug_assert();
+        for arg in Config::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{id} has no env var"));
+            assert_eq!(
+                env.to_str().unwrap(),
+                format!("LAYERD_{}", id.to_uppercase())
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        let config = Config::try_parse_from([
+            "layerd",
+            "--max-message-bytes=128MiB",
+            "--default-idle-timeout=90s",
+            "--request-timeout=1500ms",
+        ])
+        .unwrap();
+        assert_eq!(config.max_message_bytes.as_u64(), 128 << 20);
+        assert_eq!(config.default_idle_timeout, Duration::from_secs(90));
+        assert_eq!(config.request_timeout, Duration::from_millis(1500));
+        assert!(Config::try_parse_from(["layerd", "--default-idle-timeout=1500ms"]).is_err());
+        assert!(Config::try_parse_from(["layerd", "--max-idle-timeout=0s"]).is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::defaults();
+        assert_eq!(config.max_message_bytes.as_u64(), 64 << 20);
+        assert_eq!(config.default_idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.limits().max_sessions, 10_000);
+    }
+}

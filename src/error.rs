@@ -1,0 +1,184 @@
+//! The one error type of the service, and its one mapping to `tonic::Status`.
+//!
+//! Every status carries a message naming the field, what was expected and
+//! what came, plus `google.rpc` details clients can branch on: an `ErrorInfo`
+//! whose `reason` is stable (e.g. `SESSION_NOT_FOUND`, `NOTHING_KEPT`) in the
+//! domain `layerd.v1`, and for bad arguments a `BadRequest` field violation.
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error.
+pub const ERROR_DOMAIN: &str = "layerd.v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("session {session_id:?} not found: unknown, closed or expired")]
+    SessionNotFound { session_id: String },
+
+    #[error("layer {layer_id:?} not found in session {session_id:?}")]
+    LayerNotFound {
+        session_id: String,
+        layer_id: String,
+    },
+
+    #[error("session {session_id:?} already exists")]
+    SessionExists { session_id: String },
+
+    #[error("layer {layer_id:?} already exists in session {session_id:?}")]
+    LayerExists {
+        session_id: String,
+        layer_id: String,
+    },
+
+    /// A request field is malformed; `reason` is the `ErrorInfo.reason`.
+    #[error("{field}: expected {expected}, got {got}")]
+    InvalidArgument {
+        field: String,
+        expected: String,
+        got: String,
+        reason: &'static str,
+    },
+
+    #[error(
+        "layer {layer_id:?} has nothing kept for Backward: call Forward without no_grad first"
+    )]
+    NothingKept { layer_id: String },
+
+    /// A configured limit would be exceeded; `flag` is the option that sets it.
+    #[error("limit {flag} = {limit} exceeded: {detail}")]
+    LimitExceeded {
+        flag: &'static str,
+        limit: String,
+        detail: String,
+    },
+
+    #[error("request did not finish within the server's request timeout of {0:?}")]
+    Timeout(Duration),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A malformed field: `field: expected …, got …`.
+    pub fn invalid(
+        field: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl Into<String>,
+        reason: &'static str,
+    ) -> Error {
+        Error::InvalidArgument {
+            field: field.into(),
+            expected: expected.into(),
+            got: got.into(),
+            reason,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::SessionNotFound { .. } | Error::LayerNotFound { .. } => Code::NotFound,
+            Error::SessionExists { .. } | Error::LayerExists { .. } => Code::AlreadyExists,
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NothingKept { .. } => Code::FailedPrecondition,
+            Error::LimitExceeded { .. } => Code::ResourceExhausted,
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The stable `ErrorInfo.reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::SessionNotFound { .. } => "SESSION_NOT_FOUND",
+            Error::LayerNotFound { .. } => "LAYER_NOT_FOUND",
+            Error::SessionExists { .. } => "SESSION_EXISTS",
+            Error::LayerExists { .. } => "LAYER_EXISTS",
+            Error::InvalidArgument { reason, .. } => reason,
+            Error::NothingKept { .. } => "NOTHING_KEPT",
+            Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
+            Error::Timeout(_) => "REQUEST_TIMEOUT",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let pairs: Vec<(&str, &str)> = match self {
+            Error::SessionNotFound { session_id } | Error::SessionExists { session_id } => {
+                vec![("session_id", session_id)]
+            }
+            Error::LayerNotFound {
+                session_id,
+                layer_id,
+            }
+            | Error::LayerExists {
+                session_id,
+                layer_id,
+            } => vec![("session_id", session_id), ("layer_id", layer_id)],
+            Error::InvalidArgument { field, .. } => vec![("field", field)],
+            Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
+            Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
+            Error::Timeout(_) | Error::Internal(_) => vec![],
+        };
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(error.reason(), ERROR_DOMAIN, error.metadata());
+        if let Error::InvalidArgument {
+            field,
+            expected,
+            got,
+            ..
+        } = &error
+        {
+            details.add_bad_request_violation(field, format!("expected {expected}, got {got}"));
+        }
+        Status::with_error_details(error.code(), error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_code_message_and_details() {
+        let status = Status::from(Error::invalid(
+            "x.dtype",
+            "DTYPE_FLOAT32",
+            "0",
+            "INVALID_TENSOR",
+        ));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "x.dtype: expected DTYPE_FLOAT32, got 0");
+        let details = status.get_error_details();
+        let info = details.error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_TENSOR", ERROR_DOMAIN)
+        );
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "x.dtype"
+        );
+
+        let status = Status::from(Error::NothingKept {
+            layer_id: "l1".into(),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.get_error_details().error_info().unwrap().metadata["layer_id"],
+            "l1"
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! ReLU: `y = x` where `x > 0`, else `+0.0`; `dx = dout` where `x > 0`, else `+0.0`.
+//!
+//! Shapes: `x`, `y`, `dout` and `dx` all share one shape, any rank.
+//!
+//! Kept for Backward: the mask `x <= 0` as a bitset, one bit per element
+//! (1/32 of a float32 tensor). The mask follows numpy's `x <= 0` exactly: a NaN
+//! compares false, so NaN passes through Forward and its gradient passes
+//! through Backward; `-0.0 <= 0` is true, so `-0.0` becomes `+0.0`.
+//! (`max(x, 0.0)` would turn NaN into 0 and differ from numpy.)
+
+use ndarray::{ArrayD, ArrayViewD};
+
+use super::{Float, Layer};
+
+/// The ReLU kind.
+pub struct Relu;
+
+/// Bit `i` is set where element `i` (row-major) of the Forward input was `<= 0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mask {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Mask {
+    /// Bytes a mask over `len` elements occupies.
+    pub const fn bytes_for(len: usize) -> usize {
+        len.div_ceil(64) * std::mem::size_of::<u64>()
+    }
+
+    /// Whether element `i` was masked (`x <= 0`).
+    pub fn is_masked(&self, i: usize) -> bool {
+        assert!(i < self.len, "mask index {i} out of range {}", self.len);
+        self.words[i / 64] >> (i % 64) & 1 == 1
+    }
+
+    /// Bytes held on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.words.len() * std::mem::size_of::<u64>()
+    }
+}
+
+/// Numpy's `x <= 0`; written out so the NaN case is visible.
+fn masked<F: Float>(x: F) -> bool {
+    x <= F::zero()
+}
+
+impl Layer for Relu {
+    const NAME: &'static str = "relu";
+    const DESCRIPTION: &'static str =
+        "ReLU: y = x where x > 0, else +0; dx = dout where x > 0, else +0. Keeps the mask x <= 0 as a bitset.";
+    type Kept<F: Float> = Mask;
+
+    fn kept_bytes<F: Float>(len: usize) -> usize {
+        Mask::bytes_for(len)
+    }
+
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, Mask) {
+        let x = x.as_standard_layout();
+        let xs = x.as_slice().expect("standard layout is contiguous");
+        let mut y = vec![F::zero(); xs.len()];
+        let mut words = vec![0u64; xs.len().div_ceil(64)];
+        for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(&mut words) {
+            let mut bits = 0u64;
+            for (i, (&xi, yi)) in x64.iter().zip(y64.iter_mut()).enumerate() {
+                let m = masked(xi);
+                bits |= (m as u64) << i;
+                // y was filled with +0.0; only unmasked elements are copied.
+                if !m {
+                    *yi = xi;
+                }
+            }
+            *word = bits;
+        }
+        let mask = Mask {
+            words,
+            len: xs.len(),
+        };
+        (into_shape(x.raw_dim(), y), mask)
+    }
+
+    fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
+        x.mapv(|xi| if masked(xi) { F::zero() } else { xi })
+    }
+
+    fn backward<F: Float>(mask: &Mask, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
+        let dout = dout.as_standard_layout();
+        let ds = dout.as_slice().expect("standard layout is contiguous");
+        assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
+        let mut dx = vec![F::zero(); ds.len()];
+        for ((d64, dx64), &bits) in ds.chunks(64).zip(dx.chunks_mut(64)).zip(&mask.words) {
+            for (i, (&di, dxi)) in d64.iter().zip(dx64.iter_mut()).enumerate() {
+                if bits >> i & 1 == 0 {
+                    *dxi = di;
+                }
+            }
+        }
+        into_shape(dout.raw_dim(), dx)
+    }
+}
+
+fn into_shape<F>(dim: ndarray::IxDyn, data: Vec<F>) -> ArrayD<F> {
+    ArrayD::from_shape_vec(dim, data).expect("data has exactly one element per index")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2, ArrayD, IxDyn};
+
+    fn bits<F: Float>(a: &ArrayD<F>) -> Vec<u64> {
+        a.iter().map(|v| v.to_bits_u64()).collect()
+    }
+
+    #[test]
+    fn forward_passes_positives_and_zeroes_the_rest() {
+        let x = arr1(&[1.5f32, -2.0, 0.0, 3.25, -1e-30]).into_dyn();
+        let (y, mask) = Relu::forward(x.view());
+        assert_eq!(y, arr1(&[1.5f32, 0.0, 0.0, 3.25, 0.0]).into_dyn());
+        let masked: Vec<bool> = (0..5).map(|i| mask.is_masked(i)).collect();
+        assert_eq!(masked, [false, true, true, false, true]);
+    }
+
+    #[test]
+    fn special_values_follow_numpy() {
+        // numpy: x <= 0 is False for NaN and +inf, True for -inf, -0.0 and +0.0.
+        let x = arr1(&[
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.0,
+            0.0,
+            5e-324,
+            -5e-324,
+        ])
+        .into_dyn();
+        let (y, mask) = Relu::forward(x.view());
+        assert!(y[0].is_nan());
+        assert_eq!(y[1], f64::INFINITY);
+        // Masked positions are +0.0 exactly, never -0.0.
+        for i in [2, 3, 4, 6] {
+            assert_eq!(y[i].to_bits(), 0, "y[{i}] must be +0.0");
+            assert!(mask.is_masked(i));
+        }
+        // The smallest positive subnormal passes unchanged.
+        assert_eq!(y[5].to_bits(), 1);
+        assert!(!mask.is_masked(0) && !mask.is_masked(1) && !mask.is_masked(5));
+    }
+
+    #[test]
+    fn nan_payload_passes_bit_for_bit() {
+        let quiet_nan_with_payload = f32::from_bits(0x7fc0_1234);
+        let x = arr1(&[quiet_nan_with_payload]).into_dyn();
+        let (y, _) = Relu::forward(x.view());
+        assert_eq!(y[0].to_bits(), 0x7fc0_1234);
+    }
+
+    #[test]
+    fn backward_zeroes_the_kept_positions_of_a_real_gradient() {
+        // x = [[2, -1, 0], [NaN, -0.0, 7]] -> mask = [[F, T, T], [F, T, F]]
+        let x = arr2(&[[2.0f32, -1.0, 0.0], [f32::NAN, -0.0, 7.0]]).into_dyn();
+        let (_, mask) = Relu::forward(x.view());
+        let dout = arr2(&[[0.5f32, -3.0, 4.0], [-0.25, 9.0, -0.0]]).into_dyn();
+        let dx = Relu::backward(&mask, dout.view());
+        // dx keeps dout where the mask is clear: 0.5, -0.25 and -0.0 (sign kept).
+        let want = arr2(&[[0.5f32, 0.0, 0.0], [-0.25, 0.0, -0.0]]).into_dyn();
+        assert_eq!(bits(&dx), bits(&want));
+    }
+
+    #[test]
+    fn mask_spans_word_boundaries_and_costs_one_bit_per_element() {
+        // 130 elements = 3 words; alternate signs so every word has both bits.
+        let x: ArrayD<f32> = ArrayD::from_shape_fn(IxDyn(&[2, 65]), |i| {
+            let k = i[0] * 65 + i[1];
+            if k.is_multiple_of(3) {
+                -(k as f32)
+            } else {
+                k as f32
+            }
+        });
+        let (y, mask) = Relu::forward(x.view());
+        assert_eq!(mask.heap_bytes(), 3 * 8);
+        assert_eq!(Relu::kept_bytes::<f32>(130), mask.heap_bytes());
+        for k in 0..130 {
+            // k = 0 is -0.0 <= 0, masked; so is every multiple of 3.
+            assert_eq!(mask.is_masked(k), k.is_multiple_of(3), "element {k}");
+        }
+        let dout = ArrayD::from_elem(IxDyn(&[2, 65]), 2.5f32);
+        let dx = Relu::backward(&mask, dout.view());
+        for (k, (&yk, &dk)) in y.iter().zip(dx.iter()).enumerate() {
+            let want = if k.is_multiple_of(3) { 0.0 } else { 2.5 };
+            assert_eq!(dk, want, "dx element {k}");
+            assert_eq!(yk == 0.0, k.is_multiple_of(3), "y element {k}");
+        }
+    }
+
+    #[test]
+    fn no_grad_forward_equals_keeping_forward() {
+        let x = arr1(&[f64::NAN, -0.0, 3.0, -7.0, 88.8, -710.0]).into_dyn();
+        assert_eq!(
+            bits(&Relu::forward_no_grad(x.view())),
+            bits(&Relu::forward(x.view()).0)
+        );
+    }
+
+    #[test]
+    fn scalars_and_empty_tensors() {
+        let scalar = ArrayD::from_elem(IxDyn(&[]), -4.0f64);
+        let (y, mask) = Relu::forward(scalar.view());
+        assert_eq!(y.shape(), &[] as &[usize]);
+        assert_eq!(y[IxDyn(&[])].to_bits(), 0);
+        assert!(mask.is_masked(0));
+
+        let empty = ArrayD::<f32>::zeros(IxDyn(&[3, 0, 2]));
+        let (y, mask) = Relu::forward(empty.view());
+        assert_eq!(y.shape(), &[3, 0, 2]);
+        assert_eq!(mask.heap_bytes(), 0);
+        assert_eq!(Relu::backward(&mask, empty.view()).shape(), &[3, 0, 2]);
+    }
+}

@@ -1,0 +1,155 @@
+//! Sigmoid: `y = 1 / (1 + exp(-x))`; `dx = (dout * (1 - y)) * y`.
+//!
+//! Shapes: `x`, `y`, `dout` and `dx` all share one shape, any rank.
+//!
+//! Kept for Backward: `y` itself (one element of the tensor's dtype each).
+//!
+//! Forward is computed in the tensor's own dtype with the same operations as
+//! numpy's `1 / (1 + np.exp(-x))`, so results differ from numpy only by the
+//! last-bit differences between exp implementations. `exp(-x)` overflowing to
+//! `+inf` for very negative x gives `1 / inf = 0`, never NaN; `+inf` gives 1.
+//! Backward multiplies in exactly numpy's order, `(dout * (1.0 - y)) * y`, so
+//! it is bit-identical to numpy's `dout * (1.0 - y) * y` on the same y.
+
+use ndarray::{ArrayD, ArrayViewD, Zip};
+
+use super::{Float, Layer};
+
+/// The sigmoid kind.
+pub struct Sigmoid;
+
+fn sigmoid<F: Float>(x: F) -> F {
+    F::one() / (F::one() + (-x).exp())
+}
+
+impl Layer for Sigmoid {
+    const NAME: &'static str = "sigmoid";
+    const DESCRIPTION: &'static str =
+        "Sigmoid: y = 1 / (1 + exp(-x)); dx = dout * (1 - y) * y. Keeps y.";
+    type Kept<F: Float> = ArrayD<F>;
+
+    fn kept_bytes<F: Float>(len: usize) -> usize {
+        len * std::mem::size_of::<F>()
+    }
+
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, ArrayD<F>) {
+        let y = Self::forward_no_grad(x);
+        (y.clone(), y)
+    }
+
+    fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
+        x.as_standard_layout().mapv(sigmoid)
+    }
+
+    fn backward<F: Float>(y: &ArrayD<F>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
+        let dout = dout.as_standard_layout();
+        Zip::from(&dout)
+            .and(y)
+            .map_collect(|&d, &y| (d * (F::one() - y)) * y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, ArrayD};
+
+    fn fwd<F: Float>(values: &[F]) -> ArrayD<F> {
+        Sigmoid::forward(arr1(values).into_dyn().view()).0
+    }
+
+    #[test]
+    fn hand_derived_values() {
+        // sigmoid(0) = 1 / (1 + e^0) = 1 / 2 exactly.
+        // sigmoid(ln 3) = 1 / (1 + 1/3) = 3/4; sigmoid(-ln 3) = 1 / (1 + 3) = 1/4.
+        let ln3 = 3f64.ln();
+        let y = fwd(&[0.0, ln3, -ln3]);
+        assert_eq!(y[0], 0.5);
+        assert!((y[1] - 0.75).abs() < 1e-15, "{}", y[1]);
+        assert!((y[2] - 0.25).abs() < 1e-15, "{}", y[2]);
+        // -0.0: exp(0.0) = 1, so 1/2 as well.
+        assert_eq!(fwd(&[-0.0f32])[0], 0.5);
+    }
+
+    #[test]
+    fn infinities_and_nan() {
+        // exp(-inf) = 0 -> 1/1 = 1; exp(+inf) = inf -> 1/inf = +0.
+        let y = fwd(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+        assert_eq!(y[0], 1.0);
+        assert_eq!(y[1].to_bits(), 0);
+        // NaN in, NaN out (numpy does the same); the only way to get NaN.
+        assert!(y[2].is_nan());
+    }
+
+    #[test]
+    fn large_magnitudes_saturate_without_nan() {
+        // float32: exp(88.8) overflows (ln(f32::MAX) ≈ 88.72), so sigmoid(-88.8) = 1/inf = 0.
+        // exp(-88.8) ≈ 2.9e-39 is subnormal, and 1 + 2.9e-39 rounds to 1, so sigmoid(88.8) = 1.
+        let y32 = fwd(&[-88.8f32, 88.8, -88.0, 1e-40]);
+        assert_eq!(y32[0], 0.0);
+        assert_eq!(y32[1], 1.0);
+        // exp(88) ≈ 1.65e38 still fits in f32: y ≈ 6.05e-39, a tiny subnormal, not 0.
+        assert!(y32[2] > 0.0 && y32[2] < 1e-38, "{}", y32[2]);
+        // A subnormal input: exp(-1e-40) rounds to 1 -> exactly 1/2.
+        assert_eq!(y32[3], 0.5);
+        // float64: exp(710) overflows (ln(f64::MAX) ≈ 709.78).
+        let y64 = fwd(&[-710.0f64, 710.0, -700.0, -88.8]);
+        assert_eq!(y64[0], 0.0);
+        assert_eq!(y64[1], 1.0);
+        // exp(700) ≈ 1.014e304 -> y ≈ 9.86e-305, a normal f64.
+        assert!(
+            (y64[2] / 9.859_676_543_759_77e-305 - 1.0).abs() < 1e-12,
+            "{}",
+            y64[2]
+        );
+        // exp(88.8) ≈ 3.6e38 fits in f64: y ≈ 2.76e-39.
+        assert!(y64[3] > 2.7e-39 && y64[3] < 2.8e-39, "{}", y64[3]);
+        for v in y32.iter().map(|&v| v as f64).chain(y64.iter().copied()) {
+            assert!((0.0..=1.0).contains(&v), "{v} outside [0, 1]");
+        }
+    }
+
+    #[test]
+    fn backward_multiplies_in_numpy_order() {
+        let x = arr1(&[0.3f32, -1.7, 2.9, 0.0]).into_dyn();
+        let (y, kept) = Sigmoid::forward(x.view());
+        let dout = arr1(&[1.25f32, -0.5, 3.0, -2.0]).into_dyn();
+        let dx = Sigmoid::backward(&kept, dout.view());
+        for i in 0..4 {
+            let want = (dout[i] * (1.0 - y[i])) * y[i];
+            assert_eq!(dx[i].to_bits(), want.to_bits(), "element {i}");
+        }
+        // At x = 0: y = 1/2, so dx = (-2 * 1/2) * 1/2 = -0.5 exactly.
+        assert_eq!(dx[3], -0.5);
+    }
+
+    #[test]
+    fn gradient_matches_central_difference_in_float64() {
+        // d/dx sigmoid(x) ≈ (sigmoid(x + h) - sigmoid(x - h)) / 2h with error O(h²).
+        let h = 1e-5;
+        let xs: [f64; 7] = [-6.0, -2.5, -0.7, 0.0, 0.4, 1.9, 5.5];
+        let dout: [f64; 7] = [0.3, -1.2, 2.0, 1.0, -0.75, 4.0, -2.5];
+        let x = arr1(&xs).into_dyn();
+        let (_, kept) = Sigmoid::forward(x.view());
+        let dx = Sigmoid::backward(&kept, arr1(&dout).into_dyn().view());
+        for i in 0..xs.len() {
+            let numeric = (sigmoid(xs[i] + h) - sigmoid(xs[i] - h)) / (2.0 * h) * dout[i];
+            assert!(
+                (dx[i] - numeric).abs() < 1e-9,
+                "x = {}: analytic {} vs numeric {}",
+                xs[i],
+                dx[i],
+                numeric
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_y_at_its_dtype_size() {
+        assert_eq!(Sigmoid::kept_bytes::<f32>(1000), 4000);
+        assert_eq!(Sigmoid::kept_bytes::<f64>(1000), 8000);
+        let x = ArrayD::<f64>::zeros(ndarray::IxDyn(&[2, 3, 0]));
+        let (y, kept) = Sigmoid::forward(x.view());
+        assert_eq!((y.shape(), kept.len()), (&[2, 3, 0][..], 0));
+    }
+}

@@ -1,0 +1,34 @@
+//! layerd: a gRPC service that computes neural-network layers for remote
+//! clients, keeping between Forward and Backward exactly what Backward needs.
+//!
+//! # Layout
+//!
+//! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto`, fenced in.
+//! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
+//!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray.
+//! - [`tensor`]: the only place wire tensors become arrays and back.
+//! - [`session`]: the session store, limits, kept-state accounting, expiry.
+//! - [`service`]: the gRPC handlers.
+//! - [`error`]: the error enum and its one mapping to `tonic::Status`.
+//! - [`config`]: flags and `LAYERD_*` variables (clap).
+//! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
+//! - [`telemetry`], [`signal`]: logging setup and shutdown signals.
+
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod signal;
+pub mod telemetry;
+pub mod tensor;
+
+/// Generated protobuf and gRPC code for `layerd.v1`.
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("layerd.v1");
+
+    /// Encoded descriptors of `layerd.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("layerd_descriptor");
+}

@@ -1,0 +1,130 @@
+//! Assembles and runs the gRPC server: the layer service, grpc.health.v1,
+//! reflection (v1 and v1alpha), the HTTP/2 guards, and graceful shutdown
+//! bounded by a grace period.
+
+use std::future::Future;
+
+use http::HeaderMap;
+use tokio::net::TcpListener;
+use tonic::{server::NamedService, service::Routes, transport::server::TcpIncoming, Status};
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::pb::{self, layer_service_server::LayerServiceServer};
+use crate::service::{oversize_to_resource_exhausted, LayerService};
+use crate::session::Store;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Binds `config.addr` and serves until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+    run(listener, config, crate::signal::terminate()).await
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: health turns
+/// NOT_SERVING, the listener closes, in-flight calls get up to
+/// `config.shutdown_grace` to finish, and whatever is left is cut off.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BoxError> {
+    let local_addr = listener.local_addr()?;
+    let store_guard = Store::start(config.limits());
+    let max_message = usize::try_from(config.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
+    let layer_service = LayerServiceServer::new(LayerService::new(
+        store_guard.store(),
+        config.request_timeout,
+        config.max_message_bytes.as_u64(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<LayerServiceServer<LayerService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max_message_bytes = config.max_message_bytes.as_u64();
+    let router = tonic::transport::Server::builder()
+        // tonic 0.14 leaves these unset, which removes h2's own protections.
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
+        .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(tower::util::MapResponseLayer::new(
+            move |response: http::Response<tonic::body::Body>| {
+                rewrite_oversize_status(response, max_message_bytes)
+            },
+        ))
+        .add_routes(Routes::new(layer_service))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = accepting_stopped.await;
+    }));
+    tracing::info!(addr = %local_addr, "layerd serving");
+
+    tokio::select! {
+        finished = &mut server => return finished?.map_err(Into::into),
+        () = shutdown => {}
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: health NOT_SERVING, draining calls");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(
+            <LayerServiceServer<LayerService> as NamedService>::NAME,
+            ServingStatus::NotServing,
+        )
+        .await;
+    let _ = stop_accepting.send(());
+    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        Ok(finished) => finished??,
+        Err(_) => {
+            tracing::warn!(grace = ?config.shutdown_grace, "calls still in flight after the grace period: cutting them off");
+            server.abort();
+        }
+    }
+    drop(store_guard);
+    tracing::info!("layerd stopped");
+    Ok(())
+}
+
+/// A unary call whose request exceeds the message limit is answered by tonic
+/// itself (trailers-only, OUT_OF_RANGE) before any handler runs; give it the
+/// RESOURCE_EXHAUSTED status every other limit answers with.
+fn rewrite_oversize_status(
+    mut response: http::Response<tonic::body::Body>,
+    max_message_bytes: u64,
+) -> http::Response<tonic::body::Body> {
+    let headers: &mut HeaderMap = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|code| code == "11") {
+        if let Some(status) = Status::from_header_map(headers) {
+            let status = oversize_to_resource_exhausted(status, max_message_bytes);
+            if status.code() != tonic::Code::OutOfRange {
+                headers.remove("grpc-status-details-bin");
+                let _ = status.add_header(headers);
+            }
+        }
+    }
+    response
+}

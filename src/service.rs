@@ -1,0 +1,362 @@
+//! The gRPC handlers of `layerd.v1.LayerService`.
+//!
+//! Each handler validates its request completely (routing header, ids,
+//! tensor) before it touches a session, computes without holding any lock but
+//! its own layer instance's, and commits kept state only after the
+//! computation succeeded — so a failed, timed-out or cancelled call leaves the
+//! session as it was.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{metadata::MetadataMap, Code, Request, Response, Status, Streaming};
+use tracing::{field, Instrument, Span};
+
+use crate::error::Error;
+use crate::layers::Kind;
+use crate::pb::{self, layer_service_server};
+use crate::session::{check_id, KeptEntry, Store};
+use crate::tensor::Tensor;
+
+/// The metadata key load balancers hash on to route a session to its replica.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// Tensors up to this many elements are computed on the async executor;
+/// larger ones on the blocking pool, so small calls are not starved behind
+/// them. At this size a ReLU or Sigmoid takes some tens of microseconds.
+const INLINE_COMPUTE_MAX_ELEMENTS: usize = 16 * 1024;
+
+/// Responses a Run stream may compute ahead of a slow reader.
+const RUN_STREAM_BUFFER: usize = 4;
+
+/// The layer service; cheap to clone.
+#[derive(Clone)]
+pub struct LayerService {
+    store: Store,
+    request_timeout: Duration,
+    max_message_bytes: u64,
+}
+
+impl LayerService {
+    pub fn new(store: Store, request_timeout: Duration, max_message_bytes: u64) -> LayerService {
+        LayerService {
+            store,
+            request_timeout,
+            max_message_bytes,
+        }
+    }
+
+    /// Runs one call (or Run step) in `span` under the request timeout, and
+    /// records its outcome on the span.
+    async fn observe<T>(
+        &self,
+        span: Span,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.request_timeout, call.instrument(span.clone()))
+            .await
+            .unwrap_or(Err(Error::Timeout(self.request_timeout)));
+        let code = result.as_ref().map_or_else(Error::code, |_| Code::Ok);
+        span.record("code", field::debug(code));
+        let micros = started.elapsed().as_micros() as u64;
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::debug!(micros, "ok"),
+            Err(error @ Error::Internal(_)) => tracing::error!(micros, %error, "failed"),
+            Err(error) => tracing::info!(micros, %error, "failed"),
+        });
+        result
+    }
+
+    async fn forward_step(
+        &self,
+        metadata: &MetadataMap,
+        request: pb::ForwardRequest,
+    ) -> Result<pb::ForwardResponse, Error> {
+        check_routing(metadata, &request.session_id)?;
+        check_id("session_id", &request.session_id)?;
+        check_id("layer_id", &request.layer_id)?;
+        let x = Tensor::from_proto(request.x, "x")?;
+        Span::current().record("elements", x.len());
+        let session = self.store.session(&request.session_id)?;
+        let layer = session.layer(&request.layer_id)?;
+        let kind = layer.kind;
+        Span::current().record("kind", kind.name());
+
+        let mut kept = layer.kept.lock().await;
+        let y = if request.no_grad {
+            compute(x.len(), move || kind.forward_no_grad(&x)).await?
+        } else {
+            // Reserved before computing; both old and new state exist until the commit.
+            let charge = session.reserve(kind.kept_bytes(x.dtype(), x.len()))?;
+            let (y, state) = compute(x.len(), move || kind.forward(&x)).await?;
+            *kept = Some(Arc::new(KeptEntry::new(state, charge)));
+            y
+        };
+        Ok(pb::ForwardResponse {
+            y: Some(y.into_proto()),
+        })
+    }
+
+    async fn backward_step(
+        &self,
+        metadata: &MetadataMap,
+        request: pb::BackwardRequest,
+    ) -> Result<pb::BackwardResponse, Error> {
+        check_routing(metadata, &request.session_id)?;
+        check_id("session_id", &request.session_id)?;
+        check_id("layer_id", &request.layer_id)?;
+        let dout = Tensor::from_proto(request.dout, "dout")?;
+        Span::current().record("elements", dout.len());
+        let session = self.store.session(&request.session_id)?;
+        let layer = session.layer(&request.layer_id)?;
+        Span::current().record("kind", layer.kind.name());
+
+        let kept = layer.kept.lock().await;
+        let entry = kept.clone().ok_or_else(|| Error::NothingKept {
+            layer_id: request.layer_id.clone(),
+        })?;
+        let dx = compute(dout.len(), move || entry.kept.backward(&dout)).await??;
+        drop(kept);
+        Ok(pb::BackwardResponse {
+            dx: Some(dx.into_proto()),
+        })
+    }
+
+    async fn run_step(
+        &self,
+        metadata: &MetadataMap,
+        step: pb::RunRequest,
+    ) -> Result<pb::RunResponse, Status> {
+        use pb::run_request::Step;
+        use pb::run_response::Result as Answer;
+        let answer = match step.step {
+            Some(Step::Forward(request)) => {
+                let span = rpc_span("Run.Forward", &request.session_id, &request.layer_id);
+                Answer::Forward(
+                    self.observe(span, self.forward_step(metadata, request))
+                        .await?,
+                )
+            }
+            Some(Step::Backward(request)) => {
+                let span = rpc_span("Run.Backward", &request.session_id, &request.layer_id);
+                Answer::Backward(
+                    self.observe(span, self.backward_step(metadata, request))
+                        .await?,
+                )
+            }
+            None => {
+                return Err(Error::invalid(
+                    "step",
+                    "forward or backward",
+                    "neither (step not set)",
+                    "MISSING_STEP",
+                )
+                .into());
+            }
+        };
+        Ok(pb::RunResponse {
+            result: Some(answer),
+        })
+    }
+
+    /// Maps tonic's own "message too large" (OUT_OF_RANGE) to the status every
+    /// other limit answers with.
+    fn inbound_error(&self, status: Status) -> Status {
+        oversize_to_resource_exhausted(status, self.max_message_bytes)
+    }
+}
+
+/// A span for one RPC; `kind`, `elements` and `code` are filled in as known.
+fn rpc_span(method: &'static str, session_id: &str, layer_id: &str) -> Span {
+    tracing::info_span!(
+        "rpc",
+        method,
+        session = session_id,
+        layer = layer_id,
+        kind = field::Empty,
+        elements = field::Empty,
+        code = field::Empty,
+    )
+}
+
+/// If the request carries `x-session-id`, it must name the message's session.
+fn check_routing(metadata: &MetadataMap, session_id: &str) -> Result<(), Error> {
+    let Some(header) = metadata.get(SESSION_HEADER) else {
+        return Ok(());
+    };
+    if header.as_bytes() == session_id.as_bytes() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        SESSION_HEADER,
+        format!("the request's session_id {session_id:?} (the header routes the call)"),
+        format!("{:?}", String::from_utf8_lossy(header.as_bytes())),
+        "SESSION_HEADER_MISMATCH",
+    ))
+}
+
+/// Runs `work` inline when small, else on the blocking pool.
+async fn compute<T: Send + 'static>(
+    elements: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    if elements <= INLINE_COMPUTE_MAX_ELEMENTS {
+        return Ok(work());
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("layer computation failed: {e}")))
+}
+
+/// tonic answers an oversize message with OUT_OF_RANGE; layerd answers every
+/// exceeded limit with RESOURCE_EXHAUSTED naming the flag that sets it.
+pub fn oversize_to_resource_exhausted(status: Status, max_message_bytes: u64) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        return Error::LimitExceeded {
+            flag: "--max-message-bytes",
+            limit: bytesize::ByteSize(max_message_bytes).to_string(),
+            detail: status.message().to_string(),
+        }
+        .into();
+    }
+    status
+}
+
+type ServiceResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl layer_service_server::LayerService for LayerService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> ServiceResult<pb::CreateSessionResponse> {
+        let span = rpc_span("CreateSession", &request.get_ref().session_id, "");
+        let response = self.observe(span, async {
+            check_routing(request.metadata(), &request.get_ref().session_id)?;
+            let request = request.get_ref();
+            let (session_id, granted) = self
+                .store
+                .create(&request.session_id, request.idle_timeout_seconds)?;
+            Ok(pb::CreateSessionResponse {
+                session_id,
+                idle_timeout_seconds: granted.as_secs() as u32,
+            })
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<pb::CloseSessionRequest>,
+    ) -> ServiceResult<pb::CloseSessionResponse> {
+        let session_id = &request.get_ref().session_id;
+        let span = rpc_span("CloseSession", session_id, "");
+        let response = self.observe(span, async {
+            check_routing(request.metadata(), session_id)?;
+            check_id("session_id", session_id)?;
+            self.store.close(session_id)?;
+            Ok(pb::CloseSessionResponse {})
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn create_layer(
+        &self,
+        request: Request<pb::CreateLayerRequest>,
+    ) -> ServiceResult<pb::CreateLayerResponse> {
+        let message = request.get_ref();
+        let span = rpc_span("CreateLayer", &message.session_id, &message.layer_id);
+        let response = self.observe(span, async {
+            check_routing(request.metadata(), &message.session_id)?;
+            check_id("session_id", &message.session_id)?;
+            check_id("layer_id", &message.layer_id)?;
+            let kind = Kind::from_name(&message.kind).ok_or_else(|| {
+                Error::invalid(
+                    "kind",
+                    format!("one of {}", Kind::names()),
+                    format!("{:?}", message.kind),
+                    "UNKNOWN_KIND",
+                )
+            })?;
+            Span::current().record("kind", kind.name());
+            self.store
+                .session(&message.session_id)?
+                .create_layer(&message.layer_id, kind)?;
+            Ok(pb::CreateLayerResponse {})
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> ServiceResult<pb::ForwardResponse> {
+        let (metadata, _, message) = request.into_parts();
+        let span = rpc_span("Forward", &message.session_id, &message.layer_id);
+        Ok(Response::new(
+            self.observe(span, self.forward_step(&metadata, message))
+                .await?,
+        ))
+    }
+
+    async fn backward(
+        &self,
+        request: Request<pb::BackwardRequest>,
+    ) -> ServiceResult<pb::BackwardResponse> {
+        let (metadata, _, message) = request.into_parts();
+        let span = rpc_span("Backward", &message.session_id, &message.layer_id);
+        Ok(Response::new(
+            self.observe(span, self.backward_step(&metadata, message))
+                .await?,
+        ))
+    }
+
+    type RunStream = ReceiverStream<Result<pb::RunResponse, Status>>;
+
+    async fn run(
+        &self,
+        request: Request<Streaming<pb::RunRequest>>,
+    ) -> ServiceResult<Self::RunStream> {
+        let (metadata, _, mut steps) = request.into_parts();
+        let (answers, receiver) = mpsc::channel(RUN_STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(async move {
+            // Steps run one at a time, in order. A client that goes away drops
+            // the step in progress before it commits anything.
+            loop {
+                let answer = tokio::select! {
+                    step = steps.message() => match step {
+                        Ok(None) => break,
+                        Ok(Some(step)) => tokio::select! {
+                            answer = service.run_step(&metadata, step) => answer,
+                            _ = answers.closed() => break,
+                        },
+                        Err(status) => Err(service.inbound_error(status)),
+                    },
+                    _ = answers.closed() => break,
+                };
+                let failed = answer.is_err();
+                if answers.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn list_layer_kinds(
+        &self,
+        _request: Request<pb::ListLayerKindsRequest>,
+    ) -> ServiceResult<pb::ListLayerKindsResponse> {
+        let kinds = Kind::ALL
+            .into_iter()
+            .map(|kind| pb::LayerKind {
+                name: kind.name().to_string(),
+                description: kind.description().to_string(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListLayerKindsResponse { kinds }))
+    }
+}

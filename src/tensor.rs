@@ -1,0 +1,391 @@
+//! The one place where wire tensors (`pb::Tensor`) become arrays and back.
+//!
+//! A [`Tensor`] is a validated dtype, shape and little-endian byte buffer. The
+//! buffer is the `Bytes` prost decoded from the request, not a copy; it is
+//! viewed as `f32`/`f64` in place when aligned, and copied once when not.
+//! Results are wrapped into `Bytes` without a copy ([`Tensor::from_array`]).
+//!
+//! Validation order matters for safety: the byte length implied by the shape
+//! is computed with overflow checks and compared with the bytes actually
+//! received before anything is allocated from the declared shape.
+
+use bytes::Bytes;
+use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+
+use crate::error::Error;
+use crate::layers::Float;
+use crate::pb;
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "layerd reads tensor bytes as little-endian in place: big-endian hosts are not supported"
+);
+
+/// The most dimensions a tensor may have.
+pub const MAX_RANK: usize = 8;
+
+/// Element type of a validated tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn itemsize(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+
+    /// The proto enum value name, as clients see it.
+    pub const fn proto_name(self) -> &'static str {
+        match self {
+            DType::F32 => "DTYPE_FLOAT32",
+            DType::F64 => "DTYPE_FLOAT64",
+        }
+    }
+
+    fn from_proto(value: i32, field: &str) -> Result<DType, Error> {
+        match pb::DType::try_from(value) {
+            Ok(pb::DType::DtypeFloat32) => Ok(DType::F32),
+            Ok(pb::DType::DtypeFloat64) => Ok(DType::F64),
+            Ok(pb::DType::DtypeUnspecified) => {
+                Err(bad_dtype(field, "DTYPE_UNSPECIFIED (0)".into()))
+            }
+            Err(_) => Err(bad_dtype(field, format!("unknown value {value}"))),
+        }
+    }
+
+    fn to_proto(self) -> pb::DType {
+        match self {
+            DType::F32 => pb::DType::DtypeFloat32,
+            DType::F64 => pb::DType::DtypeFloat64,
+        }
+    }
+}
+
+fn bad_dtype(field: &str, got: String) -> Error {
+    Error::invalid(
+        format!("{field}.dtype"),
+        "DTYPE_FLOAT32 (1) or DTYPE_FLOAT64 (2)",
+        got,
+        "INVALID_TENSOR",
+    )
+}
+
+/// A validated tensor: `data` holds exactly `len() * dtype.itemsize()` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    dtype: DType,
+    shape: Vec<usize>,
+    len: usize,
+    data: Bytes,
+}
+
+impl Tensor {
+    /// Validates a wire tensor. `field` names it in errors (`"x"`, `"dout"`).
+    pub fn from_proto(tensor: Option<pb::Tensor>, field: &str) -> Result<Tensor, Error> {
+        let Some(tensor) = tensor else {
+            return Err(Error::invalid(
+                field,
+                "a tensor",
+                "none (field not set)",
+                "MISSING_TENSOR",
+            ));
+        };
+        let dtype = DType::from_proto(tensor.dtype, field)?;
+        if tensor.shape.len() > MAX_RANK {
+            return Err(Error::invalid(
+                format!("{field}.shape"),
+                format!("at most {MAX_RANK} dimensions"),
+                format!("{} dimensions", tensor.shape.len()),
+                "INVALID_TENSOR",
+            ));
+        }
+        let (shape, len) = checked_shape(&tensor.shape, dtype).ok_or_else(|| {
+            Error::invalid(
+                format!("{field}.shape"),
+                format!(
+                    "a size that fits in memory addressing (≤ {} bytes)",
+                    isize::MAX
+                ),
+                format!(
+                    "{:?} of {}, which overflows",
+                    tensor.shape,
+                    dtype.proto_name()
+                ),
+                "INVALID_TENSOR",
+            )
+        })?;
+        let want = len * dtype.itemsize();
+        if tensor.data.len() != want {
+            return Err(Error::invalid(
+                format!("{field}.data"),
+                format!(
+                    "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {})",
+                    dtype.itemsize(),
+                    dtype.proto_name()
+                ),
+                format!("{} bytes", tensor.data.len()),
+                "INVALID_TENSOR",
+            ));
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: tensor.data,
+        })
+    }
+
+    /// Wraps a computed array; no copy when it is in standard layout.
+    pub fn from_array<F: Float>(array: ArrayD<F>) -> Tensor {
+        let shape = array.shape().to_vec();
+        let len = array.len();
+        let values = if array.is_standard_layout() {
+            let (values, offset) = array.into_raw_vec_and_offset();
+            debug_assert!(matches!(offset, None | Some(0)));
+            values
+        } else {
+            array.iter().copied().collect()
+        };
+        Tensor {
+            dtype: F::DTYPE,
+            shape,
+            len,
+            data: Bytes::from_owner(PodBytes(values)),
+        }
+    }
+
+    pub fn into_proto(self) -> pb::Tensor {
+        pb::Tensor {
+            dtype: self.dtype.to_proto().into(),
+            shape: self.shape.iter().map(|&d| d as u64).collect(),
+            data: self.data,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements (1 for a scalar, 0 when any dimension is 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements as an array of `F`: borrowed when the buffer is aligned
+    /// for `F`, else copied once into an aligned buffer.
+    ///
+    /// # Panics
+    /// If `F` is not this tensor's dtype (a caller bug, not an input error).
+    pub fn view<F: Float>(&self) -> CowArray<'_, F, IxDyn> {
+        assert_eq!(F::DTYPE, self.dtype, "viewed a tensor as the wrong dtype");
+        let dim = IxDyn(&self.shape);
+        match bytemuck::try_cast_slice::<u8, F>(&self.data) {
+            Ok(values) => ArrayViewD::from_shape(dim, values)
+                .expect("length was validated against the shape")
+                .into(),
+            Err(_) => {
+                ArrayD::from_shape_vec(dim, bytemuck::pod_collect_to_vec::<u8, F>(&self.data))
+                    .expect("length was validated against the shape")
+                    .into()
+            }
+        }
+    }
+}
+
+/// The shape as `usize`s and its element count, or `None` when the element
+/// count or byte size cannot be addressed. Like ndarray, the product of the
+/// non-zero dimensions must fit, even when another dimension is 0.
+fn checked_shape(shape: &[u64], dtype: DType) -> Option<(Vec<usize>, usize)> {
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let nonzero = dims
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let bytes = nonzero.checked_mul(dtype.itemsize())?;
+    if bytes > isize::MAX as usize {
+        return None;
+    }
+    let len = if dims.contains(&0) { 0 } else { nonzero };
+    Some((dims, len))
+}
+
+/// A `Vec<F>` seen as its bytes, so `Bytes::from_owner` can take it uncopied.
+struct PodBytes<F>(Vec<F>);
+
+impl<F: Float> AsRef<[u8]> for PodBytes<F> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn wire(dtype: i32, shape: &[u64], data: Vec<u8>) -> Option<pb::Tensor> {
+        Some(pb::Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            data: data.into(),
+        })
+    }
+
+    fn message(result: Result<Tensor, Error>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn decodes_a_float32_matrix_in_row_major_order() {
+        let values = [1.0f32, -2.0, 3.5, f32::NAN, -0.0, 7.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = Tensor::from_proto(wire(1, &[2, 3], bytes), "x").unwrap();
+        assert_eq!(
+            (t.dtype(), t.shape(), t.len()),
+            (DType::F32, &[2usize, 3][..], 6)
+        );
+        let a = t.view::<f32>();
+        assert_eq!(a[[1, 0]].to_bits(), f32::NAN.to_bits());
+        assert_eq!(a[[0, 2]], 3.5);
+        assert_eq!(
+            t.clone().into_proto(),
+            wire(1, &[2, 3], t.data.to_vec()).unwrap()
+        );
+    }
+
+    #[test]
+    fn scalars_and_empty_tensors() {
+        let scalar = Tensor::from_proto(wire(2, &[], 2.5f64.to_le_bytes().to_vec()), "x").unwrap();
+        assert_eq!((scalar.len(), scalar.view::<f64>()[IxDyn(&[])]), (1, 2.5));
+        let empty = Tensor::from_proto(wire(2, &[4, 0, 9], vec![]), "x").unwrap();
+        assert_eq!(
+            (empty.len(), empty.view::<f64>().shape()),
+            (0, &[4, 0, 9][..])
+        );
+    }
+
+    #[test]
+    fn unaligned_buffers_are_copied_not_rejected() {
+        let mut raw = vec![0u8; 1 + 3 * 8];
+        for (i, v) in [1.5f64, -2.25, 1e300].iter().enumerate() {
+            raw[1 + i * 8..1 + (i + 1) * 8].copy_from_slice(&v.to_le_bytes());
+        }
+        // Slicing off the first byte makes the buffer start off 8-byte alignment
+        // (Vec<u8> allocations are at least 8-aligned on the supported targets).
+        let data = Bytes::from(raw).slice(1..);
+        let t = Tensor::from_proto(
+            Some(pb::Tensor {
+                dtype: 2,
+                shape: vec![3],
+                data,
+            }),
+            "x",
+        )
+        .unwrap();
+        let view = t.view::<f64>();
+        assert!(view.is_owned(), "an unaligned buffer is copied");
+        assert_eq!(view.as_slice().unwrap(), &[1.5, -2.25, 1e300]);
+    }
+
+    #[test]
+    fn every_defect_names_the_field_the_expectation_and_what_came() {
+        assert!(message(Tensor::from_proto(None, "dout")).contains("dout"));
+        let unspecified = message(Tensor::from_proto(wire(0, &[1], vec![0; 4]), "x"));
+        assert!(
+            unspecified.contains("x.dtype") && unspecified.contains("DTYPE_UNSPECIFIED"),
+            "{unspecified}"
+        );
+        let unknown = message(Tensor::from_proto(wire(7, &[1], vec![0; 4]), "x"));
+        assert!(unknown.contains("unknown value 7"), "{unknown}");
+        let rank = message(Tensor::from_proto(wire(1, &[1; 9], vec![0; 4]), "x"));
+        assert!(
+            rank.contains("x.shape") && rank.contains("9 dimensions"),
+            "{rank}"
+        );
+        let overflow = message(Tensor::from_proto(
+            wire(1, &[1 << 32, 1 << 32], vec![]),
+            "x",
+        ));
+        assert!(overflow.contains("overflows"), "{overflow}");
+        let short = message(Tensor::from_proto(wire(1, &[2, 2], vec![0; 15]), "x"));
+        assert!(
+            short.contains("x.data")
+                && short.contains("16 bytes")
+                && short.contains("got 15 bytes"),
+            "{short}"
+        );
+    }
+
+    #[test]
+    fn an_empty_dimension_does_not_hide_an_overflowing_one() {
+        // ndarray (and numpy) refuse shapes whose non-zero dimensions overflow.
+        assert!(Tensor::from_proto(wire(1, &[u64::MAX, 0], vec![]), "x").is_err());
+        assert!(Tensor::from_proto(wire(1, &[1 << 20, 0, 1 << 20], vec![]), "x").is_ok());
+    }
+
+    #[test]
+    fn arrays_round_trip_without_a_copy_of_standard_layouts() {
+        let a = ndarray::arr2(&[[1.0f64, 2.0], [3.0, 4.0]]).into_dyn();
+        let t = Tensor::from_array(a.clone());
+        assert_eq!(t.view::<f64>(), a.view());
+        // A transposed array is written out in its logical (row-major) order.
+        let t = Tensor::from_array(a.t().to_owned().reversed_axes().reversed_axes());
+        assert_eq!(t.view::<f64>(), a.t());
+        let t = Tensor::from_array(a.clone().reversed_axes());
+        assert_eq!(t.view::<f64>(), a.t());
+    }
+
+    proptest! {
+        /// Arbitrary dtype, shape and byte length never panic, and are accepted
+        /// exactly when the dtype is known, the rank ≤ 8 and the length matches.
+        #[test]
+        fn decoding_never_panics_and_accepts_exactly_the_consistent(
+            dtype in -2i32..5,
+            shape in prop::collection::vec(
+                prop_oneof![0u64..5, Just(u64::MAX), Just(1u64 << 31), any::<u64>()], 0..11),
+            extra in -9i64..9,
+            use_exact in any::<bool>(),
+        ) {
+            let itemsize = match dtype { 1 => Some(4u128), 2 => Some(8u128), _ => None };
+            let nonzero: u128 = shape.iter().filter(|&&d| d != 0).fold(1u128, |a, &d| a.saturating_mul(d as u128));
+            let elems: u128 = if shape.contains(&0) { 0 } else { nonzero };
+            // Only allocate small buffers: a huge declared size gets a small one.
+            let exact = itemsize.map(|s| elems.saturating_mul(s)).filter(|&b| b <= 4096);
+            let len = match (use_exact, exact) {
+                (true, Some(b)) => b as i64,
+                _ => (elems.min(64) as i64 * 4 + extra).max(0),
+            };
+            let result = Tensor::from_proto(wire(dtype, &shape, vec![0u8; len as usize]), "x");
+            let consistent = itemsize.is_some_and(|s| {
+                shape.len() <= MAX_RANK
+                    && nonzero.saturating_mul(s) <= isize::MAX as u128
+                    && elems.saturating_mul(s) == len as u128
+            });
+            prop_assert_eq!(result.is_ok(), consistent, "{:?}", result);
+            if let Ok(t) = result {
+                prop_assert_eq!(t.len() as u128, elems);
+                match t.dtype() {
+                    DType::F32 => prop_assert_eq!(t.view::<f32>().len(), t.len()),
+                    DType::F64 => prop_assert_eq!(t.view::<f64>().len(), t.len()),
+                }
+            }
+        }
+    }
+}
