@@ -169,10 +169,11 @@ impl Store {
         idle_timeout_seconds: u32,
     ) -> Result<(String, Duration), Error> {
         let limits = &self.shared.limits;
-        let idle_timeout = match idle_timeout_seconds {
+        let requested = match idle_timeout_seconds {
             0 => limits.default_idle_timeout,
-            s => Duration::from_secs(s.into()).min(limits.max_idle_timeout),
+            s => Duration::from_secs(s.into()),
         };
+        let idle_timeout = requested.min(limits.max_idle_timeout);
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut state = self.shared.lock_state();
