@@ -239,6 +239,7 @@ impl layer_service_server::LayerService for LayerService {
             let (session_id, granted) = self
                 .store
                 .create(&request.session_id, request.idle_timeout_seconds)?;
+            Span::current().record("session", session_id.as_str());
             Ok(pb::CreateSessionResponse {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,
