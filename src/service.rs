@@ -16,7 +16,7 @@ use tracing::{field, Instrument, Span};
 use crate::error::Error;
 use crate::layers::Kind;
 use crate::pb::{self, layer_service_server};
-use crate::session::{check_id, KeptEntry, Store};
+use crate::session::{check_id, KeptEntry, LayerInstance, Session, Store};
 use crate::tensor::Tensor;
 
 /// The metadata key load balancers hash on to route a session to its replica.
@@ -69,20 +69,40 @@ impl LayerService {
         result
     }
 
+    /// Validates a Forward or Backward request completely, then finds its
+    /// session and layer instance.
+    fn target(
+        &self,
+        metadata: &MetadataMap,
+        session_id: &str,
+        layer_id: &str,
+        tensor: Option<pb::Tensor>,
+        field: &str,
+    ) -> Result<(Arc<Session>, Arc<LayerInstance>, Tensor), Error> {
+        check_routing(metadata, session_id)?;
+        check_id("session_id", session_id)?;
+        check_id("layer_id", layer_id)?;
+        let tensor = Tensor::from_proto(tensor, field)?;
+        Span::current().record("elements", tensor.len());
+        let session = self.store.session(session_id)?;
+        let layer = session.layer(layer_id)?;
+        Span::current().record("kind", layer.kind.name());
+        Ok((session, layer, tensor))
+    }
+
     async fn forward_step(
         &self,
         metadata: &MetadataMap,
         request: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, Error> {
-        check_routing(metadata, &request.session_id)?;
-        check_id("session_id", &request.session_id)?;
-        check_id("layer_id", &request.layer_id)?;
-        let x = Tensor::from_proto(request.x, "x")?;
-        Span::current().record("elements", x.len());
-        let session = self.store.session(&request.session_id)?;
-        let layer = session.layer(&request.layer_id)?;
+        let (session, layer, x) = self.target(
+            metadata,
+            &request.session_id,
+            &request.layer_id,
+            request.x,
+            "x",
+        )?;
         let kind = layer.kind;
-        Span::current().record("kind", kind.name());
 
         let mut kept = layer.kept.lock().await;
         let y = if request.no_grad {
@@ -104,14 +124,13 @@ impl LayerService {
         metadata: &MetadataMap,
         request: pb::BackwardRequest,
     ) -> Result<pb::BackwardResponse, Error> {
-        check_routing(metadata, &request.session_id)?;
-        check_id("session_id", &request.session_id)?;
-        check_id("layer_id", &request.layer_id)?;
-        let dout = Tensor::from_proto(request.dout, "dout")?;
-        Span::current().record("elements", dout.len());
-        let session = self.store.session(&request.session_id)?;
-        let layer = session.layer(&request.layer_id)?;
-        Span::current().record("kind", layer.kind.name());
+        let (_session, layer, dout) = self.target(
+            metadata,
+            &request.session_id,
+            &request.layer_id,
+            request.dout,
+            "dout",
+        )?;
 
         let kept = layer.kept.lock().await;
         let entry = kept.clone().ok_or_else(|| Error::NothingKept {

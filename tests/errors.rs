@@ -333,3 +333,24 @@ async fn a_routing_header_must_name_the_session() {
     c.close_session(request).await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_forward_cut_off_by_the_request_timeout_changes_nothing() {
+    let server = start(|c| c.request_timeout = std::time::Duration::from_millis(5)).await;
+    let mut c = server.client().await;
+    session_with_layer(&mut c, "s", "sig", "sigmoid").await;
+    forward(&mut c, "s", "sig", f64_tensor(&[2], &[0.0, 0.0]), false)
+        .await
+        .unwrap();
+    // 6 Mi float64 exponentials take far longer than 5 ms, even optimised.
+    let n = 6 << 20;
+    let big = f64_tensor(&[n], &vec![0.5; n as usize]);
+    let r = forward(&mut c, "s", "sig", big, false).await;
+    assert_status(r, Code::DeadlineExceeded, "REQUEST_TIMEOUT", &["5ms"]);
+    // The kept y is still the one of the small Forward: y = 1/2, dx = (4 * 1/2) * 1/2.
+    let dx = backward(&mut c, "s", "sig", f64_tensor(&[2], &[4.0, 4.0]))
+        .await
+        .unwrap();
+    assert_eq!(f64_values(&dx), [1.0, 1.0]);
+    server.stop().await;
+}

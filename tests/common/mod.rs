@@ -74,46 +74,33 @@ impl TestServer {
     }
 }
 
-pub fn f32_tensor(shape: &[u64], values: &[f32]) -> pb::Tensor {
+fn tensor<T: bytemuck::Pod>(dtype: pb::DType, shape: &[u64], values: &[T]) -> pb::Tensor {
     pb::Tensor {
-        dtype: pb::DType::DtypeFloat32.into(),
+        dtype: dtype.into(),
         shape: shape.to_vec(),
-        data: values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into(),
+        data: bytemuck::cast_slice::<T, u8>(values).to_vec().into(),
     }
+}
+
+fn values<T: bytemuck::Pod>(dtype: pb::DType, tensor: &pb::Tensor) -> Vec<T> {
+    assert_eq!(tensor.dtype, dtype as i32);
+    bytemuck::pod_collect_to_vec(&tensor.data)
+}
+
+pub fn f32_tensor(shape: &[u64], values: &[f32]) -> pb::Tensor {
+    tensor(pb::DType::DtypeFloat32, shape, values)
 }
 
 pub fn f64_tensor(shape: &[u64], values: &[f64]) -> pb::Tensor {
-    pb::Tensor {
-        dtype: pb::DType::DtypeFloat64.into(),
-        shape: shape.to_vec(),
-        data: values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into(),
-    }
+    tensor(pb::DType::DtypeFloat64, shape, values)
 }
 
 pub fn f32_values(tensor: &pb::Tensor) -> Vec<f32> {
-    assert_eq!(tensor.dtype, pb::DType::DtypeFloat32 as i32);
-    tensor
-        .data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    values(pb::DType::DtypeFloat32, tensor)
 }
 
 pub fn f64_values(tensor: &pb::Tensor) -> Vec<f64> {
-    assert_eq!(tensor.dtype, pb::DType::DtypeFloat64 as i32);
-    tensor
-        .data
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    values(pb::DType::DtypeFloat64, tensor)
 }
 
 /// Opens session `session_id` with one layer `layer_id` of `kind`.
