@@ -47,14 +47,8 @@ pub async fn run(
     health
         .set_serving::<LayerServiceServer<LayerService>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_message_bytes = config.max_message_bytes.as_u64();
     let router = tonic::transport::Server::builder()
@@ -107,6 +101,23 @@ pub async fn run(
     drop(store_guard);
     tracing::info!("layerd stopped");
     Ok(())
+}
+
+/// Reflection over every service served, both reflection versions, and the
+/// `google.rpc` error details, so grpcurl can also decode error details.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    .fold(
+        tonic_reflection::server::Builder::configure().include_reflection_service(false),
+        |builder, set| builder.register_encoded_file_descriptor_set(set),
+    )
 }
 
 /// A unary call whose request exceeds the message limit is answered by tonic

@@ -60,7 +60,11 @@ async fn reflection_v1_and_v1alpha_list_and_describe_the_services() {
         panic!("expected a service list")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["layerd.v1.LayerService", "grpc.health.v1.Health"] {
+    for want in [
+        "layerd.v1.LayerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
 
