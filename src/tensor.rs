@@ -10,7 +10,7 @@
 //! received before anything is allocated from the declared shape.
 
 use bytes::Bytes;
-use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, IxDyn};
 
 use crate::error::Error;
 use crate::layers::Float;
@@ -143,20 +143,22 @@ impl Tensor {
 
     /// Wraps a computed array; no copy when it is in standard layout.
     pub fn from_array<F: Float>(array: ArrayD<F>) -> Tensor {
-        let shape = array.shape().to_vec();
-        let len = array.len();
-        let values = if array.is_standard_layout() {
-            let (values, offset) = array.into_raw_vec_and_offset();
-            debug_assert!(matches!(offset, None | Some(0)));
-            values
+        Tensor::from_shared(array.into_shared())
+    }
+
+    /// Wraps a shared array (one also kept for Backward, say) without copying
+    /// it when it is in standard layout: the bytes hold a reference to it.
+    pub fn from_shared<F: Float>(array: ArcArray<F, IxDyn>) -> Tensor {
+        let array = if array.is_standard_layout() {
+            array
         } else {
-            array.iter().copied().collect()
+            array.as_standard_layout().into_owned().into_shared()
         };
         Tensor {
             dtype: F::DTYPE,
-            shape,
-            len,
-            data: Bytes::from_owner(PodBytes(values)),
+            shape: array.shape().to_vec(),
+            len: array.len(),
+            data: Bytes::from_owner(PodBytes(array)),
         }
     }
 
@@ -226,12 +228,13 @@ fn checked_shape(shape: &[u64], dtype: DType) -> Option<(Vec<usize>, usize)> {
     Some((dims, len))
 }
 
-/// A `Vec<F>` seen as its bytes, so `Bytes::from_owner` can take it uncopied.
-struct PodBytes<F>(Vec<F>);
+/// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
+/// it uncopied.
+struct PodBytes<F>(ArcArray<F, IxDyn>);
 
 impl<F: Float> AsRef<[u8]> for PodBytes<F> {
     fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
+        bytemuck::cast_slice(self.0.as_slice().expect("made from a standard layout"))
     }
 }
 

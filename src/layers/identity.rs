@@ -7,7 +7,7 @@
 //! that benchmarks compare the real kinds against: what a call costs in
 //! transport, decoding and session bookkeeping alone.
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::{Float, Layer};
 
@@ -24,8 +24,8 @@ impl Layer for Identity {
         0
     }
 
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, ()) {
-        (Self::forward_no_grad(x), ())
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, ()) {
+        (Self::forward_no_grad(x).into_shared(), ())
     }
 
     fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
@@ -48,7 +48,7 @@ mod tests {
         let (y, ()) = Identity::forward(x.view());
         let dx = Identity::backward(&(), x.t());
         let bits = |a: &ArrayD<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&y), bits(&x.to_owned()));
+        assert_eq!(bits(&y.to_owned()), bits(&x.to_owned()));
         // A transposed (non-contiguous) view comes back in its logical order.
         assert_eq!(bits(&dx), bits(&x.t().to_owned()));
         assert_eq!(Identity::kept_bytes::<f64>(1 << 20), 0);

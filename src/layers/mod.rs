@@ -8,10 +8,11 @@
 pub mod identity;
 pub mod relu;
 pub mod sigmoid;
+pub mod vexp;
 
 use std::{any::Any, fmt};
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::Error;
 use crate::tensor::{DType, Tensor};
@@ -26,6 +27,9 @@ pub trait Float: num_traits::Float + bytemuck::Pod + Send + Sync + fmt::Debug + 
     const DTYPE: DType;
     /// The IEEE 754 bits, widened, for bit-exact comparisons in tests.
     fn to_bits_u64(self) -> u64;
+    /// `e^self` by [`vexp`], which the compiler can vectorise (within about
+    /// 1 ulp of libm's `exp`).
+    fn vexp(self) -> Self;
 }
 
 impl Float for f32 {
@@ -33,12 +37,18 @@ impl Float for f32 {
     fn to_bits_u64(self) -> u64 {
         self.to_bits().into()
     }
+    fn vexp(self) -> f32 {
+        vexp::exp_f32(self)
+    }
 }
 
 impl Float for f64 {
     const DTYPE: DType = DType::F64;
     fn to_bits_u64(self) -> u64 {
         self.to_bits()
+    }
+    fn vexp(self) -> f64 {
+        vexp::exp_f64(self)
     }
 }
 
@@ -56,8 +66,9 @@ pub trait Layer {
     /// Heap bytes of `Kept<F>` for a tensor of `len` elements: exact, and
     /// known before Forward runs.
     fn kept_bytes<F: Float>(len: usize) -> usize;
-    /// `y` and what Backward will need.
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, Self::Kept<F>);
+    /// `y` and what Backward will need. `y` is shared (reference-counted) so a
+    /// kind that keeps `y` itself, like Sigmoid, answers without copying it.
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Self::Kept<F>);
     /// `y` alone, for `no_grad` calls.
     fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F>;
     /// `dx` from the upstream gradient; `dout` has the kept Forward's shape.
@@ -146,7 +157,7 @@ impl Kind {
                 bytes: L::kept_bytes::<F>(x.len()),
                 state: Box::new(state),
             };
-            (Tensor::from_array(y), kept)
+            (Tensor::from_shared(y), kept)
         }))
     }
 

@@ -8,7 +8,7 @@
 //! through Backward; `-0.0 <= 0` is true, so `-0.0` becomes `+0.0`.
 //! (`max(x, 0.0)` would turn NaN into 0 and differ from numpy.)
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::{Float, Layer};
 
@@ -55,28 +55,17 @@ impl Layer for Relu {
         Mask::bytes_for(len)
     }
 
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, Mask) {
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Mask) {
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
         let mut y = vec![F::zero(); xs.len()];
         let mut words = vec![0u64; xs.len().div_ceil(64)];
-        for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(&mut words) {
-            let mut bits = 0u64;
-            for (i, (&xi, yi)) in x64.iter().zip(y64.iter_mut()).enumerate() {
-                let m = masked(xi);
-                bits |= (m as u64) << i;
-                // y was filled with +0.0; only unmasked elements are copied.
-                if !m {
-                    *yi = xi;
-                }
-            }
-            *word = bits;
-        }
+        forward_kernel(xs, &mut y, &mut words);
         let mask = Mask {
             words,
             len: xs.len(),
         };
-        (into_shape(x.raw_dim(), y), mask)
+        (into_shape(x.raw_dim(), y).into_shared(), mask)
     }
 
     fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
@@ -88,18 +77,38 @@ impl Layer for Relu {
         let ds = dout.as_slice().expect("standard layout is contiguous");
         assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
         let mut dx = vec![F::zero(); ds.len()];
-        for ((d64, dx64), &bits) in ds.chunks(64).zip(dx.chunks_mut(64)).zip(&mask.words) {
-            for (i, (&di, dxi)) in d64.iter().zip(dx64.iter_mut()).enumerate() {
-                if bits >> i & 1 == 0 {
-                    *dxi = di;
-                }
-            }
-        }
+        backward_kernel(ds, &mask.words, &mut dx);
         into_shape(dout.raw_dim(), dx)
     }
 }
 
-fn into_shape<F>(dim: ndarray::IxDyn, data: Vec<F>) -> ArrayD<F> {
+/// `y` and the mask bits, 64 elements per word. Two plain passes per word
+/// (select, then compare-and-pack) so each vectorises; compiled for several
+/// SIMD levels and picked at run time.
+#[multiversion::multiversion(targets = "simd")]
+fn forward_kernel<F: Float>(xs: &[F], y: &mut [F], words: &mut [u64]) {
+    for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(words) {
+        for (yi, &xi) in y64.iter_mut().zip(x64) {
+            *yi = if masked(xi) { F::zero() } else { xi };
+        }
+        *word = x64
+            .iter()
+            .enumerate()
+            .fold(0u64, |bits, (i, &xi)| bits | (masked(xi) as u64) << i);
+    }
+}
+
+/// `dx = dout` where the mask bit is clear, else `+0.0`.
+#[multiversion::multiversion(targets = "simd")]
+fn backward_kernel<F: Float>(ds: &[F], words: &[u64], dx: &mut [F]) {
+    for ((d64, dx64), &bits) in ds.chunks(64).zip(dx.chunks_mut(64)).zip(words) {
+        for (i, (dxi, &di)) in dx64.iter_mut().zip(d64).enumerate() {
+            *dxi = if bits >> i & 1 == 1 { F::zero() } else { di };
+        }
+    }
+}
+
+fn into_shape<F>(dim: IxDyn, data: Vec<F>) -> ArrayD<F> {
     ArrayD::from_shape_vec(dim, data).expect("data has exactly one element per index")
 }
 
@@ -199,7 +208,7 @@ mod tests {
         let x = arr1(&[f64::NAN, -0.0, 3.0, -7.0, 88.8, -710.0]).into_dyn();
         assert_eq!(
             bits(&Relu::forward_no_grad(x.view())),
-            bits(&Relu::forward(x.view()).0)
+            bits(&Relu::forward(x.view()).0.to_owned())
         );
     }
 

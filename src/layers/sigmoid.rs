@@ -11,7 +11,7 @@
 //! Backward multiplies in exactly numpy's order, `(dout * (1.0 - y)) * y`, so
 //! it is bit-identical to numpy's `dout * (1.0 - y) * y` on the same y.
 
-use ndarray::{ArrayD, ArrayViewD, Zip};
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::{Float, Layer};
 
@@ -19,34 +19,55 @@ use super::{Float, Layer};
 pub struct Sigmoid;
 
 fn sigmoid<F: Float>(x: F) -> F {
-    F::one() / (F::one() + (-x).exp())
+    F::one() / (F::one() + (-x).vexp())
 }
 
 impl Layer for Sigmoid {
     const NAME: &'static str = "sigmoid";
     const DESCRIPTION: &'static str =
         "Sigmoid: y = 1 / (1 + exp(-x)); dx = dout * (1 - y) * y. Keeps y.";
-    type Kept<F: Float> = ArrayD<F>;
+    type Kept<F: Float> = ArcArray<F, IxDyn>;
 
     fn kept_bytes<F: Float>(len: usize) -> usize {
         len * std::mem::size_of::<F>()
     }
 
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArrayD<F>, ArrayD<F>) {
-        let y = Self::forward_no_grad(x);
+    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, ArcArray<F, IxDyn>) {
+        // The answer and the kept state are one buffer.
+        let y = Self::forward_no_grad(x).into_shared();
         (y.clone(), y)
     }
 
     fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
-        x.as_standard_layout().mapv(sigmoid)
+        let x = x.as_standard_layout();
+        let y = forward_kernel(x.as_slice().expect("standard layout is contiguous"));
+        ArrayD::from_shape_vec(x.raw_dim(), y).expect("one y per x")
     }
 
-    fn backward<F: Float>(y: &ArrayD<F>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
+    fn backward<F: Float>(y: &ArcArray<F, IxDyn>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
-        Zip::from(&dout)
-            .and(y)
-            .map_collect(|&d, &y| (d * (F::one() - y)) * y)
+        let dx = backward_kernel(
+            dout.as_slice().expect("standard layout is contiguous"),
+            y.as_slice().expect("kept y is contiguous"),
+        );
+        ArrayD::from_shape_vec(dout.raw_dim(), dx).expect("one dx per dout")
     }
+}
+
+/// Element-wise sigmoid, compiled for several SIMD levels, picked at run time.
+#[multiversion::multiversion(targets = "simd")]
+fn forward_kernel<F: Float>(xs: &[F]) -> Vec<F> {
+    xs.iter().map(|&x| sigmoid(x)).collect()
+}
+
+/// `dx = (dout * (1 - y)) * y`, in exactly numpy's order (no fused multiply-add:
+/// Rust never contracts `a * b + c` on its own, so every level gives the same bits).
+#[multiversion::multiversion(targets = "simd")]
+fn backward_kernel<F: Float>(dout: &[F], y: &[F]) -> Vec<F> {
+    dout.iter()
+        .zip(y)
+        .map(|(&d, &y)| (d * (F::one() - y)) * y)
+        .collect()
 }
 
 #[cfg(test)]
@@ -55,7 +76,9 @@ mod tests {
     use ndarray::{arr1, ArrayD};
 
     fn fwd<F: Float>(values: &[F]) -> ArrayD<F> {
-        Sigmoid::forward(arr1(values).into_dyn().view()).0
+        Sigmoid::forward(arr1(values).into_dyn().view())
+            .0
+            .to_owned()
     }
 
     #[test]

@@ -1,0 +1,196 @@
+//! Command-line options of layerd-bench.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// layerd-bench: drive real Forward/Backward traffic at a layerd server (or
+/// anything speaking layerd.v1), verify every answer, and report throughput
+/// and latency.
+///
+/// Exit codes: 0 all answers right; 2 the server cannot be reached;
+/// 3 any answer differed from the local reference; 4 any call failed
+/// (unless --allow-errors); 1 anything else.
+#[derive(Debug, Parser)]
+#[command(
+    name = "layerd-bench",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Draw one chart from the JSON files of several sweeps (one line per server and kind).
+    Chart(ChartArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Forward calls only.
+    Forward,
+    /// Forward then Backward on the same layer: the real use.
+    Train,
+    /// Forward and Backward steps over one Run stream per worker.
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Relu,
+    Sigmoid,
+    Identity,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Relu => "relu",
+            Kind::Sigmoid => "sigmoid",
+            Kind::Identity => "identity",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Server address (host:port).
+    #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+
+    /// What each worker does.
+    #[arg(long, value_enum, default_value_t = Mode::Train)]
+    pub mode: Mode,
+
+    /// Layer kind(s) to drive; several only with --sweep.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Relu])]
+    pub kind: Vec<Kind>,
+
+    /// Check answers as if the layer were this kind (default: the kind itself).
+    /// Only useful to prove that the verifier catches wrong answers.
+    #[arg(long, value_enum)]
+    pub verify_as: Option<Kind>,
+
+    /// Element type.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+
+    /// Tensor size in elements (a 1-D tensor); see also --shape.
+    #[arg(long, default_value_t = 1024, conflicts_with = "shape")]
+    pub elements: u64,
+
+    /// Tensor shape, e.g. 32x1024 (overrides --elements).
+    #[arg(long, value_parser = parse_shape)]
+    pub shape: Option<Vec<u64>>,
+
+    /// TCP (HTTP/2) connections to open.
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
+
+    /// Concurrent calls per connection; each is one worker with one call in flight.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+
+    /// Measured time (after the warm-up).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Stop after this many measured calls instead of after --duration.
+    #[arg(long)]
+    pub requests: Option<u64>,
+
+    /// Time run before measuring starts; its calls are not counted.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Open loop: calls per second in total, each latency measured from its
+    /// scheduled send time (so queueing is not hidden). Default: closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Sessions shared by all workers (each worker has its own layer in one);
+    /// 0 gives every worker its own session.
+    #[arg(long, default_value_t = 0)]
+    pub shared_sessions: usize,
+
+    /// Send the session id as `x-session-id` metadata, for load balancers.
+    #[arg(long)]
+    pub session_header: bool,
+
+    /// Per-call deadline.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub call_timeout: Duration,
+
+    /// Do not fail (exit 4) on gRPC errors; they are still counted and reported.
+    #[arg(long)]
+    pub allow_errors: bool,
+
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Name of the server under test in reports and charts.
+    #[arg(long, default_value = "layerd")]
+    pub label: String,
+
+    /// Sweep over these tensor sizes (elements), once per --kind, instead of one run.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_missing_value = "16,256,4096,65536,1048576,4194304")]
+    pub sweep: Option<Vec<u64>>,
+
+    /// With --sweep: write the chart to PREFIX.svg and PREFIX.png.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChartArgs {
+    /// Sweep JSON files written by --sweep --json.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Write PREFIX.svg and PREFIX.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_shape(text: &str) -> Result<Vec<u64>, String> {
+    if text.is_empty() || text == "scalar" {
+        return Ok(vec![]);
+    }
+    text.split(['x', ','])
+        .map(|d| {
+            d.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("bad dimension {d:?}: {e}"))
+        })
+        .collect()
+}
+
+impl RunArgs {
+    pub fn shape(&self) -> Vec<u64> {
+        self.shape.clone().unwrap_or_else(|| vec![self.elements])
+    }
+
+    pub fn workers(&self) -> usize {
+        self.connections * self.concurrency
+    }
+}

@@ -1,0 +1,114 @@
+//! layerd-bench: a verifying gRPC load generator for layerd.
+//!
+//! It drives Forward/Backward traffic over N connections x M concurrent
+//! calls, checks every answer against a local reference, and reports
+//! throughput and latency percentiles (see `--help`).
+
+mod args;
+mod chart;
+mod reference;
+mod report;
+mod workload;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command, RunArgs};
+use report::{Report, Summary};
+use workload::SetupError;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Chart(chart)) => merge_charts(&chart),
+        None => run(&cli.run).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("layerd-bench: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One run, or a sweep of runs; prints the table(s), writes JSON and chart.
+async fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    if args.sweep.is_none() && args.kind.len() > 1 {
+        return Err("several --kind values need --sweep".into());
+    }
+    let sizes: Vec<Vec<u64>> = match &args.sweep {
+        Some(sizes) => sizes.iter().map(|&n| vec![n]).collect(),
+        None => vec![args.shape()],
+    };
+    let mut summaries = Vec::new();
+    for &kind in &args.kind {
+        for shape in &sizes {
+            let measured = match workload::run(args, kind, shape).await {
+                Ok(measured) => measured,
+                Err(SetupError::Unreachable(message)) => {
+                    eprintln!("layerd-bench: {message}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(SetupError::Rejected(status)) => {
+                    return Err(format!(
+                        "the server refused to set up the run: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    ))
+                }
+            };
+            let summary = Summary::new(args, kind, shape, &measured);
+            if args.sweep.is_none() {
+                print!("{}", summary.table());
+            } else {
+                eprintln!(
+                    "{} {} {}: {:.0} calls/s, p99 {} us",
+                    summary.label,
+                    summary.kind,
+                    summary.elements,
+                    summary.calls_per_s,
+                    summary.latency_us.p99
+                );
+            }
+            summaries.push(summary);
+        }
+    }
+    if args.sweep.is_some() {
+        print!("{}", report::sweep_table(&summaries));
+    }
+    if let Some(path) = &args.json {
+        let json =
+            serde_json::to_string_pretty(&Report::new(summaries.clone())).expect("serialisable");
+        std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(prefix) = &args.chart {
+        chart::write(&summaries, prefix)?;
+        eprintln!("chart: {} and .png", prefix.with_extension("svg").display());
+    }
+    let mismatches: u64 = summaries.iter().map(|s| s.mismatches).sum();
+    let errors: u64 = summaries.iter().map(Summary::error_count).sum();
+    Ok(if mismatches > 0 {
+        eprintln!("layerd-bench: {mismatches} answers differed from the reference");
+        ExitCode::from(3)
+    } else if errors > 0 && !args.allow_errors {
+        eprintln!("layerd-bench: {errors} calls failed");
+        ExitCode::from(4)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn merge_charts(args: &args::ChartArgs) -> Result<ExitCode, String> {
+    let mut runs = Vec::new();
+    for path in &args.inputs {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let report: Report =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        runs.extend(report.runs);
+    }
+    chart::write(&runs, &args.out)?;
+    Ok(ExitCode::SUCCESS)
+}

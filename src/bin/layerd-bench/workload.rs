@@ -1,0 +1,544 @@
+//! Runs one workload: opens the connections and sessions, drives the workers
+//! for the warm-up and the measured period, and gathers their figures.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use layerd::pb::{self, layer_service_client::LayerServiceClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+    Code, Request, Status, Streaming,
+};
+
+use crate::args::{Kind, Mode, RunArgs};
+use crate::reference::Reference;
+
+type Client = LayerServiceClient<Channel>;
+
+/// Largest message the bench sends or accepts.
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// What went wrong before any traffic could be measured.
+#[derive(Debug)]
+pub enum SetupError {
+    /// The server could not be reached.
+    Unreachable(String),
+    /// A session or layer could not be created.
+    Rejected(Status),
+}
+
+/// One workload's measured figures, from every worker.
+pub struct Measured {
+    pub seconds: f64,
+    pub calls: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub latency_us: Histogram<u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub error_examples: BTreeMap<String, String>,
+    pub mismatches: u64,
+}
+
+impl Measured {
+    fn new() -> Measured {
+        Measured {
+            seconds: 0.0,
+            calls: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            errors: BTreeMap::new(),
+            error_examples: BTreeMap::new(),
+            mismatches: 0,
+        }
+    }
+
+    fn merge(&mut self, other: Measured) {
+        self.calls += other.calls;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.latency_us.add(&other.latency_us).expect("same bounds");
+        for (code, n) in other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+        for (code, example) in other.error_examples {
+            self.error_examples.entry(code).or_insert(example);
+        }
+        self.mismatches += other.mismatches;
+    }
+}
+
+/// Connects to the server: a clear error, not a hang, when it is down.
+pub async fn connect(
+    addr: &str,
+    connections: usize,
+    call_timeout: Duration,
+) -> Result<Vec<Client>, SetupError> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| SetupError::Unreachable(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(call_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel = endpoint.connect().await.map_err(|e| {
+            SetupError::Unreachable(format!("cannot connect to {url}: {}", error_chain(&e)))
+        })?;
+        clients.push(
+            LayerServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        );
+    }
+    Ok(clients)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Where each worker sends its calls.
+struct Target {
+    session_id: String,
+    layer_id: String,
+}
+
+/// State shared by the workers of one run.
+struct Shared {
+    args: RunArgs,
+    mode: Mode,
+    reference: Reference,
+    measure_from: Instant,
+    measure_until: Option<Instant>,
+    /// Measured calls still to make, with --requests.
+    remaining: Option<AtomicI64>,
+    progress_calls: AtomicU64,
+    progress_errors: AtomicU64,
+    progress_mismatches: AtomicU64,
+}
+
+impl Shared {
+    fn measuring(&self, at: Instant) -> bool {
+        at >= self.measure_from
+    }
+
+    /// Whether a worker may start another call; takes one from --requests.
+    fn go_on(&self) -> bool {
+        let now = Instant::now();
+        if let Some(until) = self.measure_until {
+            return now < until;
+        }
+        match &self.remaining {
+            Some(remaining) if self.measuring(now) => remaining.fetch_sub(1, Ordering::Relaxed) > 0,
+            _ => true,
+        }
+    }
+
+    fn request<T>(&self, target: &Target, message: T) -> Request<T> {
+        routed(&self.args, &target.session_id, message)
+    }
+}
+
+/// Runs one workload with `kind` and `shape` and returns its figures.
+pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, SetupError> {
+    let clients = connect(&args.addr, args.connections.max(1), args.call_timeout).await?;
+    let workers = args.workers().max(1);
+    let (session_ids, targets) = open_sessions(args, &clients, kind, workers).await?;
+
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let shared = Arc::new(Shared {
+        args: args.clone(),
+        mode: args.mode,
+        reference: Reference::new(args.verify_as.unwrap_or(kind), args.dtype, shape),
+        measure_from,
+        measure_until: args
+            .requests
+            .is_none()
+            .then(|| measure_from + args.duration),
+        remaining: args.requests.map(|n| AtomicI64::new(n as i64)),
+        progress_calls: AtomicU64::new(0),
+        progress_errors: AtomicU64::new(0),
+        progress_mismatches: AtomicU64::new(0),
+    });
+    let progress = (!args.quiet).then(|| spawn_progress(shared.clone(), started));
+
+    let per_worker_rate = args.rate.map(|r| r / workers as f64);
+    let mut tasks = Vec::with_capacity(workers);
+    for (index, target) in targets.into_iter().enumerate() {
+        let client = clients[index % clients.len()].clone();
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut worker = Worker {
+                shared,
+                client,
+                target,
+                measured: Measured::new(),
+                schedule: per_worker_rate.map(|rate| Schedule::new(rate, started, index, workers)),
+                stream: None,
+            };
+            worker.run().await;
+            worker.measured
+        }));
+    }
+    let mut total = Measured::new();
+    for task in tasks {
+        total.merge(task.await.expect("worker did not panic"));
+    }
+    let ended = Instant::now();
+    total.seconds = match shared.measure_until {
+        Some(until) => until
+            .min(ended)
+            .saturating_duration_since(measure_from)
+            .as_secs_f64(),
+        None => ended.saturating_duration_since(measure_from).as_secs_f64(),
+    };
+    if let Some((bar, task)) = progress {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    close_sessions(args, clients[0].clone(), session_ids).await;
+    Ok(total)
+}
+
+/// One session per worker, or `--shared-sessions` sessions with one layer per worker.
+async fn open_sessions(
+    args: &RunArgs,
+    clients: &[Client],
+    kind: Kind,
+    workers: usize,
+) -> Result<(Vec<String>, Vec<Target>), SetupError> {
+    let mut client = clients[0].clone();
+    let sessions = if args.shared_sessions == 0 {
+        workers
+    } else {
+        args.shared_sessions
+    };
+    let nonce = std::process::id();
+    let mut session_ids = Vec::with_capacity(sessions);
+    for s in 0..sessions {
+        let session_id = format!("bench-{nonce}-{}-{s}", unique());
+        let request = routed(
+            args,
+            &session_id,
+            pb::CreateSessionRequest {
+                session_id: session_id.clone(),
+                idle_timeout_seconds: 0,
+            },
+        );
+        client
+            .create_session(request)
+            .await
+            .map_err(SetupError::Rejected)?;
+        session_ids.push(session_id);
+    }
+    let mut targets = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let target = Target {
+            session_id: session_ids[w % sessions].clone(),
+            layer_id: format!("w{w}"),
+        };
+        let request = routed(
+            args,
+            &target.session_id,
+            pb::CreateLayerRequest {
+                session_id: target.session_id.clone(),
+                layer_id: target.layer_id.clone(),
+                kind: kind.name().into(),
+            },
+        );
+        client
+            .create_layer(request)
+            .await
+            .map_err(SetupError::Rejected)?;
+        targets.push(target);
+    }
+    Ok((session_ids, targets))
+}
+
+/// A request carrying `x-session-id` when --session-header is set.
+fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if args.session_header {
+        let value = MetadataValue::try_from(session_id).expect("session ids are ASCII");
+        request
+            .metadata_mut()
+            .insert(layerd::service::SESSION_HEADER, value);
+    }
+    request
+}
+
+/// A value that differs between runs of one process (sweeps open many sessions).
+fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Closes the run's sessions so a sweep does not pile them up; a failure here
+/// is not the run's (they would expire anyway).
+async fn close_sessions(args: &RunArgs, mut client: Client, session_ids: Vec<String>) {
+    for session_id in session_ids {
+        let request = routed(
+            args,
+            &session_id,
+            pb::CloseSessionRequest {
+                session_id: session_id.clone(),
+            },
+        );
+        let _ = client.close_session(request).await;
+    }
+}
+
+fn spawn_progress(
+    shared: Arc<Shared>,
+    started: Instant,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+    let task = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = Instant::now();
+                let calls = shared.progress_calls.load(Ordering::Relaxed);
+                let rate = (calls - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, calls);
+                let phase = if shared.measuring(now) {
+                    "measuring"
+                } else {
+                    "warming up"
+                };
+                bar.set_message(format!(
+                    "{phase} {:>6.1}s | {:>9.0} calls/s | errors {} | mismatches {}",
+                    now.duration_since(started).as_secs_f64(),
+                    rate,
+                    shared.progress_errors.load(Ordering::Relaxed),
+                    shared.progress_mismatches.load(Ordering::Relaxed),
+                ));
+                bar.tick();
+            }
+        })
+    };
+    (bar, task)
+}
+
+/// Open-loop send times for one worker: evenly spaced, workers interleaved.
+struct Schedule {
+    interval: Duration,
+    next: Instant,
+}
+
+impl Schedule {
+    fn new(rate: f64, start: Instant, index: usize, workers: usize) -> Schedule {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        Schedule {
+            interval,
+            next: start + interval.mul_f64(index as f64 / workers as f64),
+        }
+    }
+
+    /// Waits for the next slot and returns it: the time latency counts from.
+    async fn wait(&mut self) -> Instant {
+        let slot = self.next;
+        self.next += self.interval;
+        tokio::time::sleep_until(slot.into()).await;
+        slot
+    }
+}
+
+type Steps = (mpsc::Sender<pb::RunRequest>, Streaming<pb::RunResponse>);
+
+struct Worker {
+    shared: Arc<Shared>,
+    client: Client,
+    target: Target,
+    measured: Measured,
+    schedule: Option<Schedule>,
+    stream: Option<Steps>,
+}
+
+enum Op {
+    Forward,
+    Backward,
+}
+
+impl Worker {
+    async fn run(&mut self) {
+        while self.shared.go_on() {
+            let forward_ok = self.call(Op::Forward).await;
+            if self.shared.mode != Mode::Forward && forward_ok {
+                self.call(Op::Backward).await;
+            }
+        }
+        if let Some((steps, _)) = self.stream.take() {
+            drop(steps);
+        }
+    }
+
+    /// One call, timed and checked; true if it answered right.
+    async fn call(&mut self, op: Op) -> bool {
+        let scheduled = match &mut self.schedule {
+            Some(schedule) => schedule.wait().await,
+            None => Instant::now(),
+        };
+        let shared = self.shared.clone();
+        let reference = &shared.reference;
+        let (sent, answer) = match (&op, shared.mode) {
+            (Op::Forward, Mode::Stream) => (reference.x.data.len(), self.step(Op::Forward).await),
+            (Op::Backward, Mode::Stream) => {
+                (reference.dout.data.len(), self.step(Op::Backward).await)
+            }
+            (Op::Forward, _) => {
+                let message = pb::ForwardRequest {
+                    session_id: self.target.session_id.clone(),
+                    layer_id: self.target.layer_id.clone(),
+                    x: Some(reference.x.clone()),
+                    no_grad: false,
+                };
+                let answer = self
+                    .client
+                    .forward(shared.request(&self.target, message))
+                    .await;
+                (reference.x.data.len(), answer.map(|r| r.into_inner().y))
+            }
+            (Op::Backward, _) => {
+                let message = pb::BackwardRequest {
+                    session_id: self.target.session_id.clone(),
+                    layer_id: self.target.layer_id.clone(),
+                    dout: Some(reference.dout.clone()),
+                };
+                let answer = self
+                    .client
+                    .backward(shared.request(&self.target, message))
+                    .await;
+                (reference.dout.data.len(), answer.map(|r| r.into_inner().dx))
+            }
+        };
+        let done = Instant::now();
+        let measuring = shared.measuring(scheduled)
+            && shared.measure_until.is_none_or(|until| scheduled < until);
+        let right = match &answer {
+            Ok(tensor) => match op {
+                Op::Forward => reference.check_y(tensor.as_ref()),
+                Op::Backward => reference.check_dx(tensor.as_ref()),
+            },
+            Err(_) => false,
+        };
+        shared.progress_calls.fetch_add(1, Ordering::Relaxed);
+        match &answer {
+            Err(status) => {
+                shared.progress_errors.fetch_add(1, Ordering::Relaxed);
+                if measuring {
+                    let code = code_name(status.code());
+                    *self.measured.errors.entry(code.clone()).or_default() += 1;
+                    self.measured
+                        .error_examples
+                        .entry(code)
+                        .or_insert_with(|| status.message().to_string());
+                }
+            }
+            Ok(_) if !right => {
+                shared.progress_mismatches.fetch_add(1, Ordering::Relaxed);
+                if measuring {
+                    self.measured.mismatches += 1;
+                }
+            }
+            Ok(_) => {}
+        }
+        if measuring && answer.is_ok() {
+            let received = answer
+                .as_ref()
+                .ok()
+                .and_then(|t| t.as_ref())
+                .map_or(0, |t| t.data.len());
+            self.measured.calls += 1;
+            self.measured.bytes_sent += sent as u64;
+            self.measured.bytes_received += received as u64;
+            let micros = done.duration_since(scheduled).as_micros().max(1) as u64;
+            self.measured.latency_us.saturating_record(micros);
+        }
+        right
+    }
+
+    /// One step over this worker's Run stream (opened on first use, and again after an error).
+    async fn step(&mut self, op: Op) -> Result<Option<pb::Tensor>, Status> {
+        if self.stream.is_none() {
+            let (steps, receiver) = mpsc::channel(1);
+            let request = self
+                .shared
+                .request(&self.target, ReceiverStream::new(receiver));
+            let answers = self.client.run(request).await?.into_inner();
+            self.stream = Some((steps, answers));
+        }
+        let reference = &self.shared.reference;
+        let step = match op {
+            Op::Forward => pb::run_request::Step::Forward(pb::ForwardRequest {
+                session_id: self.target.session_id.clone(),
+                layer_id: self.target.layer_id.clone(),
+                x: Some(reference.x.clone()),
+                no_grad: false,
+            }),
+            Op::Backward => pb::run_request::Step::Backward(pb::BackwardRequest {
+                session_id: self.target.session_id.clone(),
+                layer_id: self.target.layer_id.clone(),
+                dout: Some(reference.dout.clone()),
+            }),
+        };
+        let (steps, answers) = self.stream.as_mut().expect("opened above");
+        let answer = async {
+            steps
+                .send(pb::RunRequest { step: Some(step) })
+                .await
+                .map_err(|_| Status::unavailable("the Run stream closed"))?;
+            answers
+                .message()
+                .await?
+                .ok_or_else(|| Status::unavailable("the Run stream ended"))
+        }
+        .await;
+        match answer {
+            Ok(pb::RunResponse {
+                result: Some(pb::run_response::Result::Forward(f)),
+            }) => Ok(f.y),
+            Ok(pb::RunResponse {
+                result: Some(pb::run_response::Result::Backward(b)),
+            }) => Ok(b.dx),
+            Ok(_) => Err(Status::internal("a Run answer with no result")),
+            Err(status) => {
+                self.stream = None;
+                Err(status)
+            }
+        }
+    }
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
