@@ -13,7 +13,10 @@
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
 //! - [`telemetry`], [`signal`]: logging setup and shutdown signals.
+//! - [`client`]: connecting, for the bundled tools `layerd-bench` (a verifying
+//!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod layers;

@@ -97,7 +97,7 @@ pub struct RunArgs {
 
     /// Tensor shape, e.g. 32x1024 (overrides --elements).
     #[arg(long, value_parser = parse_shape)]
-    pub shape: Option<Vec<u64>>,
+    pub shape: Option<Shape>,
 
     /// TCP (HTTP/2) connections to open.
     #[arg(long, default_value_t = 1)]
@@ -172,9 +172,13 @@ pub struct ChartArgs {
     pub out: PathBuf,
 }
 
-fn parse_shape(text: &str) -> Result<Vec<u64>, String> {
+/// A tensor shape given as `32x1024` (or `scalar`).
+#[derive(Debug, Clone)]
+pub struct Shape(pub Vec<u64>);
+
+fn parse_shape(text: &str) -> Result<Shape, String> {
     if text.is_empty() || text == "scalar" {
-        return Ok(vec![]);
+        return Ok(Shape(vec![]));
     }
     text.split(['x', ','])
         .map(|d| {
@@ -182,12 +186,15 @@ fn parse_shape(text: &str) -> Result<Vec<u64>, String> {
                 .parse::<u64>()
                 .map_err(|e| format!("bad dimension {d:?}: {e}"))
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Shape)
 }
 
 impl RunArgs {
     pub fn shape(&self) -> Vec<u64> {
-        self.shape.clone().unwrap_or_else(|| vec![self.elements])
+        self.shape
+            .clone()
+            .map_or_else(|| vec![self.elements], |shape| shape.0)
     }
 
     pub fn workers(&self) -> usize {

@@ -25,13 +25,13 @@ pub fn write(runs: &[Summary], prefix: &Path) -> Result<(), String> {
     for points in series.values_mut() {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
+    register_font()?;
     let svg = prefix.with_extension("svg");
     draw(
         SVGBackend::new(&svg, (1200, 500)).into_drawing_area(),
         &series,
     )
     .map_err(|e| format!("{}: {e}", svg.display()))?;
-    register_font()?;
     let png = prefix.with_extension("png");
     draw(
         BitMapBackend::new(&png, (1200, 500)).into_drawing_area(),
@@ -41,7 +41,7 @@ pub fn write(runs: &[Summary], prefix: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// PNG text needs a TrueType font; the SVG leaves fonts to the viewer.
+/// Laying out text (and drawing it in the PNG) needs a TrueType font.
 fn register_font() -> Result<(), String> {
     const CANDIDATES: &[&str] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -53,12 +53,9 @@ fn register_font() -> Result<(), String> {
         .iter()
         .find_map(|path| std::fs::read(path).ok())
         .ok_or("no TrueType font for the PNG chart: install fonts-dejavu-core")?;
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        Box::leak(bytes.into_boxed_slice()),
-    )
-    .map_err(|_| "the font could not be read".to_string())
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| "the font could not be read".to_string())
 }
 
 fn draw<DB: DrawingBackend>(

@@ -15,11 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    metadata::MetadataValue,
-    transport::{Channel, Endpoint},
-    Code, Request, Status, Streaming,
-};
+use tonic::{metadata::MetadataValue, transport::Channel, Code, Request, Status, Streaming};
 
 use crate::args::{Kind, Mode, RunArgs};
 use crate::reference::Reference;
@@ -85,23 +81,17 @@ pub async fn connect(
     connections: usize,
     call_timeout: Duration,
 ) -> Result<Vec<Client>, SetupError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| SetupError::Unreachable(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
+    let endpoint = layerd::client::endpoint(addr, Duration::from_secs(5))
+        .map_err(SetupError::Unreachable)?
         .timeout(call_timeout)
-        .tcp_nodelay(true)
+        // Large tensors need larger HTTP/2 windows than the 64 KiB default.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20));
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let channel = endpoint.connect().await.map_err(|e| {
-            SetupError::Unreachable(format!("cannot connect to {url}: {}", error_chain(&e)))
-        })?;
+        let channel = layerd::client::connect(&endpoint)
+            .await
+            .map_err(SetupError::Unreachable)?;
         clients.push(
             LayerServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -109,17 +99,6 @@ pub async fn connect(
         );
     }
     Ok(clients)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Where each worker sends its calls.
