@@ -86,6 +86,25 @@ pub struct Config {
     )]
     pub max_pending_accept_reset_streams: usize,
 
+    /// HTTP/2: flow-control window of one stream (call): how much a client may send
+    /// before the server has read it. Large tensors need a large window to stream at speed.
+    #[arg(long, env = "LAYERD_INITIAL_STREAM_WINDOW", default_value = "4MiB")]
+    pub initial_stream_window: ByteSize,
+
+    /// HTTP/2: flow-control window of a whole connection: bounds what one
+    /// connection can make the server buffer.
+    #[arg(
+        long,
+        env = "LAYERD_INITIAL_CONNECTION_WINDOW",
+        default_value = "16MiB"
+    )]
+    pub initial_connection_window: ByteSize,
+
+    /// HTTP/2: largest frame the server accepts (16KiB to 16MiB); fewer, larger
+    /// frames cost less per byte for large tensors.
+    #[arg(long, env = "LAYERD_MAX_FRAME_SIZE", default_value = "1MiB")]
+    pub max_frame_size: ByteSize,
+
     /// HTTP/2: interval between keepalive PINGs on idle connections.
     #[arg(long, env = "LAYERD_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,

@@ -56,6 +56,9 @@ pub async fn run(
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
         .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
+        .initial_stream_window_size(window(config.initial_stream_window))
+        .initial_connection_window_size(window(config.initial_connection_window))
+        .max_frame_size(window(config.max_frame_size))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(tower::util::MapResponseLayer::new(
@@ -101,6 +104,11 @@ pub async fn run(
     drop(store_guard);
     tracing::info!("layerd stopped");
     Ok(())
+}
+
+/// An HTTP/2 window or frame size: at most 2^31 - 1 by the protocol.
+fn window(size: bytesize::ByteSize) -> u32 {
+    size.as_u64().min(i32::MAX as u64) as u32
 }
 
 /// Reflection over every service served, both reflection versions, and the

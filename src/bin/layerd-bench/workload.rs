@@ -86,7 +86,8 @@ pub async fn connect(
         .timeout(call_timeout)
         // Large tensors need larger HTTP/2 windows than the 64 KiB default.
         .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20));
+        .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(1 << 20));
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         let channel = layerd::client::connect(&endpoint)
@@ -126,14 +127,18 @@ impl Shared {
         at >= self.measure_from
     }
 
-    /// Whether a worker may start another call; takes one from --requests.
+    /// Whether a worker may start another round (one call, or Forward and
+    /// Backward in train and stream modes); takes its calls from --requests.
     fn go_on(&self) -> bool {
         let now = Instant::now();
         if let Some(until) = self.measure_until {
             return now < until;
         }
         match &self.remaining {
-            Some(remaining) if self.measuring(now) => remaining.fetch_sub(1, Ordering::Relaxed) > 0,
+            Some(remaining) if self.measuring(now) => {
+                let calls = if self.mode == Mode::Forward { 1 } else { 2 };
+                remaining.fetch_sub(calls, Ordering::Relaxed) > 0
+            }
             _ => true,
         }
     }

@@ -1,0 +1,17 @@
+"""layerd: a numpy-friendly client for the layerd neural-network layer service.
+
+    import layerd, numpy as np
+    client = layerd.Client("127.0.0.1:50051")
+    with client.session(idle_timeout=60) as s:
+        relu = s.layer("relu")
+        y = relu.forward(np.array([1.5, -2.0], dtype=np.float32))
+        dx = relu.backward(np.ones(2, dtype=np.float32))
+"""
+from .client import SESSION_HEADER, Client, Layer, Session, from_tensor, to_tensor
+from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, LayerdError, NotFound,
+                     ResourceExhausted, Unavailable)
+
+__all__ = ["Client", "Session", "Layer", "to_tensor", "from_tensor", "SESSION_HEADER", "LayerdError", "NotFound",
+           "AlreadyExists", "InvalidArgument", "FailedPrecondition", "ResourceExhausted", "DeadlineExceeded",
+           "Unavailable"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of layerd.v1 (see scripts/generate.py)."""

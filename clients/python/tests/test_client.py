@@ -1,0 +1,126 @@
+"""The Python client against a real server: numpy equivalence, typed errors, chains, streams."""
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import layerd
+from layerd_server import Server
+from reference import Relu, Sigmoid
+
+
+def bits(a):
+    return a.view({4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 4), (2, 1, 3, 1, 2), (1 << 20,)])
+def test_relu_and_sigmoid_match_numpy(client, dtype, shape):
+    rng = np.random.default_rng(7)
+    x = np.array(rng.standard_normal(shape) * 50, dtype=dtype)
+    if x.size > 8:
+        x.flat[:8] = [np.nan, -0.0, 0.0, np.inf, -np.inf, 88.8, -88.8, -710.0]
+    dout = np.array(rng.standard_normal(shape), dtype=dtype)
+    with client.session() as s:
+        relu, sig = s.layer("relu"), s.layer("sigmoid")
+        ref_relu, ref_sig = Relu(), Sigmoid()
+        with np.errstate(all="ignore"):
+            y = relu.forward(x)
+            assert y.dtype == dtype and y.shape == x.shape and y.flags.writeable
+            assert np.array_equal(bits(y), bits(ref_relu.forward(x.copy())))
+            assert np.array_equal(bits(relu.backward(dout)), bits(ref_relu.backward(dout.copy())))
+
+            ys = sig.forward(x)
+            want = ref_sig.forward(x.copy())
+            tolerance = 1e-6 if dtype == np.float32 else 1e-14
+            close = (ys == want) | (np.abs(ys - want) <= tolerance * np.abs(want))
+            assert np.array_equal(np.isnan(ys), np.isnan(x)) and np.all(close | np.isnan(x))
+            ref_sig.out = ys.copy()
+            assert np.array_equal(bits(sig.backward(dout)), bits(ref_sig.backward(dout.copy())))
+
+
+def test_a_two_layer_chain(client):
+    rng = np.random.default_rng(8)
+    x, dout = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
+    with client.session() as s:
+        l1, l2 = s.layer("relu"), s.layer("sigmoid")
+        y = l2.forward(l1.forward(x))
+        dx = l1.backward(l2.backward(dout))
+    h = np.where(x > 0, x, 0.0)
+    np.testing.assert_allclose(y, 1 / (1 + np.exp(-h)), rtol=1e-14)
+    assert np.array_equal(dx, np.where(x > 0, dout * (1.0 - y) * y, 0.0))
+
+
+def test_run_streams_steps_in_order(client):
+    x = np.array([[1.0, -1.0], [-2.0, 3.0]], dtype=np.float32)
+    with client.session() as s:
+        relu = s.layer("relu")
+        y, dx, y_ng, dx2 = s.run([("forward", relu, x), ("backward", relu, np.full_like(x, 2.0)),
+                                  ("forward_no_grad", relu, -x), ("backward", relu, np.ones_like(x))])
+    assert y.tolist() == [[1.0, 0.0], [0.0, 3.0]]
+    assert dx.tolist() == [[2.0, 0.0], [0.0, 2.0]]
+    assert y_ng.tolist() == [[0.0, 1.0], [2.0, 0.0]]
+    assert dx2.tolist() == [[1.0, 0.0], [0.0, 1.0]], "no_grad left the mask alone"
+
+
+def test_kinds_and_session_lifecycle(client):
+    assert set(client.kinds()) == {"identity", "relu", "sigmoid"}
+    s = client.session(idle_timeout=30, session_id="py-life")
+    assert (s.id, s.idle_timeout) == ("py-life", 30)
+    relu = s.layer("relu", layer_id="act")
+    assert (relu.id, relu.kind) == ("act", "relu")
+    s.close()
+    with pytest.raises(layerd.NotFound) as caught:
+        relu.forward(np.ones(2, np.float32))
+    assert caught.value.reason == "SESSION_NOT_FOUND" and caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_every_error_is_a_typed_exception(client):
+    with client.session(session_id="py-errors") as s:
+        relu = s.layer("relu", layer_id="r")
+        cases = [
+            (lambda: client.session(session_id="py-errors"), layerd.AlreadyExists, "SESSION_EXISTS"),
+            (lambda: s.layer("relu", layer_id="r"), layerd.AlreadyExists, "LAYER_EXISTS"),
+            (lambda: s.layer("tanh"), layerd.InvalidArgument, "UNKNOWN_KIND"),
+            (lambda: s.layer("relu", layer_id="bad id"), layerd.InvalidArgument, "INVALID_ID"),
+            (lambda: relu.backward(np.ones(2, np.float32)), layerd.FailedPrecondition, "NOTHING_KEPT"),
+            (lambda: layerd.Layer(s, "nope", "relu").forward(np.ones(1)), layerd.NotFound, "LAYER_NOT_FOUND"),
+        ]
+        for call, error, reason in cases:
+            with pytest.raises(error) as caught:
+                call()
+            assert caught.value.reason == reason, caught.value
+        relu.forward(np.ones(2, np.float32))
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            relu.backward(np.ones(3, np.float32))
+        assert caught.value.reason == "DOUT_MISMATCH"
+        assert caught.value.violations[0][0] == "dout"
+        with pytest.raises(TypeError, match="float32 and float64"):
+            relu.forward(np.ones(2, dtype=np.int64))
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            s.run([("forward", relu, np.ones(2, np.float32)), ("backward", relu, np.ones(5, np.float32))])
+        assert caught.value.reason == "DOUT_MISMATCH"
+
+
+def test_limits_and_deadlines_are_typed():
+    server = Server("--max-sessions=1", "--request-timeout=5ms")
+    try:
+        with layerd.Client(server.addr, max_message_bytes=128 << 20) as client:
+            s = client.session()
+            with pytest.raises(layerd.ResourceExhausted) as caught:
+                client.session()
+            assert caught.value.metadata["limit"] == "--max-sessions"
+            sig = s.layer("sigmoid")
+            with pytest.raises(layerd.DeadlineExceeded):
+                sig.forward(np.zeros(6 << 20))
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_unreachable_server_is_unavailable():
+    with layerd.Client("127.0.0.1:1", timeout=2) as client:
+        started = time.monotonic()
+        with pytest.raises(layerd.Unavailable):
+            client.kinds()
+        assert time.monotonic() - started < 5
