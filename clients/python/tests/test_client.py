@@ -124,3 +124,15 @@ def test_an_unreachable_server_is_unavailable():
         with pytest.raises(layerd.Unavailable):
             client.kinds()
         assert time.monotonic() - started < 5
+
+
+def test_installs_and_runs_beside_tritonclient(client):
+    """Teams compare layerd with Triton: both clients must live in one environment
+    (tritonclient pins protobuf < 7, so the stubs are generated for protobuf 6.33+)."""
+    import google.protobuf
+    import tritonclient.grpc as triton
+
+    triton.InferInput("x", [2], "FP32")  # tritonclient's own generated code loads
+    with client.session() as s:
+        assert s.layer("relu").forward(np.array([-1.0, 2.0])).tolist() == [0.0, 2.0]
+    assert int(google.protobuf.__version__.split(".")[0]) in (6, 7)
