@@ -40,34 +40,45 @@ impl Layer for Sigmoid {
 
     fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
         let x = x.as_standard_layout();
-        let y = forward_kernel(x.as_slice().expect("standard layout is contiguous"));
-        ArrayD::from_shape_vec(x.raw_dim(), y).expect("one y per x")
+        let mut y = ArrayD::zeros(x.raw_dim());
+        forward_kernel(
+            x.as_slice().expect("standard layout is contiguous"),
+            y.as_slice_mut().expect("new arrays are contiguous"),
+        );
+        y
     }
 
     fn backward<F: Float>(y: &ArcArray<F, IxDyn>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
-        let dx = backward_kernel(
+        let mut dx = ArrayD::zeros(dout.raw_dim());
+        backward_kernel(
             dout.as_slice().expect("standard layout is contiguous"),
             y.as_slice().expect("kept y is contiguous"),
+            dx.as_slice_mut().expect("new arrays are contiguous"),
         );
-        ArrayD::from_shape_vec(dout.raw_dim(), dx).expect("one dx per dout")
+        dx
     }
 }
 
+// The kernels loop over slices they are given rather than collecting an
+// iterator: `collect` runs in library code compiled for the baseline CPU, which
+// would undo the per-CPU compilation.
+
 /// Element-wise sigmoid, compiled for several SIMD levels, picked at run time.
 #[multiversion::multiversion(targets = "simd")]
-fn forward_kernel<F: Float>(xs: &[F]) -> Vec<F> {
-    xs.iter().map(|&x| sigmoid(x)).collect()
+fn forward_kernel<F: Float>(xs: &[F], ys: &mut [F]) {
+    for (y, &x) in ys.iter_mut().zip(xs) {
+        *y = sigmoid(x);
+    }
 }
 
 /// `dx = (dout * (1 - y)) * y`, in exactly numpy's order (no fused multiply-add:
 /// Rust never contracts `a * b + c` on its own, so every level gives the same bits).
 #[multiversion::multiversion(targets = "simd")]
-fn backward_kernel<F: Float>(dout: &[F], y: &[F]) -> Vec<F> {
-    dout.iter()
-        .zip(y)
-        .map(|(&d, &y)| (d * (F::one() - y)) * y)
-        .collect()
+fn backward_kernel<F: Float>(dout: &[F], y: &[F], dx: &mut [F]) {
+    for ((dx, &d), &y) in dx.iter_mut().zip(dout).zip(y) {
+        *dx = (d * (F::one() - y)) * y;
+    }
 }
 
 #[cfg(test)]
