@@ -111,7 +111,6 @@ struct Target {
 /// State shared by the workers of one run.
 struct Shared {
     args: RunArgs,
-    mode: Mode,
     reference: Reference,
     measure_from: Instant,
     measure_until: Option<Instant>,
@@ -136,7 +135,11 @@ impl Shared {
         }
         match &self.remaining {
             Some(remaining) if self.measuring(now) => {
-                let calls = if self.mode == Mode::Forward { 1 } else { 2 };
+                let calls = if self.args.mode == Mode::Forward {
+                    1
+                } else {
+                    2
+                };
                 remaining.fetch_sub(calls, Ordering::Relaxed) > 0
             }
             _ => true,
@@ -152,13 +155,12 @@ impl Shared {
 pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, SetupError> {
     let clients = connect(&args.addr, args.connections.max(1), args.call_timeout).await?;
     let workers = args.workers().max(1);
-    let (session_ids, targets) = open_sessions(args, &clients, kind, workers).await?;
+    let (session_ids, targets) = open_sessions(args, clients[0].clone(), kind, workers).await?;
 
     let started = Instant::now();
     let measure_from = started + args.warmup;
     let shared = Arc::new(Shared {
         args: args.clone(),
-        mode: args.mode,
         reference: Reference::new(args.verify_as.unwrap_or(kind), args.dtype, shape),
         measure_from,
         measure_until: args
@@ -213,11 +215,10 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
 /// One session per worker, or `--shared-sessions` sessions with one layer per worker.
 async fn open_sessions(
     args: &RunArgs,
-    clients: &[Client],
+    mut client: Client,
     kind: Kind,
     workers: usize,
 ) -> Result<(Vec<String>, Vec<Target>), SetupError> {
-    let mut client = clients[0].clone();
     let sessions = if args.shared_sessions == 0 {
         workers
     } else {
@@ -377,7 +378,7 @@ impl Worker {
     async fn run(&mut self) {
         while self.shared.go_on() {
             let forward_ok = self.call(Op::Forward).await;
-            if self.shared.mode != Mode::Forward && forward_ok {
+            if self.shared.args.mode != Mode::Forward && forward_ok {
                 self.call(Op::Backward).await;
             }
         }
@@ -394,7 +395,7 @@ impl Worker {
         };
         let shared = self.shared.clone();
         let reference = &shared.reference;
-        let (sent, answer) = match (&op, shared.mode) {
+        let (sent, answer) = match (&op, shared.args.mode) {
             (Op::Forward, Mode::Stream) => (reference.x.data.len(), self.step(Op::Forward).await),
             (Op::Backward, Mode::Stream) => {
                 (reference.dout.data.len(), self.step(Op::Backward).await)
