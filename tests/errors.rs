@@ -15,6 +15,18 @@ fn raw(dtype: i32, shape: &[u64], bytes: usize) -> pb::Tensor {
     }
 }
 
+/// A server with session "s" holding ReLU layer "l" that kept the mask of
+/// x = [1, -1]: a later Backward of [d, d] must give [d, 0] if nothing changed it.
+async fn relu_with_kept_mask() -> (TestServer, Client) {
+    let server = start(|_| {}).await;
+    let mut c = server.client().await;
+    session_with_layer(&mut c, "s", "l", "relu").await;
+    forward(&mut c, "s", "l", f32_tensor(&[2], &[1.0, -1.0]), false)
+        .await
+        .unwrap();
+    (server, c)
+}
+
 #[tokio::test]
 async fn not_found_for_unknown_closed_sessions_and_unknown_layers() {
     let server = start(|_| {}).await;
@@ -83,12 +95,7 @@ async fn not_found_for_unknown_closed_sessions_and_unknown_layers() {
 
 #[tokio::test]
 async fn already_exists_leaves_the_existing_one_untouched() {
-    let server = start(|_| {}).await;
-    let mut c = server.client().await;
-    session_with_layer(&mut c, "s", "l", "relu").await;
-    forward(&mut c, "s", "l", f32_tensor(&[2], &[1.0, -1.0]), false)
-        .await
-        .unwrap();
+    let (server, mut c) = relu_with_kept_mask().await;
     let session = c
         .create_session(pb::CreateSessionRequest {
             session_id: "s".into(),
@@ -169,12 +176,7 @@ async fn invalid_ids_and_kinds() {
 
 #[tokio::test]
 async fn every_tensor_defect_is_invalid_argument_and_changes_nothing() {
-    let server = start(|_| {}).await;
-    let mut c = server.client().await;
-    session_with_layer(&mut c, "s", "l", "relu").await;
-    forward(&mut c, "s", "l", f32_tensor(&[2], &[1.0, -1.0]), false)
-        .await
-        .unwrap();
+    let (server, mut c) = relu_with_kept_mask().await;
 
     let cases: Vec<(Option<pb::Tensor>, &[&str])> = vec![
         (None, &["x", "a tensor", "not set"]),
