@@ -5,7 +5,11 @@
 use std::{env, error::Error, fs, path::PathBuf};
 
 const PROTO_ROOT: &str = "proto";
-const PROTOS: &[&str] = &["proto/layerd/v1/layerd.proto"];
+const PROTOS: &[&str] = &[
+    "proto/layerd/v1/layerd.proto",
+    "proto/inference/grpc_service.proto",
+    "proto/inference/model_config.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     // tonic-prost-build 0.14 does not emit these itself when given descriptors.
@@ -28,6 +32,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         // Tensor data stays a `bytes::Bytes` view of the received buffer.
         .bytes(".layerd.v1.Tensor.data")
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

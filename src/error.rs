@@ -24,6 +24,23 @@ pub enum Error {
         layer_id: String,
     },
 
+    /// A KServe request names a model (or version) layerd does not serve.
+    #[error(
+        "model {model:?} version {version:?} not found: layerd serves {served}, version \"1\""
+    )]
+    ModelNotFound {
+        model: String,
+        version: String,
+        served: String,
+    },
+
+    /// A KServe `*_backward` request without a `sequence_id`: Backward needs
+    /// what a Forward of the same sequence kept.
+    #[error(
+        "model {model:?} needs a sequence: send Forward with a sequence_id (and sequence_start), then Backward with the same sequence_id"
+    )]
+    SequenceRequired { model: String },
+
     #[error("session {session_id:?} already exists")]
     SessionExists { session_id: String },
 
@@ -80,10 +97,12 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Error::SessionNotFound { .. } | Error::LayerNotFound { .. } => Code::NotFound,
+            Error::SessionNotFound { .. }
+            | Error::LayerNotFound { .. }
+            | Error::ModelNotFound { .. } => Code::NotFound,
             Error::SessionExists { .. } | Error::LayerExists { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NothingKept { .. } => Code::FailedPrecondition,
+            Error::NothingKept { .. } | Error::SequenceRequired { .. } => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
@@ -96,6 +115,8 @@ impl Error {
             Error::SessionNotFound { .. } => "SESSION_NOT_FOUND",
             Error::LayerNotFound { .. } => "LAYER_NOT_FOUND",
             Error::SessionExists { .. } => "SESSION_EXISTS",
+            Error::ModelNotFound { .. } => "MODEL_NOT_FOUND",
+            Error::SequenceRequired { .. } => "SEQUENCE_REQUIRED",
             Error::LayerExists { .. } => "LAYER_EXISTS",
             Error::InvalidArgument { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
@@ -118,6 +139,10 @@ impl Error {
                 session_id,
                 layer_id,
             } => vec![("session_id", session_id), ("layer_id", layer_id)],
+            Error::ModelNotFound { model, version, .. } => {
+                vec![("model", model), ("version", version)]
+            }
+            Error::SequenceRequired { model } => vec![("model", model)],
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],

@@ -8,7 +8,9 @@
 //!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray.
 //! - [`tensor`]: the only place wire tensors become arrays and back.
 //! - [`session`]: the session store, limits, kept-state accounting, expiry.
-//! - [`service`]: the gRPC handlers.
+//! - [`service`]: the gRPC handlers of the layer service.
+//! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
+//!   sessions: models, sequence parameters, statistics.
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
@@ -19,6 +21,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod kserve;
 pub mod layers;
 pub mod server;
 pub mod service;
@@ -34,4 +37,11 @@ pub mod pb {
 
     /// Encoded descriptors of `layerd.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("layerd_descriptor");
+
+    /// Generated code for Triton's `inference` package (KServe v2 protocol).
+    /// Its descriptors are in [`FILE_DESCRIPTOR_SET`] too.
+    pub mod inference {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("inference");
+    }
 }

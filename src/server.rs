@@ -1,4 +1,5 @@
-//! Assembles and runs the gRPC server: the layer service, grpc.health.v1,
+//! Assembles and runs the gRPC server: the layer service, the KServe v2 /
+//! Triton inference service, grpc.health.v1,
 //! reflection (v1 and v1alpha), the HTTP/2 guards, and graceful shutdown
 //! bounded by a grace period.
 
@@ -10,7 +11,11 @@ use tonic::{server::NamedService, service::Routes, transport::server::TcpIncomin
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::pb::{self, layer_service_server::LayerServiceServer};
+use crate::kserve::InferenceService;
+use crate::pb::{
+    self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+    layer_service_server::LayerServiceServer,
+};
 use crate::service::{oversize_to_resource_exhausted, LayerService};
 use crate::session::Store;
 
@@ -42,10 +47,22 @@ pub async fn run(
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
+    let inference = InferenceService::new(
+        store_guard.store(),
+        config.request_timeout,
+        config.max_message_bytes.as_u64(),
+        config.default_idle_timeout,
+    );
+    let inference_service = GrpcInferenceServiceServer::new(inference.clone())
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<LayerServiceServer<LayerService>>()
+        .await;
+    health
+        .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
         .await;
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -67,6 +84,7 @@ pub async fn run(
             },
         ))
         .add_routes(Routes::new(layer_service))
+        .add_service(inference_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -84,15 +102,16 @@ pub async fn run(
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: health NOT_SERVING, draining calls");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(
-            <LayerServiceServer<LayerService> as NamedService>::NAME,
-            ServingStatus::NotServing,
-        )
-        .await;
+    inference.set_not_ready();
+    for service in [
+        "",
+        <LayerServiceServer<LayerService> as NamedService>::NAME,
+        <GrpcInferenceServiceServer<InferenceService> as NamedService>::NAME,
+    ] {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     let _ = stop_accepting.send(());
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {
         Ok(finished) => finished??,

@@ -6,7 +6,11 @@
 //! computation succeeded — so a failed, timed-out or cancelled call leaves the
 //! session as it was.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -47,26 +51,12 @@ impl LayerService {
         }
     }
 
-    /// Runs one call (or Run step) in `span` under the request timeout, and
-    /// records its outcome on the span.
     async fn observe<T>(
         &self,
         span: Span,
         call: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, call.instrument(span.clone()))
-            .await
-            .unwrap_or(Err(Error::Timeout(self.request_timeout)));
-        let code = result.as_ref().map_or_else(Error::code, |_| Code::Ok);
-        span.record("code", field::debug(code));
-        let micros = started.elapsed().as_micros() as u64;
-        span.in_scope(|| match &result {
-            Ok(_) => tracing::debug!(micros, "ok"),
-            Err(error @ Error::Internal(_)) => tracing::error!(micros, %error, "failed"),
-            Err(error) => tracing::info!(micros, %error, "failed"),
-        });
-        result
+        observe(self.request_timeout, span, call).await
     }
 
     /// Validates a Forward or Backward request completely, then finds its
@@ -102,18 +92,7 @@ impl LayerService {
             request.x,
             "x",
         )?;
-        let kind = layer.kind;
-
-        let mut kept = layer.kept.lock().await;
-        let y = if request.no_grad {
-            compute(x.len(), move || kind.forward_no_grad(&x)).await?
-        } else {
-            // Reserved before computing; both old and new state exist until the commit.
-            let charge = session.reserve(kind.kept_bytes(x.dtype(), x.len()))?;
-            let (y, state) = compute(x.len(), move || kind.forward(&x)).await?;
-            *kept = Some(Arc::new(KeptEntry::new(state, charge)));
-            y
-        };
+        let y = forward_on(&session, &layer, x, request.no_grad, &mut Phases::default()).await?;
         Ok(pb::ForwardResponse {
             y: Some(y.into_proto()),
         })
@@ -132,12 +111,7 @@ impl LayerService {
             "dout",
         )?;
 
-        let kept = layer.kept.lock().await;
-        let entry = kept.clone().ok_or_else(|| Error::NothingKept {
-            layer_id: request.layer_id.clone(),
-        })?;
-        let dx = compute(dout.len(), move || entry.kept.backward(&dout)).await??;
-        drop(kept);
+        let dx = backward_on(&layer, &request.layer_id, dout, &mut Phases::default()).await?;
         Ok(pb::BackwardResponse {
             dx: Some(dx.into_proto()),
         })
@@ -216,8 +190,87 @@ fn check_routing(metadata: &MetadataMap, session_id: &str) -> Result<(), Error> 
     ))
 }
 
+/// Runs one call (or stream step) in `span` under `request_timeout`, and
+/// records its outcome on the span.
+pub async fn observe<T>(
+    request_timeout: Duration,
+    span: Span,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(request_timeout, call.instrument(span.clone()))
+        .await
+        .unwrap_or(Err(Error::Timeout(request_timeout)));
+    let code = result.as_ref().map_or_else(Error::code, |_| Code::Ok);
+    span.record("code", field::debug(code));
+    let micros = started.elapsed().as_micros() as u64;
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::debug!(micros, "ok"),
+        Err(error @ Error::Internal(_)) => tracing::error!(micros, %error, "failed"),
+        Err(error) => tracing::info!(micros, %error, "failed"),
+    });
+    result
+}
+
+/// Where a Forward or Backward spent its time, for the KServe statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Phases {
+    /// Waiting for the layer instance (held by an earlier call of its session).
+    pub queue: Duration,
+    /// The layer's computation.
+    pub compute: Duration,
+}
+
+/// Forward on one layer instance. Unless `no_grad`, reserves the bytes to
+/// keep before computing and replaces the kept state only once the
+/// computation succeeded.
+pub async fn forward_on(
+    session: &Session,
+    layer: &LayerInstance,
+    x: Tensor,
+    no_grad: bool,
+    phases: &mut Phases,
+) -> Result<Tensor, Error> {
+    let kind = layer.kind;
+    let queued = Instant::now();
+    let mut kept = layer.kept.lock().await;
+    let computing = Instant::now();
+    phases.queue = computing - queued;
+    let y = if no_grad {
+        compute(x.len(), move || kind.forward_no_grad(&x)).await?
+    } else {
+        // Reserved before computing; both old and new state exist until the commit.
+        let charge = session.reserve(kind.kept_bytes(x.dtype(), x.len()))?;
+        let (y, state) = compute(x.len(), move || kind.forward(&x)).await?;
+        *kept = Some(Arc::new(KeptEntry::new(state, charge)));
+        y
+    };
+    phases.compute = computing.elapsed();
+    Ok(y)
+}
+
+/// Backward on one layer instance, from what its last Forward kept.
+pub async fn backward_on(
+    layer: &LayerInstance,
+    layer_id: &str,
+    dout: Tensor,
+    phases: &mut Phases,
+) -> Result<Tensor, Error> {
+    let queued = Instant::now();
+    let kept = layer.kept.lock().await;
+    let computing = Instant::now();
+    phases.queue = computing - queued;
+    let entry = kept.clone().ok_or_else(|| Error::NothingKept {
+        layer_id: layer_id.to_string(),
+    })?;
+    let dx = compute(dout.len(), move || entry.kept.backward(&dout)).await??;
+    drop(kept);
+    phases.compute = computing.elapsed();
+    Ok(dx)
+}
+
 /// Runs `work` inline when small, else on the blocking pool.
-async fn compute<T: Send + 'static>(
+pub async fn compute<T: Send + 'static>(
     elements: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Error> {

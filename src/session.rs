@@ -391,13 +391,32 @@ impl Session {
 
     /// Adds a layer instance of `kind` as `layer_id`.
     pub fn create_layer(&self, layer_id: &str, kind: Kind) -> Result<(), Error> {
+        self.add_layer(layer_id, kind, false).map(drop)
+    }
+
+    /// The layer instance `layer_id`, added as a `kind` if the session has
+    /// none of that name; one of another kind is an error.
+    pub fn layer_or_create(&self, layer_id: &str, kind: Kind) -> Result<Arc<LayerInstance>, Error> {
+        self.add_layer(layer_id, kind, true)
+    }
+
+    fn add_layer(
+        &self,
+        layer_id: &str,
+        kind: Kind,
+        reuse: bool,
+    ) -> Result<Arc<LayerInstance>, Error> {
         check_id("layer_id", layer_id)?;
         let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        if layers.contains_key(layer_id) {
-            return Err(Error::LayerExists {
-                session_id: self.id.clone(),
-                layer_id: layer_id.to_string(),
-            });
+        if let Some(existing) = layers.get(layer_id) {
+            if !reuse {
+                return Err(Error::LayerExists {
+                    session_id: self.id.clone(),
+                    layer_id: layer_id.to_string(),
+                });
+            }
+            self.check_kind(layer_id, existing, kind)?;
+            return Ok(existing.clone());
         }
         if layers.len() >= self.max_layers {
             return Err(Error::LimitExceeded {
@@ -406,12 +425,33 @@ impl Session {
                 detail: format!("session {:?} has {} layers", self.id, layers.len()),
             });
         }
-        let instance = LayerInstance {
+        let instance = Arc::new(LayerInstance {
             kind,
             kept: tokio::sync::Mutex::new(None),
-        };
-        layers.insert(layer_id.to_string(), Arc::new(instance));
-        Ok(())
+        });
+        layers.insert(layer_id.to_string(), instance.clone());
+        Ok(instance)
+    }
+
+    /// Fails unless `layer` (this session's `layer_id`) is a `kind` layer.
+    pub fn check_kind(
+        &self,
+        layer_id: &str,
+        layer: &LayerInstance,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        if layer.kind == kind {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "layer_id",
+            format!("a layer of kind {kind} (or a new id)"),
+            format!(
+                "{layer_id:?}, a {} layer in session {:?}",
+                layer.kind, self.id
+            ),
+            "LAYER_KIND_MISMATCH",
+        ))
     }
 
     /// The layer instance `layer_id`.

@@ -14,7 +14,7 @@ use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, IxDyn};
 
 use crate::error::Error;
 use crate::layers::Float;
-use crate::pb;
+use crate::pb::{self, inference};
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -45,6 +45,27 @@ impl DType {
         match self {
             DType::F32 => "DTYPE_FLOAT32",
             DType::F64 => "DTYPE_FLOAT64",
+        }
+    }
+
+    /// The KServe v2 datatype name.
+    pub const fn kserve_name(self) -> &'static str {
+        match self {
+            DType::F32 => "FP32",
+            DType::F64 => "FP64",
+        }
+    }
+
+    fn from_kserve(name: &str, field: &str) -> Result<DType, Error> {
+        match name {
+            "FP32" => Ok(DType::F32),
+            "FP64" => Ok(DType::F64),
+            other => Err(Error::invalid(
+                format!("{field}.datatype"),
+                "FP32 or FP64",
+                format!("{other:?}"),
+                "INVALID_TENSOR",
+            )),
         }
     }
 
@@ -97,39 +118,126 @@ impl Tensor {
             ));
         };
         let dtype = DType::from_proto(tensor.dtype, field)?;
-        if tensor.shape.len() > MAX_RANK {
+        let (shape, len) = validated_shape(&tensor.shape, dtype, dtype.proto_name(), field)?;
+        Tensor::with_data(
+            dtype,
+            shape,
+            len,
+            tensor.data,
+            &format!("{field}.data"),
+            dtype.proto_name(),
+        )
+    }
+
+    /// Validates one input of a KServe `ModelInferRequest`, named `field`
+    /// (`inputs[0]`) in errors. Its elements are `raw` (its entry of
+    /// `raw_input_contents`, named `raw_field`) when the request uses raw
+    /// contents, else the input's typed `contents`.
+    pub fn from_kserve(
+        input: inference::model_infer_request::InferInputTensor,
+        raw: Option<Bytes>,
+        field: &str,
+        raw_field: &str,
+    ) -> Result<Tensor, Error> {
+        let dtype = DType::from_kserve(&input.datatype, field)?;
+        let dims: Vec<u64> = input
+            .shape
+            .iter()
+            .map(|&d| u64::try_from(d).ok())
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("{field}.shape"),
+                    "dimensions ≥ 0",
+                    format!("{:?}", input.shape),
+                    "INVALID_TENSOR",
+                )
+            })?;
+        let (shape, len) = validated_shape(&dims, dtype, dtype.kserve_name(), field)?;
+        let contents = input.contents.unwrap_or_default();
+        let typed = typed_lengths(&contents);
+        let contents_field = format!("{field}.contents");
+        if let Some(raw) = raw {
+            if let Some((list, _)) = typed.iter().find(|(_, n)| *n > 0) {
+                return Err(Error::invalid(
+                    format!("{contents_field}.{list}"),
+                    format!("no elements: the request sends its inputs in {raw_field}"),
+                    "elements",
+                    "INVALID_TENSOR",
+                ));
+            }
+            return Tensor::with_data(dtype, shape, len, raw, raw_field, dtype.kserve_name());
+        }
+        let wanted = match dtype {
+            DType::F32 => "fp32_contents",
+            DType::F64 => "fp64_contents",
+        };
+        if let Some((list, _)) = typed.iter().find(|(l, n)| *n > 0 && *l != wanted) {
             return Err(Error::invalid(
-                format!("{field}.shape"),
-                format!("at most {MAX_RANK} dimensions"),
-                format!("{} dimensions", tensor.shape.len()),
+                format!("{contents_field}.{list}"),
+                format!("elements in {wanted} for datatype {}", dtype.kserve_name()),
+                format!("elements in {list}"),
                 "INVALID_TENSOR",
             ));
         }
-        let (shape, len) = checked_shape(&tensor.shape, dtype).ok_or_else(|| {
-            Error::invalid(
-                format!("{field}.shape"),
-                format!(
-                    "a size that fits in memory addressing (≤ {} bytes)",
-                    isize::MAX
-                ),
-                format!(
-                    "{:?} of {}, which overflows",
-                    tensor.shape,
-                    dtype.proto_name()
-                ),
-                "INVALID_TENSOR",
-            )
-        })?;
-        let want = len * dtype.itemsize();
-        if tensor.data.len() != want {
+        let got = typed
+            .iter()
+            .find(|(l, _)| *l == wanted)
+            .map_or(0, |(_, n)| *n);
+        if got != len {
             return Err(Error::invalid(
-                format!("{field}.data"),
+                format!("{contents_field}.{wanted}"),
+                format!("{len} elements (shape {shape:?})"),
+                format!("{got} elements"),
+                "INVALID_TENSOR",
+            ));
+        }
+        let dim = IxDyn(&shape);
+        let array_error = |e: ndarray::ShapeError| Error::Internal(format!("typed contents: {e}"));
+        Ok(match dtype {
+            DType::F32 => Tensor::from_shared(
+                ArcArray::from_shape_vec(dim, contents.fp32_contents).map_err(array_error)?,
+            ),
+            DType::F64 => Tensor::from_shared(
+                ArcArray::from_shape_vec(dim, contents.fp64_contents).map_err(array_error)?,
+            ),
+        })
+    }
+
+    /// The tensor as KServe output `name`: its metadata, and its bytes for
+    /// `raw_output_contents` (not copied).
+    pub fn into_kserve(
+        self,
+        name: &str,
+    ) -> (inference::model_infer_response::InferOutputTensor, Bytes) {
+        let output = inference::model_infer_response::InferOutputTensor {
+            name: name.to_string(),
+            datatype: self.dtype.kserve_name().to_string(),
+            shape: self.shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        };
+        (output, self.data)
+    }
+
+    /// A validated tensor from a shape and `data` whose byte length is checked
+    /// against it; `data_field` names `data` in errors.
+    fn with_data(
+        dtype: DType,
+        shape: Vec<usize>,
+        len: usize,
+        data: Bytes,
+        data_field: &str,
+        dtype_name: &str,
+    ) -> Result<Tensor, Error> {
+        let want = len * dtype.itemsize();
+        if data.len() != want {
+            return Err(Error::invalid(
+                data_field,
                 format!(
-                    "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {})",
+                    "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {dtype_name})",
                     dtype.itemsize(),
-                    dtype.proto_name()
                 ),
-                format!("{} bytes", tensor.data.len()),
+                format!("{} bytes", data.len()),
                 "INVALID_TENSOR",
             ));
         }
@@ -137,7 +245,7 @@ impl Tensor {
             dtype,
             shape,
             len,
-            data: tensor.data,
+            data,
         })
     }
 
@@ -206,6 +314,49 @@ impl Tensor {
             }
         }
     }
+}
+
+/// The element count of each typed list of KServe contents, by field name.
+fn typed_lengths(contents: &inference::InferTensorContents) -> [(&'static str, usize); 8] {
+    [
+        ("bool_contents", contents.bool_contents.len()),
+        ("int_contents", contents.int_contents.len()),
+        ("int64_contents", contents.int64_contents.len()),
+        ("uint_contents", contents.uint_contents.len()),
+        ("uint64_contents", contents.uint64_contents.len()),
+        ("fp32_contents", contents.fp32_contents.len()),
+        ("fp64_contents", contents.fp64_contents.len()),
+        ("bytes_contents", contents.bytes_contents.len()),
+    ]
+}
+
+/// Checks a wire shape (rank, addressable size) for `field`, returning it as
+/// `usize`s with its element count.
+fn validated_shape(
+    shape: &[u64],
+    dtype: DType,
+    dtype_name: &str,
+    field: &str,
+) -> Result<(Vec<usize>, usize), Error> {
+    if shape.len() > MAX_RANK {
+        return Err(Error::invalid(
+            format!("{field}.shape"),
+            format!("at most {MAX_RANK} dimensions"),
+            format!("{} dimensions", shape.len()),
+            "INVALID_TENSOR",
+        ));
+    }
+    checked_shape(shape, dtype).ok_or_else(|| {
+        Error::invalid(
+            format!("{field}.shape"),
+            format!(
+                "a size that fits in memory addressing (≤ {} bytes)",
+                isize::MAX
+            ),
+            format!("{shape:?} of {dtype_name}, which overflows"),
+            "INVALID_TENSOR",
+        )
+    })
 }
 
 /// The shape as `usize`s and its element count, or `None` when the element

@@ -1,0 +1,443 @@
+//! The KServe v2 / Triton inference protocol (`inference.GRPCInferenceService`),
+//! served on the layer service's port, over the same sessions and limits.
+//!
+//! Models are layer kinds and directions ([`models`]); a request's
+//! `sequence_id` names the session that keeps Forward's state for a later
+//! `*_backward` request ([`sequence`]); per-model counts and durations back
+//! `ModelStatistics` ([`stats`]). Tensors are converted in [`crate::tensor`].
+//! Numerics are the native API's: both call the same layer code.
+
+pub mod models;
+pub mod sequence;
+pub mod stats;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
+use tracing::{field, Span};
+
+use crate::error::Error;
+use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use crate::service::{
+    backward_on, compute, forward_on, observe, oversize_to_resource_exhausted, Phases,
+};
+use crate::session::Store;
+use crate::tensor::Tensor;
+
+use models::{Direction, Model, PLATFORM, VERSION};
+use sequence::{SequenceId, SequenceParams};
+use stats::{ModelStats, Stages};
+
+/// The request header with which a ModelStreamInfer client asks for errors as
+/// a gRPC status (ending the stream) instead of `error_message` answers.
+pub const GRPC_ERROR_HEADER: &str = "triton_grpc_error";
+
+/// Protocol extensions layerd implements, as ServerMetadata names them.
+const EXTENSIONS: [&str; 4] = [
+    "model_configuration",
+    "sequence",
+    "statistics",
+    "parameters",
+];
+
+/// Answers a ModelStreamInfer stream may compute ahead of a slow reader.
+const STREAM_BUFFER: usize = 4;
+
+/// The inference service; cheap to clone.
+#[derive(Clone)]
+pub struct InferenceService {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    request_timeout: Duration,
+    max_message_bytes: u64,
+    sequence_idle: Duration,
+    stats: Vec<ModelStats>,
+    ready: AtomicBool,
+}
+
+impl InferenceService {
+    /// `sequence_idle` is the idle timeout sessions made by sequences get
+    /// (the store's default), advertised in each model's configuration.
+    pub fn new(
+        store: Store,
+        request_timeout: Duration,
+        max_message_bytes: u64,
+        sequence_idle: Duration,
+    ) -> InferenceService {
+        InferenceService {
+            shared: Arc::new(Shared {
+                store,
+                request_timeout,
+                max_message_bytes,
+                sequence_idle,
+                stats: Model::all().map(|_| ModelStats::default()).collect(),
+                ready: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// ServerReady answers false from now on (the server is draining).
+    pub fn set_not_ready(&self) {
+        self.shared.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// One inference, recorded in its model's statistics.
+    async fn infer(
+        &self,
+        metadata: &MetadataMap,
+        request: pb::ModelInferRequest,
+    ) -> Result<pb::ModelInferResponse, Error> {
+        let span = tracing::info_span!(
+            "rpc",
+            method = "ModelInfer",
+            model = request.model_name.as_str(),
+            session = field::Empty,
+            layer = field::Empty,
+            kind = field::Empty,
+            elements = field::Empty,
+            code = field::Empty,
+        );
+        let model = match Model::find(&request.model_name, &request.model_version) {
+            Ok(model) => model,
+            Err(error) => {
+                return observe(self.shared.request_timeout, span, async { Err(error) }).await
+            }
+        };
+        let started = Instant::now();
+        let mut stages = Stages::default();
+        let result = observe(
+            self.shared.request_timeout,
+            span,
+            self.infer_model(model, metadata, request, &mut stages),
+        )
+        .await;
+        self.shared.stats[model.index()].record(result.is_ok(), started.elapsed(), &stages);
+        result
+    }
+
+    async fn infer_model(
+        &self,
+        model: Model,
+        metadata: &MetadataMap,
+        mut request: pb::ModelInferRequest,
+        stages: &mut Stages,
+    ) -> Result<pb::ModelInferResponse, Error> {
+        let decoding = Instant::now();
+        let params = SequenceParams::parse(&request.parameters)?;
+        params.check_routing(metadata)?;
+        let input = take_input(model, &mut request)?;
+        let span = Span::current();
+        span.record("kind", model.kind.name());
+        span.record("elements", input.len());
+        stages.input = decoding.elapsed();
+
+        let output = match (&params.id, model.direction) {
+            (Some(id), _) => {
+                self.infer_in_sequence(model, id, &params, input, &mut stages.layer)
+                    .await?
+            }
+            (None, Direction::Forward) => {
+                let computing = Instant::now();
+                let kind = model.kind;
+                let y = compute(input.len(), move || kind.forward_no_grad(&input)).await?;
+                stages.layer.compute = computing.elapsed();
+                y
+            }
+            (None, Direction::Backward) => {
+                return Err(Error::SequenceRequired {
+                    model: model.name(),
+                })
+            }
+        };
+
+        let encoding = Instant::now();
+        let (tensor, raw) = output.into_kserve(model.output());
+        let response = pb::ModelInferResponse {
+            model_name: model.name(),
+            model_version: VERSION.to_string(),
+            id: request.id,
+            outputs: vec![tensor],
+            raw_output_contents: vec![raw],
+            ..Default::default()
+        };
+        stages.output = encoding.elapsed();
+        Ok(response)
+    }
+
+    /// A stateful call: Forward keeps, Backward uses, what the sequence's
+    /// session holds for its layer instance.
+    async fn infer_in_sequence(
+        &self,
+        model: Model,
+        id: &SequenceId,
+        params: &SequenceParams,
+        input: Tensor,
+        phases: &mut Phases,
+    ) -> Result<Tensor, Error> {
+        let store = &self.shared.store;
+        let session_id = id.session_id();
+        let layer_id = params.layer_id.as_deref().unwrap_or(model.kind.name());
+        Span::current().record("session", session_id.as_str());
+        Span::current().record("layer", layer_id);
+
+        // A sequence_start that fails (or times out, or is cancelled) must
+        // not leave its new session behind.
+        let mut created = None;
+        if params.start {
+            store.create(&session_id, 0)?;
+            created = Some(CloseOnDrop {
+                store: store.clone(),
+                session_id: session_id.clone(),
+            });
+        }
+        let session = store.session(&session_id)?;
+        let output = match model.direction {
+            Direction::Forward => {
+                let layer = session.layer_or_create(layer_id, model.kind)?;
+                forward_on(&session, &layer, input, false, phases).await?
+            }
+            Direction::Backward => {
+                let nothing_kept = || Error::NothingKept {
+                    layer_id: layer_id.to_string(),
+                };
+                let layer = session.layer(layer_id).map_err(|_| nothing_kept())?;
+                session.check_kind(layer_id, &layer, model.kind)?;
+                backward_on(&layer, layer_id, input, phases).await?
+            }
+        };
+        if params.end {
+            // Answered: the sequence is over. It may have expired meanwhile.
+            let _ = store.close(&session_id);
+        }
+        if let Some(guard) = created {
+            std::mem::forget(guard);
+        }
+        Ok(output)
+    }
+
+    fn model_stats(&self, model: Model) -> pb::ModelStatistics {
+        self.shared.stats[model.index()].snapshot(model)
+    }
+}
+
+/// Closes a session created by a sequence_start whose call did not succeed.
+struct CloseOnDrop {
+    store: Store,
+    session_id: String,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.store.close(&self.session_id);
+    }
+}
+
+/// Validates the request's one input (and requested outputs) for `model`.
+fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
+    if request.inputs.len() != 1 {
+        return Err(Error::invalid(
+            "inputs",
+            format!("one input, {:?}", model.input()),
+            format!("{} inputs", request.inputs.len()),
+            "INVALID_INPUTS",
+        ));
+    }
+    let input = request.inputs.remove(0);
+    if input.name != model.input() {
+        return Err(Error::invalid(
+            "inputs[0].name",
+            format!("{:?} (model {})", model.input(), model.name()),
+            format!("{:?}", input.name),
+            "INVALID_INPUTS",
+        ));
+    }
+    for (i, output) in request.outputs.iter().enumerate() {
+        if output.name != model.output() {
+            return Err(Error::invalid(
+                format!("outputs[{i}].name"),
+                format!("{:?} (model {})", model.output(), model.name()),
+                format!("{:?}", output.name),
+                "INVALID_OUTPUTS",
+            ));
+        }
+    }
+    let raw = match request.raw_input_contents.len() {
+        0 => None,
+        1 => Some(std::mem::take(&mut request.raw_input_contents[0])),
+        n => {
+            return Err(Error::invalid(
+                "raw_input_contents",
+                "one entry per input (1), or none when inputs carry contents",
+                format!("{n} entries"),
+                "INVALID_INPUTS",
+            ))
+        }
+    };
+    Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")
+}
+
+type ServiceResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _request: Request<pb::ServerLiveRequest>,
+    ) -> ServiceResult<pb::ServerLiveResponse> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _request: Request<pb::ServerReadyRequest>,
+    ) -> ServiceResult<pb::ServerReadyResponse> {
+        let ready = self.shared.ready.load(Ordering::Relaxed);
+        Ok(Response::new(pb::ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> ServiceResult<pb::ModelReadyResponse> {
+        let request = request.get_ref();
+        let ready = Model::find(&request.name, &request.version).is_ok()
+            && self.shared.ready.load(Ordering::Relaxed);
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _request: Request<pb::ServerMetadataRequest>,
+    ) -> ServiceResult<pb::ServerMetadataResponse> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: PLATFORM.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> ServiceResult<pb::ModelMetadataResponse> {
+        let request = request.get_ref();
+        let model = Model::find(&request.name, &request.version)?;
+        Ok(Response::new(model.metadata()))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> ServiceResult<pb::ModelConfigResponse> {
+        let request = request.get_ref();
+        let model = Model::find(&request.name, &request.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(model.config(self.shared.sequence_idle)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> ServiceResult<pb::ModelStatisticsResponse> {
+        let request = request.get_ref();
+        let model_stats = if request.name.is_empty() {
+            Model::all().map(|model| self.model_stats(model)).collect()
+        } else {
+            vec![self.model_stats(Model::find(&request.name, &request.version)?)]
+        };
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        _request: Request<pb::RepositoryIndexRequest>,
+    ) -> ServiceResult<pb::RepositoryIndexResponse> {
+        let models = Model::all()
+            .map(|model| pb::repository_index_response::ModelIndex {
+                name: model.name(),
+                version: VERSION.to_string(),
+                state: "READY".to_string(),
+                reason: String::new(),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> ServiceResult<pb::ModelInferResponse> {
+        let (metadata, _, message) = request.into_parts();
+        Ok(Response::new(self.infer(&metadata, message).await?))
+    }
+
+    type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<pb::ModelInferRequest>>,
+    ) -> ServiceResult<Self::ModelStreamInferStream> {
+        let (metadata, _, mut requests) = request.into_parts();
+        let errors_as_status = metadata
+            .get(GRPC_ERROR_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let (answers, receiver) = mpsc::channel(STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(async move {
+            // Requests are answered one at a time, in order, so the calls of
+            // one sequence apply in the order sent.
+            loop {
+                let request = tokio::select! {
+                    request = requests.message() => request,
+                    _ = answers.closed() => break,
+                };
+                let answer = match request {
+                    Ok(None) => break,
+                    Err(status) => Err(oversize_to_resource_exhausted(
+                        status,
+                        service.shared.max_message_bytes,
+                    )),
+                    Ok(Some(request)) => {
+                        let (model_name, id) = (request.model_name.clone(), request.id.clone());
+                        let result = tokio::select! {
+                            result = service.infer(&metadata, request) => result,
+                            _ = answers.closed() => break,
+                        };
+                        match result {
+                            Ok(response) => Ok(pb::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            }),
+                            Err(error) if errors_as_status => Err(Status::from(error)),
+                            Err(error) => Ok(pb::ModelStreamInferResponse {
+                                error_message: error.to_string(),
+                                infer_response: Some(pb::ModelInferResponse {
+                                    model_name,
+                                    id,
+                                    ..Default::default()
+                                }),
+                            }),
+                        }
+                    }
+                };
+                let ends_stream = answer.is_err();
+                if answers.send(answer).await.is_err() || ends_stream {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}

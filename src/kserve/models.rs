@@ -1,0 +1,196 @@
+//! The KServe models layerd serves: one per layer kind and direction.
+//!
+//! `relu`, `sigmoid`, `identity` run Forward (input `x`, output `y`);
+//! `relu_backward`, `sigmoid_backward`, `identity_backward` run Backward
+//! (input `dout`, output `dx`) on the layer instance of the same kind in the
+//! request's sequence. Every model has version "1", accepts FP32 and FP64 of
+//! any shape (metadata shape `[-1]`, `max_batch_size` 0), and advertises
+//! `sequence_batching` so clients such as perf_analyzer drive it as
+//! sequences.
+
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::layers::Kind;
+use crate::pb::inference::{
+    self, model_config::SchedulingChoice, model_metadata_response::TensorMetadata,
+};
+use crate::tensor::DType;
+
+/// The one version of every model.
+pub const VERSION: &str = "1";
+
+/// The `platform` and `backend` reported for every model.
+pub const PLATFORM: &str = "layerd";
+
+/// The datatype models advertise; FP64 is accepted as well and answered in
+/// FP64 (a KServe input has one advertised datatype).
+const ADVERTISED: DType = DType::F32;
+
+/// Which pass of its layer a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// One served model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model {
+    pub kind: Kind,
+    pub direction: Direction,
+}
+
+impl Model {
+    /// Every model, Forward then Backward, in kind order.
+    pub fn all() -> impl Iterator<Item = Model> {
+        [Direction::Forward, Direction::Backward]
+            .into_iter()
+            .flat_map(|direction| {
+                Kind::ALL
+                    .into_iter()
+                    .map(move |kind| Model { kind, direction })
+            })
+    }
+
+    /// A dense index over [`Model::all`], for per-model tables.
+    pub fn index(self) -> usize {
+        let direction = match self.direction {
+            Direction::Forward => 0,
+            Direction::Backward => 1,
+        };
+        direction * Kind::ALL.len() + Kind::ALL.iter().position(|&k| k == self.kind).unwrap_or(0)
+    }
+
+    pub fn count() -> usize {
+        2 * Kind::ALL.len()
+    }
+
+    /// The model `name` at `version` ("" is the latest, "1").
+    pub fn find(name: &str, version: &str) -> Result<Model, Error> {
+        let model = match name.strip_suffix("_backward") {
+            Some(kind) => Kind::from_name(kind).map(|kind| Model {
+                kind,
+                direction: Direction::Backward,
+            }),
+            None => Kind::from_name(name).map(|kind| Model {
+                kind,
+                direction: Direction::Forward,
+            }),
+        };
+        match model {
+            Some(model) if version.is_empty() || version == VERSION => Ok(model),
+            _ => Err(Error::ModelNotFound {
+                model: name.to_string(),
+                version: version.to_string(),
+                served: Model::all()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self.direction {
+            Direction::Forward => self.kind.name().to_string(),
+            Direction::Backward => format!("{}_backward", self.kind.name()),
+        }
+    }
+
+    /// The name of the model's one input.
+    pub fn input(self) -> &'static str {
+        match self.direction {
+            Direction::Forward => "x",
+            Direction::Backward => "dout",
+        }
+    }
+
+    /// The name of the model's one output.
+    pub fn output(self) -> &'static str {
+        match self.direction {
+            Direction::Forward => "y",
+            Direction::Backward => "dx",
+        }
+    }
+
+    pub fn metadata(self) -> inference::ModelMetadataResponse {
+        let tensor = |name: &str| TensorMetadata {
+            name: name.to_string(),
+            datatype: ADVERTISED.kserve_name().to_string(),
+            shape: vec![-1],
+        };
+        inference::ModelMetadataResponse {
+            name: self.name(),
+            versions: vec![VERSION.to_string()],
+            platform: PLATFORM.to_string(),
+            inputs: vec![tensor(self.input())],
+            outputs: vec![tensor(self.output())],
+        }
+    }
+
+    /// The model's configuration; `sequence_idle` is the session idle
+    /// timeout sequences get.
+    pub fn config(self, sequence_idle: Duration) -> inference::ModelConfig {
+        let data_type = match ADVERTISED {
+            DType::F32 => inference::DataType::TypeFp32,
+            DType::F64 => inference::DataType::TypeFp64,
+        } as i32;
+        inference::ModelConfig {
+            name: self.name(),
+            platform: PLATFORM.to_string(),
+            backend: PLATFORM.to_string(),
+            max_batch_size: 0,
+            input: vec![inference::ModelInput {
+                name: self.input().to_string(),
+                data_type,
+                dims: vec![-1],
+                optional: false,
+            }],
+            output: vec![inference::ModelOutput {
+                name: self.output().to_string(),
+                data_type,
+                dims: vec![-1],
+            }],
+            scheduling_choice: Some(SchedulingChoice::SequenceBatching(
+                inference::ModelSequenceBatching {
+                    max_sequence_idle_microseconds: sequence_idle.as_micros() as u64,
+                },
+            )),
+            model_transaction_policy: Some(inference::ModelTransactionPolicy { decoupled: false }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_indexes_are_dense() {
+        let models: Vec<Model> = Model::all().collect();
+        assert_eq!(models.len(), Model::count());
+        for (i, model) in models.iter().enumerate() {
+            assert_eq!(model.index(), i);
+            assert_eq!(Model::find(&model.name(), "").unwrap(), *model);
+            assert_eq!(Model::find(&model.name(), "1").unwrap(), *model);
+        }
+        let names: Vec<String> = models.iter().map(|m| m.name()).collect();
+        assert!(
+            names.contains(&"relu".to_string()) && names.contains(&"sigmoid_backward".to_string())
+        );
+    }
+
+    #[test]
+    fn unknown_models_and_versions_are_not_found() {
+        for (name, version) in [
+            ("tanh", ""),
+            ("relu", "2"),
+            ("relu_backward_backward", ""),
+            ("", ""),
+        ] {
+            let error = Model::find(name, version).unwrap_err();
+            assert_eq!(error.reason(), "MODEL_NOT_FOUND", "{name} {version}");
+        }
+    }
+}
