@@ -1,0 +1,74 @@
+"""Triton's perf_analyzer drives layerd unchanged: stateless-size sweeps, 1 Mi
+tensors, sequences with its own id range, and streaming. Each run must finish
+with exit 0, report throughput, and leave no failed request in the server's
+statistics.
+
+perf_analyzer comes from bench/perf_analyzer/install.sh (run by .ci/run); where
+it is not installed these tests skip, unless LAYERD_REQUIRE_PERF_ANALYZER=1.
+"""
+import csv
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as tc
+
+from layerd_server import REPO
+
+PERF_ANALYZER = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer") or str(
+    REPO / ".venv" / "bin" / "perf_analyzer")
+
+if not Path(PERF_ANALYZER).exists():
+    if os.environ.get("LAYERD_REQUIRE_PERF_ANALYZER") == "1":
+        raise RuntimeError(f"perf_analyzer not found at {PERF_ANALYZER}: run bench/perf_analyzer/install.sh")
+    pytest.skip("perf_analyzer not installed (bench/perf_analyzer/install.sh)", allow_module_level=True)
+
+
+def perf_analyzer(server, *args):
+    """Runs perf_analyzer (short windows, wide stability band: this checks it completes,
+    bench/kserve.py measures); returns its CSV rows and output."""
+    out = Path(tempfile.mkdtemp(prefix="layerd-pa-")) / "pa.csv"
+    cmd = [PERF_ANALYZER, "-i", "grpc", "--service-kind=triton", "-u", server.addr,
+           "-p", "400", "-s", "100", "-r", "3", "-f", str(out), *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout}\n{run.stderr}"
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["Inferences/Second"]) > 0 for r in rows), run.stdout
+    return rows, run.stdout
+
+
+def failures(server, model):
+    with tc.InferenceServerClient(server.addr) as client:
+        stats = client.get_inference_statistics(model).model_stats[0].inference_stats
+        return stats.fail.count, stats.success.count
+
+
+def test_small_tensors_over_a_concurrency_range(server):
+    rows, out = perf_analyzer(server, "-m", "relu", "--shape", "x:1024", "--concurrency-range", "1:8:7")
+    assert [int(r["Concurrency"]) for r in rows] == [1, 8]
+    assert "Server:" in out and "compute infer" in out, "server-side statistics are reported"
+    fails, successes = failures(server, "relu")
+    assert fails == 0 and successes > 0
+
+
+def test_one_mebi_element_tensors(server):
+    rows, _ = perf_analyzer(server, "-m", "sigmoid", "--shape", "x:1048576", "--concurrency-range", "1:2")
+    assert len(rows) == 2
+    assert failures(server, "sigmoid")[0] == 0
+
+
+def test_sequence_mode_with_an_id_range(server):
+    rows, out = perf_analyzer(server, "-m", "identity", "--shape", "x:4096", "--concurrency-range", "4",
+                              "--sequence-length", "5", "--sequence-id-range", "1000:1100")
+    assert "Sequence count" in out, "perf_analyzer drove the model as sequences"
+    fails, successes = failures(server, "identity")
+    assert fails == 0 and successes > 0
+
+
+def test_streaming(server):
+    perf_analyzer(server, "-m", "relu", "--shape", "x:256", "--concurrency-range", "2", "--streaming")
+    assert failures(server, "relu")[0] == 0
