@@ -143,11 +143,23 @@ impl InferenceService {
         stages.input = decoding.elapsed();
 
         let output = match (&params.id, model.direction) {
+            (Some(_), Direction::NoGrad) => {
+                return Err(Error::invalid(
+                    "parameters.sequence_id",
+                    format!(
+                        "none: model {} is stateless (sequences go to {})",
+                        model.name(),
+                        model.kind.name()
+                    ),
+                    "a sequence_id",
+                    "STATELESS_MODEL",
+                ))
+            }
             (Some(id), _) => {
                 self.infer_in_sequence(model, id, &params, input, &mut stages.layer)
                     .await?
             }
-            (None, Direction::Forward) => {
+            (None, Direction::Forward | Direction::NoGrad) => {
                 let computing = Instant::now();
                 let kind = model.kind;
                 let y = compute(input.len(), move || kind.forward_no_grad(&input)).await?;
@@ -207,6 +219,7 @@ impl InferenceService {
                 let layer = session.layer_or_create(layer_id, model.kind)?;
                 forward_on(&session, &layer, input, false, phases).await?
             }
+            Direction::NoGrad => unreachable!("no-grad models are answered without a session"),
             Direction::Backward => {
                 let nothing_kept = || Error::NothingKept {
                     layer_id: layer_id.to_string(),

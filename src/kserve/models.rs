@@ -1,12 +1,18 @@
 //! The KServe models layerd serves: one per layer kind and direction.
 //!
-//! `relu`, `sigmoid`, `identity` run Forward (input `x`, output `y`);
+//! `relu`, `sigmoid`, `identity` run Forward (input `x`, output `y`), and
+//! keep state when the request belongs to a sequence;
 //! `relu_backward`, `sigmoid_backward`, `identity_backward` run Backward
 //! (input `dout`, output `dx`) on the layer instance of the same kind in the
-//! request's sequence. Every model has version "1", accepts FP32 and FP64 of
-//! any shape (metadata shape `[-1]`, `max_batch_size` 0), and advertises
-//! `sequence_batching` so clients such as perf_analyzer drive it as
-//! sequences.
+//! request's sequence. These advertise `sequence_batching`, so clients such as
+//! perf_analyzer drive them as sequences.
+//!
+//! `relu_no_grad`, `sigmoid_no_grad`, `identity_no_grad` are Forward that
+//! never keeps anything (the native API's `no_grad`): plain stateless models,
+//! for tools that would otherwise treat every model as a sequence model.
+//!
+//! Every model has version "1" and accepts FP32 and FP64 of any shape
+//! (metadata shape `[-1]`, `max_batch_size` 0).
 
 use std::time::Duration;
 
@@ -30,8 +36,25 @@ const ADVERTISED: DType = DType::F32;
 /// Which pass of its layer a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
+    /// Forward; keeps state inside a sequence.
     Forward,
+    /// Backward, from what the sequence's Forward kept.
     Backward,
+    /// Forward that keeps nothing; a stateless model.
+    NoGrad,
+}
+
+impl Direction {
+    const ALL: [Direction; 3] = [Direction::Forward, Direction::Backward, Direction::NoGrad];
+
+    /// The model name's suffix after the kind.
+    fn suffix(self) -> &'static str {
+        match self {
+            Direction::Forward => "",
+            Direction::Backward => "_backward",
+            Direction::NoGrad => "_no_grad",
+        }
+    }
 }
 
 /// One served model.
@@ -42,42 +65,30 @@ pub struct Model {
 }
 
 impl Model {
-    /// Every model, Forward then Backward, in kind order.
+    /// Every model: Forward, Backward, then no-grad ones, in kind order.
     pub fn all() -> impl Iterator<Item = Model> {
-        [Direction::Forward, Direction::Backward]
-            .into_iter()
-            .flat_map(|direction| {
-                Kind::ALL
-                    .into_iter()
-                    .map(move |kind| Model { kind, direction })
-            })
+        Direction::ALL.into_iter().flat_map(|direction| {
+            Kind::ALL
+                .into_iter()
+                .map(move |kind| Model { kind, direction })
+        })
     }
 
     /// A dense index over [`Model::all`], for per-model tables.
     pub fn index(self) -> usize {
-        let direction = match self.direction {
-            Direction::Forward => 0,
-            Direction::Backward => 1,
-        };
-        direction * Kind::ALL.len() + Kind::ALL.iter().position(|&k| k == self.kind).unwrap_or(0)
+        let position = |found: Option<usize>| found.unwrap_or(0);
+        let direction = position(Direction::ALL.iter().position(|&d| d == self.direction));
+        let kind = position(Kind::ALL.iter().position(|&k| k == self.kind));
+        direction * Kind::ALL.len() + kind
     }
 
     pub fn count() -> usize {
-        2 * Kind::ALL.len()
+        Direction::ALL.len() * Kind::ALL.len()
     }
 
     /// The model `name` at `version` ("" is the latest, "1").
     pub fn find(name: &str, version: &str) -> Result<Model, Error> {
-        let model = match name.strip_suffix("_backward") {
-            Some(kind) => Kind::from_name(kind).map(|kind| Model {
-                kind,
-                direction: Direction::Backward,
-            }),
-            None => Kind::from_name(name).map(|kind| Model {
-                kind,
-                direction: Direction::Forward,
-            }),
-        };
+        let model = Model::all().find(|model| model.name() == name);
         match model {
             Some(model) if version.is_empty() || version == VERSION => Ok(model),
             _ => Err(Error::ModelNotFound {
@@ -92,16 +103,18 @@ impl Model {
     }
 
     pub fn name(self) -> String {
-        match self.direction {
-            Direction::Forward => self.kind.name().to_string(),
-            Direction::Backward => format!("{}_backward", self.kind.name()),
-        }
+        format!("{}{}", self.kind.name(), self.direction.suffix())
+    }
+
+    /// Whether the model takes part in sequences (and says so in its config).
+    pub fn is_stateful(self) -> bool {
+        self.direction != Direction::NoGrad
     }
 
     /// The name of the model's one input.
     pub fn input(self) -> &'static str {
         match self.direction {
-            Direction::Forward => "x",
+            Direction::Forward | Direction::NoGrad => "x",
             Direction::Backward => "dout",
         }
     }
@@ -109,7 +122,7 @@ impl Model {
     /// The name of the model's one output.
     pub fn output(self) -> &'static str {
         match self.direction {
-            Direction::Forward => "y",
+            Direction::Forward | Direction::NoGrad => "y",
             Direction::Backward => "dx",
         }
     }
@@ -152,11 +165,11 @@ impl Model {
                 data_type,
                 dims: vec![-1],
             }],
-            scheduling_choice: Some(SchedulingChoice::SequenceBatching(
-                inference::ModelSequenceBatching {
+            scheduling_choice: self.is_stateful().then(|| {
+                SchedulingChoice::SequenceBatching(inference::ModelSequenceBatching {
                     max_sequence_idle_microseconds: sequence_idle.as_micros() as u64,
-                },
-            )),
+                })
+            }),
             model_transaction_policy: Some(inference::ModelTransactionPolicy { decoupled: false }),
         }
     }

@@ -23,7 +23,8 @@ from layerd_server import REPO
 from reference import Relu, Sigmoid
 from test_numpy_conformance import from_tensor, sample, to_tensor
 
-MODELS = ["identity", "relu", "sigmoid", "identity_backward", "relu_backward", "sigmoid_backward"]
+KINDS = ["identity", "relu", "sigmoid"]
+MODELS = KINDS + [f"{k}_backward" for k in KINDS] + [f"{k}_no_grad" for k in KINDS]
 KSERVE_TYPE = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}
 
 
@@ -153,8 +154,11 @@ def test_model_metadata_and_config_agree(client, model):
     assert config.name == model and config.max_batch_size == 0
     assert [(i.name, list(i.dims)) for i in config.input] == [(inp, [-1])]
     assert [(o.name, list(o.dims)) for o in config.output] == [(out, [-1])]
-    assert config.WhichOneof("scheduling_choice") == "sequence_batching"
-    assert config.sequence_batching.max_sequence_idle_microseconds > 0
+    if model.endswith("_no_grad"):
+        assert config.WhichOneof("scheduling_choice") is None, "a plain stateless model"
+    else:
+        assert config.WhichOneof("scheduling_choice") == "sequence_batching"
+        assert config.sequence_batching.max_sequence_idle_microseconds > 0
 
 
 # --- stateless Forward --------------------------------------------------------------------------
@@ -166,6 +170,7 @@ def test_stateless_forward_matches_numpy(client, dtype, shape):
     y = infer(client, "relu", x)
     assert y.dtype == dtype and y.shape == shape
     assert y.tobytes() == Relu().forward(x).tobytes(), "ReLU is bit-identical to numpy"
+    assert infer(client, "relu_no_grad", x).tobytes() == y.tobytes()
     assert infer(client, "identity", x).tobytes() == x.tobytes()
     s = infer(client, "sigmoid", x)
     with np.errstate(over="ignore"):
@@ -290,6 +295,8 @@ def test_errors_carry_their_codes(client, raw_stub):
     assert code == "StatusCode.INVALID_ARGUMENT" and "inputs[0].name" in message
     code, message = status_of(lambda: infer(client, "relu_backward", x))
     assert code == "StatusCode.FAILED_PRECONDITION" and "sequence" in message
+    code, message = status_of(lambda: infer(client, "relu_no_grad", x, sequence_id=3, sequence_start=True))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "stateless" in message
     code, message = status_of(lambda: infer(client, "relu_backward", x, sequence_id=99, sequence_start=True))
     assert code == "StatusCode.FAILED_PRECONDITION", message
     # ... and that failed start left no session behind.

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""KServe v2 / Triton protocol benchmark: Triton's perf_analyzer against layerd,
+Triton Inference Server and a grpcio + numpy KServe server, side by side.
+
+Each repeat runs every case against every server in turn (interleaved, so
+slow drift of this shared machine spreads over all of them); the report gives
+medians of perf_analyzer's infer/s and p99, the ratios against the targets,
+and the CPU that perf_analyzer itself and each server used.
+
+    python3 bench/kserve.py                 # full run (~12 min), writes bench/results/kserve.md
+    python3 bench/kserve.py --quick --peers none --out DIR   # smoke run, layerd only (CI)
+
+Needs perf_analyzer (bench/perf_analyzer/install.sh) and, for the peers,
+../shared/peers/kserve/setup.sh (Triton from the nvidia-pytriton wheel with its
+Python backend; the grpcio + numpy server) — run here if its venv is missing.
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import REPO, RESULTS, Process, machine  # noqa: E402
+
+PEERS = REPO.parent / "shared" / "peers" / "kserve"
+PEER_VENV = Path("/tmp/peers-venv")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# (case, perf_analyzer shape, concurrencies, stateful): stateless cases go to
+# each server's `relu`, sequence cases to its stateful ReLU.
+# One perf_analyzer run per row, so each row's CPU shares are its own.
+CASES = [
+    ("1 Ki", "x:1024", "1", False),
+    ("1 Ki", "x:1024", "8", False),
+    ("1 Mi", "x:1048576", "1", False),
+    ("1 Mi", "x:1048576", "8", False),
+    ("sequence, 1 Ki, 5 per sequence", "x:1024", "8", True),
+]
+# perf_analyzer 2.60 keeps every request's records until it exits: at 1 Mi its
+# RSS grows by ~15 MB per request and, against a server answering ~100/s, its
+# windowed measurement stalls and is killed for lack of memory (24 GiB here).
+# So 1 Mi runs send a fixed number of requests, measured once.
+LARGE_WINDOWS = ["--request-count", "500", "--warmup-request-count", "50"]
+
+
+class Server:
+    def __init__(self, name, addr, models, pid_of, stop):
+        self.name, self.addr, self.models, self.pid_of, self.stop = name, addr, models, pid_of, stop
+
+    def cpu_seconds(self):
+        """CPU time of the server and every process under it (Triton's Python backend stubs)."""
+        root = self.pid_of()
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                parents[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+            except (OSError, IndexError, ValueError):
+                pass
+
+        def under(pid):
+            while pid > 1:
+                if pid == root:
+                    return True
+                pid = parents.get(pid, (0, 0))[0]
+            return False
+
+        return sum(ticks for pid, (_, ticks) in parents.items() if under(pid)) / CLK_TCK
+
+
+def start_layerd(args, binary):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
+    p = Process("layerd", [str(binary), "--addr", args.layerd_addr], args.layerd_addr, env=env)
+    return Server("layerd", args.layerd_addr,
+                  {"stateless": "relu_no_grad", "sequence": "relu", "floor": "identity_no_grad"},
+                  lambda: p.proc.pid, p.stop)
+
+
+def start_peer(script, name, port, pidfile, models):
+    subprocess.run(["bash", str(PEERS / script), str(port)], check=True)
+    pid = int(Path(f"/tmp/peers-run/{pidfile}.pid").read_text())
+    stop = lambda: subprocess.run(["bash", str(PEERS / "stop.sh"), pidfile], check=False)  # noqa: E731
+    return Server(name, f"127.0.0.1:{port}", models, lambda: pid, stop)
+
+
+def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
+    """One perf_analyzer run; its CSV rows plus the CPU it and the server used."""
+    out = tmp / f"{tag}.csv"
+    windows = LARGE_WINDOWS if shape == "x:1048576" else ["-p", str(args.window_ms), "-r", "10"]
+    if args.quick:
+        windows = ["--request-count", "20"] if shape == "x:1048576" else ["-p", str(args.window_ms), "-r", "3"]
+    cmd = [args.perf_analyzer, "-i", "grpc", "--service-kind=triton", "-u", server.addr, "-m", model,
+           "--shape", shape, "--concurrency-range", concurrency, "-s", "25", *windows, "-f", str(out)]
+    if stateful:
+        cmd += ["--sequence-length", "5", "--sequence-length-variation", "0"]
+    server_cpu = server.cpu_seconds()
+    # perf_analyzer is the only child reaped during the run, so the change in
+    # the children's CPU time is its own.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pa_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    server_cpu = server.cpu_seconds() - server_cpu
+    if run.returncode != 0:
+        sys.exit(f"perf_analyzer failed ({run.returncode}): {' '.join(cmd)}\n{run.stdout}")
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    return [{"server": server.name, "model": model, "shape": shape, "stateful": stateful,
+             "concurrency": int(r["Concurrency"]), "infer_per_s": float(r["Inferences/Second"]),
+             "p99_us": float(r["p99 latency"]), "wall_s": wall,
+             "server_us": sum(float(r[c]) for c in ("Server Queue", "Server Compute Input",
+                                                    "Server Compute Infer", "Server Compute Output")), "pa_cpu_s": pa_cpu, "server_cpu_s": server_cpu,
+             "command": " ".join(cmd)} for r in rows]
+
+
+def median_table(runs):
+    table = {}
+    for r in runs:
+        table.setdefault((r["case"], r["server"], r["concurrency"]), []).append(r)
+    return {k: {"infer_per_s": statistics.median(r["infer_per_s"] for r in rs),
+                "p99_us": statistics.median(r["p99_us"] for r in rs),
+                "server_us": statistics.median(r["server_us"] for r in rs),
+                "pa_share": statistics.median(r["pa_cpu_s"] / (r["wall_s"] * os.cpu_count()) for r in rs),
+                "server_share": statistics.median(r["server_cpu_s"] / (r["wall_s"] * os.cpu_count()) for r in rs),
+                "n": len(rs), "model": rs[0]["model"]} for k, rs in table.items()}
+
+
+def report(args, m, servers, machine_line, commands):
+    names = [s for s in ["layerd", "layerd identity", "triton", "grpc_numpy"] if any(k[1] == s for k in m)]
+    out = ["# KServe v2 / Triton protocol: perf_analyzer against layerd, Triton and a grpcio + numpy server", "",
+           f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine_line}.", "",
+           f"perf_analyzer (gRPC, float32 ReLU, async; {args.window_ms} ms windows stable within 25 %; 1 Mi: "
+           "500 requests after 50 warm-up, measured once) shares the "
+           f"{os.cpu_count()} cores with the server it measures. Medians of {args.repeats} repeat(s), servers "
+           "interleaved. CPU columns: the share of the machine's CPU time (all cores) that perf_analyzer and the "
+           "server (with its child processes) used over the whole perf_analyzer run. `server us`: the time per "
+           "request the server itself reports in ModelStatistics (queue + compute input, infer, output), as "
+           "perf_analyzer prints it.", "",
+           "- layerd: `relu_no_grad` (stateless) and, for the sequence case, `relu` (each sequence a session; "
+           "every Forward keeps the ReLU mask); `layerd identity` is `identity_no_grad`, the no-math floor of "
+           "the same path.",
+           "- triton: Triton Inference Server 2.51 (from the nvidia-pytriton wheel), Python backend, numpy ReLU; "
+           "`relu` (stateless), `relu_seq` (sequence_batching, one mask per sequence) for the sequence case.",
+           "- grpc_numpy: a grpcio + numpy server of the same protocol (`relu`, `relu_seq`; 8 worker threads).", "",
+           "| case | conc | " + " | ".join(f"{n} infer/s | {n} p99 us" for n in names) +
+           " | layerd / triton | layerd / grpc_numpy | perf_analyzer CPU (layerd run) | perf_analyzer CPU "
+           "(triton run) | layerd CPU | triton CPU | layerd server us | triton server us |",
+           "|---|---:|" + "---:|---:|" * len(names) + "---:|" * 8]
+    rows = sorted({(k[0], k[2]) for k in m}, key=lambda ck: ([c[0] for c in CASES].index(ck[0]), ck[1]))
+    for case, conc in rows:
+        cells = []
+        for n in names:
+            v = m.get((case, n, conc))
+            cells += [f"{v['infer_per_s']:.0f}", f"{v['p99_us']:.0f}"] if v else ["", ""]
+        l, t, g = (m.get((case, n, conc)) for n in ("layerd", "triton", "grpc_numpy"))
+        ratio = lambda a, b: f"{a['infer_per_s'] / b['infer_per_s']:.2f}x" if a and b else ""  # noqa: E731
+        share = lambda v, key: f"{v[key]:.0%}" if v else ""  # noqa: E731
+        us = lambda v: f"{v['server_us']:.0f}" if v else ""  # noqa: E731
+        out.append(f"| {case} | {conc} | " + " | ".join(cells) +
+                   f" | {ratio(l, t)} | {ratio(l, g)} | {share(l, 'pa_share')} | {share(t, 'pa_share')} | "
+                   f"{share(l, 'server_share')} | {share(t, 'server_share')} | {us(l)} | {us(t)} |")
+
+    targets = [("1 Ki, c8: layerd / Triton", ("1 Ki", 8), 2.5), ("1 Mi, c8: layerd / Triton", ("1 Mi", 8), 2.0),
+               ("1 Mi, c1: layerd / Triton", ("1 Mi", 1), 2.0),
+               ("sequence, c8: layerd / Triton relu_seq", ("sequence, 1 Ki, 5 per sequence", 8), 2.0)]
+    if any(k[1] == "triton" for k in m):
+        out += ["", "## Targets", "", "| target | measured | goal | |", "|---|---:|---:|---|"]
+        for label, (case, conc), goal in targets:
+            l, t = m.get((case, "layerd", conc)), m.get((case, "triton", conc))
+            if l and t:
+                r = l["infer_per_s"] / t["infer_per_s"]
+                out.append(f"| {label} | {r:.2f}x | {goal:.1f}x | {'met' if r >= goal else 'NOT met'} |")
+    out += ["", "## Commands", "", "```sh", *commands, "```", ""]
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, short windows")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--window-ms", type=int, default=3000)
+    ap.add_argument("--peers", choices=["all", "none"], default="all")
+    ap.add_argument("--profile", default="release", choices=["release", "debug"])
+    ap.add_argument("--perf-analyzer", default=str(REPO / ".venv" / "bin" / "perf_analyzer"))
+    ap.add_argument("--layerd-addr", default="127.0.0.1:50161")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.window_ms = 1, 500
+    if not Path(args.perf_analyzer).exists():
+        sys.exit(f"perf_analyzer not found at {args.perf_analyzer}: bash bench/perf_analyzer/install.sh")
+
+    print(f"building ({args.profile})", flush=True)
+    subprocess.run(["cargo", "build", "--bin", "layerd"] + (["--release"] if args.profile == "release" else []),
+                   cwd=REPO, check=True)
+    if args.peers == "all" and not (PEER_VENV / "bin" / "python").exists():
+        subprocess.run(["bash", str(PEERS / "setup.sh")], check=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="layerd-kserve-"))
+
+    servers = [start_layerd(args, REPO / "target" / args.profile / "layerd")]
+    try:
+        if args.peers == "all":
+            servers.append(start_peer("start_triton.sh", "triton", 18201, "triton_py",
+                                      {"stateless": "relu", "sequence": "relu_seq"}))
+            servers.append(start_peer("start_grpc_numpy.sh", "grpc_numpy", 18101, "grpc_numpy",
+                                      {"stateless": "relu", "sequence": "relu_seq"}))
+        runs = []
+        for repeat in range(args.repeats):
+            for case, shape, concurrency, stateful in CASES:
+                for server in servers:
+                    variants = [(server.name, server.models["sequence" if stateful else "stateless"])]
+                    if "floor" in server.models and not stateful:
+                        variants.append((f"{server.name} identity", server.models["floor"]))
+                    for label, model in variants:
+                        tag = f"{label}-{case}-c{concurrency}-{repeat}".replace(" ", "_").replace(",", "")
+                        for r in perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
+                            r.update(case=case, server=label, repeat=repeat)
+                            runs.append(r)
+                            print(f"  #{repeat} {case:32} {label:16} c{r['concurrency']}: "
+                                  f"{r['infer_per_s']:9.1f} infer/s p99 {r['p99_us']:8.0f} us "
+                                  f"(perf_analyzer CPU {r['pa_cpu_s'] / (r['wall_s'] * os.cpu_count()):.0%})",
+                                  flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+
+    (args.out / "kserve.json").write_text(json.dumps(runs, indent=1))
+    commands = [f"python3 bench/kserve.py{' --quick' if args.quick else ''}"
+                f"{' --peers none' if args.peers == 'none' else ''}  # all of the below, then this report",
+                f"target/{args.profile}/layerd --addr {args.layerd_addr}",
+                "bash ../shared/peers/kserve/start_triton.sh 18201; bash ../shared/peers/kserve/start_grpc_numpy.sh 18101",
+                *sorted({r["command"].replace(str(REPO) + "/", "").replace(str(tmp), "OUT") for r in runs
+                         if r["repeat"] == 0})]
+    text = report(args, median_table(runs), servers, machine(str(REPO / ".venv" / "bin" / "python")), commands)
+    (args.out / "kserve.md").write_text(text)
+    print(f"\nwrote {args.out / 'kserve.md'}\n")
+    print(text[:text.index("## Commands")])
+
+
+if __name__ == "__main__":
+    main()
