@@ -165,11 +165,13 @@ impl Model {
                 data_type,
                 dims: vec![-1],
             }],
-            scheduling_choice: self.is_stateful().then(|| {
-                SchedulingChoice::SequenceBatching(inference::ModelSequenceBatching {
-                    max_sequence_idle_microseconds: sequence_idle.as_micros() as u64,
-                })
-            }),
+            scheduling_choice: self
+                .is_stateful()
+                .then_some(SchedulingChoice::SequenceBatching(
+                    inference::ModelSequenceBatching {
+                        max_sequence_idle_microseconds: sequence_idle.as_micros() as u64,
+                    },
+                )),
             model_transaction_policy: Some(inference::ModelTransactionPolicy { decoupled: false }),
         }
     }
