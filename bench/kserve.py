@@ -117,8 +117,9 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
     return [{"server": server.name, "model": model, "shape": shape, "stateful": stateful,
              "concurrency": int(r["Concurrency"]), "infer_per_s": float(r["Inferences/Second"]),
              "p99_us": float(r["p99 latency"]), "wall_s": wall,
-             "server_us": sum(float(r[c]) for c in ("Server Queue", "Server Compute Input",
-                                                    "Server Compute Infer", "Server Compute Output")), "pa_cpu_s": pa_cpu, "server_cpu_s": server_cpu,
+             # Only servers with ModelStatistics report these.
+             "server_us": sum(float(r.get(c) or 0) for c in ("Server Queue", "Server Compute Input",
+                                                             "Server Compute Infer", "Server Compute Output")), "pa_cpu_s": pa_cpu, "server_cpu_s": server_cpu,
              "command": " ".join(cmd)} for r in rows]
 
 

@@ -494,6 +494,144 @@ mod tests {
         assert!(Tensor::from_proto(wire(1, &[1 << 20, 0, 1 << 20], vec![]), "x").is_ok());
     }
 
+    fn kserve_input(
+        datatype: &str,
+        shape: &[i64],
+        contents: inference::InferTensorContents,
+    ) -> inference::model_infer_request::InferInputTensor {
+        inference::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            contents: Some(contents),
+            ..Default::default()
+        }
+    }
+
+    fn kserve_error(result: Result<Tensor, Error>) -> (String, String) {
+        match result.unwrap_err() {
+            Error::InvalidArgument { field, got, .. } => (field, got),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn kserve_inputs_from_raw_bytes_or_typed_contents_agree() {
+        let values = [1.5f32, -2.0, 0.0, 3.25];
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let empty = inference::InferTensorContents::default();
+        let from_raw = Tensor::from_kserve(
+            kserve_input("FP32", &[2, 2], empty),
+            Some(raw.into()),
+            "inputs[0]",
+            "raw_input_contents[0]",
+        )
+        .unwrap();
+        let typed = inference::InferTensorContents {
+            fp32_contents: values.to_vec(),
+            ..Default::default()
+        };
+        let from_typed = Tensor::from_kserve(
+            kserve_input("FP32", &[2, 2], typed),
+            None,
+            "inputs[0]",
+            "raw",
+        )
+        .unwrap();
+        assert_eq!(from_raw, from_typed);
+        let (output, bytes) = from_typed.into_kserve("y");
+        assert_eq!(
+            (output.datatype.as_str(), output.shape),
+            ("FP32", vec![2, 2])
+        );
+        assert_eq!(bytes.len(), 16);
+    }
+
+    #[test]
+    fn every_kserve_defect_names_its_field() {
+        let none = inference::InferTensorContents::default;
+        let fp64 = |n: usize| inference::InferTensorContents {
+            fp64_contents: vec![1.0; n],
+            ..Default::default()
+        };
+        let cases: Vec<(Result<Tensor, Error>, &str, &str)> = vec![
+            (
+                Tensor::from_kserve(
+                    kserve_input("INT32", &[1], none()),
+                    Some(vec![0; 4].into()),
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].datatype",
+                "\"INT32\"",
+            ),
+            (
+                Tensor::from_kserve(
+                    kserve_input("FP32", &[2, -1], none()),
+                    Some(vec![].into()),
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].shape",
+                "[2, -1]",
+            ),
+            (
+                Tensor::from_kserve(
+                    kserve_input("FP32", &[4], none()),
+                    Some(vec![0; 15].into()),
+                    "inputs[0]",
+                    "raw_input_contents[0]",
+                ),
+                "raw_input_contents[0]",
+                "15 bytes",
+            ),
+            (
+                Tensor::from_kserve(
+                    kserve_input("FP64", &[2], fp64(2)),
+                    Some(vec![0; 16].into()),
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].contents.fp64_contents",
+                "elements",
+            ),
+            (
+                Tensor::from_kserve(
+                    kserve_input("FP32", &[2], fp64(2)),
+                    None,
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].contents.fp64_contents",
+                "elements in fp64_contents",
+            ),
+            (
+                Tensor::from_kserve(
+                    kserve_input("FP64", &[3], fp64(2)),
+                    None,
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].contents.fp64_contents",
+                "2 elements",
+            ),
+            (
+                // A huge declared shape with few elements: rejected before any allocation.
+                Tensor::from_kserve(
+                    kserve_input("FP64", &[1 << 30, 1 << 20], fp64(2)),
+                    None,
+                    "inputs[0]",
+                    "raw",
+                ),
+                "inputs[0].contents.fp64_contents",
+                "2 elements",
+            ),
+        ];
+        for (result, field, got) in cases {
+            assert_eq!(kserve_error(result), (field.to_string(), got.to_string()));
+        }
+    }
+
     #[test]
     fn arrays_round_trip_without_a_copy_of_standard_layouts() {
         let a = ndarray::arr2(&[[1.0f64, 2.0], [3.0, 4.0]]).into_dyn();
