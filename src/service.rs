@@ -31,8 +31,8 @@ pub const SESSION_HEADER: &str = "x-session-id";
 /// them. At this size a ReLU or Sigmoid takes some tens of microseconds.
 const INLINE_COMPUTE_MAX_ELEMENTS: usize = 16 * 1024;
 
-/// Responses a Run stream may compute ahead of a slow reader.
-const RUN_STREAM_BUFFER: usize = 4;
+/// Answers a stream (Run, ModelStreamInfer) may compute ahead of a slow reader.
+const STREAM_BUFFER: usize = 4;
 
 /// The layer service; cheap to clone.
 #[derive(Clone)]
@@ -153,12 +153,6 @@ impl LayerService {
             result: Some(answer),
         })
     }
-
-    /// Maps tonic's own "message too large" (OUT_OF_RANGE) to the status every
-    /// other limit answers with.
-    fn inbound_error(&self, status: Status) -> Status {
-        oversize_to_resource_exhausted(status, self.max_message_bytes)
-    }
 }
 
 /// A span for one RPC; `kind`, `elements` and `code` are filled in as known.
@@ -267,6 +261,44 @@ pub async fn backward_on(
     drop(kept);
     phases.compute = computing.elapsed();
     Ok(dx)
+}
+
+/// Answers the requests of a bidirectional stream one at a time, in order,
+/// from a spawned task feeding a bounded channel (so a slow reader holds back
+/// the computation, not the server's memory). An `Err` answer is sent and ends
+/// the stream. A client that goes away drops the request in progress before
+/// it commits anything.
+pub fn answer_in_order<Req, Resp, Fut>(
+    mut requests: Streaming<Req>,
+    max_message_bytes: u64,
+    mut answer: impl FnMut(Req) -> Fut + Send + 'static,
+) -> ReceiverStream<Result<Resp, Status>>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    Fut: Future<Output = Result<Resp, Status>> + Send,
+{
+    let (answers, receiver) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        loop {
+            let result = tokio::select! {
+                request = requests.message() => match request {
+                    Ok(None) => break,
+                    Ok(Some(request)) => tokio::select! {
+                        result = answer(request) => result,
+                        _ = answers.closed() => break,
+                    },
+                    Err(status) => Err(oversize_to_resource_exhausted(status, max_message_bytes)),
+                },
+                _ = answers.closed() => break,
+            };
+            let ends_stream = result.is_err();
+            if answers.send(result).await.is_err() || ends_stream {
+                break;
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
 }
 
 /// Runs `work` inline when small, else on the blocking pool.
@@ -392,31 +424,14 @@ impl layer_service_server::LayerService for LayerService {
         &self,
         request: Request<Streaming<pb::RunRequest>>,
     ) -> ServiceResult<Self::RunStream> {
-        let (metadata, _, mut steps) = request.into_parts();
-        let (answers, receiver) = mpsc::channel(RUN_STREAM_BUFFER);
+        let (metadata, _, steps) = request.into_parts();
+        let metadata = Arc::new(metadata);
         let service = self.clone();
-        tokio::spawn(async move {
-            // Steps run one at a time, in order. A client that goes away drops
-            // the step in progress before it commits anything.
-            loop {
-                let answer = tokio::select! {
-                    step = steps.message() => match step {
-                        Ok(None) => break,
-                        Ok(Some(step)) => tokio::select! {
-                            answer = service.run_step(&metadata, step) => answer,
-                            _ = answers.closed() => break,
-                        },
-                        Err(status) => Err(service.inbound_error(status)),
-                    },
-                    _ = answers.closed() => break,
-                };
-                let failed = answer.is_err();
-                if answers.send(answer).await.is_err() || failed {
-                    break;
-                }
-            }
+        let answers = answer_in_order(steps, self.max_message_bytes, move |step| {
+            let (service, metadata) = (service.clone(), metadata.clone());
+            async move { service.run_step(&metadata, step).await }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(answers))
     }
 
     async fn list_layer_kinds(

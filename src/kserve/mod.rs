@@ -19,16 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
 use crate::error::Error;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use crate::service::{
-    backward_on, compute, forward_on, observe, oversize_to_resource_exhausted, Phases,
-};
+use crate::service::{answer_in_order, backward_on, compute, forward_on, observe, Phases};
 use crate::session::Store;
 use crate::tensor::Tensor;
 
@@ -47,9 +44,6 @@ const EXTENSIONS: [&str; 4] = [
     "statistics",
     "parameters",
 ];
-
-/// Answers a ModelStreamInfer stream may compute ahead of a slow reader.
-const STREAM_BUFFER: usize = 4;
 
 /// The inference service; cheap to clone.
 #[derive(Clone)]
@@ -402,55 +396,34 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> ServiceResult<Self::ModelStreamInferStream> {
-        let (metadata, _, mut requests) = request.into_parts();
+        let (metadata, _, requests) = request.into_parts();
         let errors_as_status = metadata
             .get(GRPC_ERROR_HEADER)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let (answers, receiver) = mpsc::channel(STREAM_BUFFER);
+        let metadata = Arc::new(metadata);
         let service = self.clone();
-        tokio::spawn(async move {
-            // Requests are answered one at a time, in order, so the calls of
-            // one sequence apply in the order sent.
-            loop {
-                let request = tokio::select! {
-                    request = requests.message() => request,
-                    _ = answers.closed() => break,
-                };
-                let answer = match request {
-                    Ok(None) => break,
-                    Err(status) => Err(oversize_to_resource_exhausted(
-                        status,
-                        service.shared.max_message_bytes,
-                    )),
-                    Ok(Some(request)) => {
-                        let (model_name, id) = (request.model_name.clone(), request.id.clone());
-                        let result = tokio::select! {
-                            result = service.infer(&metadata, request) => result,
-                            _ = answers.closed() => break,
-                        };
-                        match result {
-                            Ok(response) => Ok(pb::ModelStreamInferResponse {
-                                error_message: String::new(),
-                                infer_response: Some(response),
-                            }),
-                            Err(error) if errors_as_status => Err(Status::from(error)),
-                            Err(error) => Ok(pb::ModelStreamInferResponse {
-                                error_message: error.to_string(),
-                                infer_response: Some(pb::ModelInferResponse {
-                                    model_name,
-                                    id,
-                                    ..Default::default()
-                                }),
-                            }),
-                        }
-                    }
-                };
-                let ends_stream = answer.is_err();
-                if answers.send(answer).await.is_err() || ends_stream {
-                    break;
+        let answers = answer_in_order(requests, self.shared.max_message_bytes, move |request| {
+            let (service, metadata) = (service.clone(), metadata.clone());
+            async move {
+                let (model_name, id) = (request.model_name.clone(), request.id.clone());
+                match service.infer(&metadata, request).await {
+                    Ok(response) => Ok(pb::ModelStreamInferResponse {
+                        error_message: String::new(),
+                        infer_response: Some(response),
+                    }),
+                    Err(error) if errors_as_status => Err(Status::from(error)),
+                    // In band, as Triton does: the stream goes on.
+                    Err(error) => Ok(pb::ModelStreamInferResponse {
+                        error_message: error.to_string(),
+                        infer_response: Some(pb::ModelInferResponse {
+                            model_name,
+                            id,
+                            ..Default::default()
+                        }),
+                    }),
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(answers))
     }
 }

@@ -62,6 +62,14 @@ def test_one_mebi_element_tensors_on_a_stateless_model(server):
     assert fails == 0 and successes > 0
 
 
+def test_one_mebi_element_tensors_in_sequences(server):
+    # A fixed request count: perf_analyzer keeps every request's buffers until it exits.
+    rows, out = perf_analyzer(server, "-m", "relu", "--shape", "x:1048576", "--concurrency-range", "2",
+                              "--request-count", "40")
+    assert "Sequence count" in out
+    assert failures(server, "relu")[0] == 0
+
+
 def test_sequence_mode_with_an_id_range(server):
     rows, out = perf_analyzer(server, "-m", "identity", "--shape", "x:4096", "--concurrency-range", "4",
                               "--sequence-length", "5", "--sequence-id-range", "1000:1100")

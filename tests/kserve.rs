@@ -1,0 +1,236 @@
+//! The KServe v2 service against a real server: what tritonclient cannot
+//! easily provoke — a sequence start cut off by the request timeout, a client
+//! that cancels mid-call — and how sequences and native sessions share one
+//! store.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use layerd::pb::inference::{
+    self as kserve, grpc_inference_service_client::GrpcInferenceServiceClient,
+    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor, InferParameter,
+};
+use layerd::pb::{self, layer_service_client::LayerServiceClient};
+use tonic::{transport::Channel, Code};
+
+fn request(
+    model: &str,
+    input: &str,
+    values: &[f64],
+    params: &[(&str, ParameterChoice)],
+) -> kserve::ModelInferRequest {
+    kserve::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: input.into(),
+            datatype: "FP64".into(),
+            shape: vec![values.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    InferParameter {
+                        parameter_choice: Some(v.clone()),
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn values(response: &kserve::ModelInferResponse) -> Vec<f64> {
+    response.raw_output_contents[0]
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+async fn kserve_client(server: &TestServer) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(server.channel().await)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+fn seq(id: u64) -> (&'static str, ParameterChoice) {
+    ("sequence_id", ParameterChoice::Uint64Param(id))
+}
+
+fn flag(name: &'static str) -> (&'static str, ParameterChoice) {
+    (name, ParameterChoice::BoolParam(true))
+}
+
+#[tokio::test]
+async fn a_sequence_start_cut_off_by_the_request_timeout_leaves_no_session() {
+    let server = start(|c| c.request_timeout = Duration::from_millis(5)).await;
+    let mut client = kserve_client(&server).await;
+    // 6 Mi float64 exponentials take far longer than 5 ms.
+    let big = vec![0.5; 6 << 20];
+    let status = client
+        .model_infer(request(
+            "sigmoid",
+            "x",
+            &big,
+            &[seq(7), flag("sequence_start")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let status = client
+        .model_infer(request("sigmoid", "x", &[0.0], &[seq(7)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // And the id can start again.
+    client
+        .model_infer(request(
+            "sigmoid",
+            "x",
+            &[0.0],
+            &[seq(7), flag("sequence_start")],
+        ))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_forward_keeps_the_sequence_as_it_was() {
+    let server = start(|_| {}).await;
+    let mut client = kserve_client(&server).await;
+    client
+        .model_infer(request(
+            "sigmoid",
+            "x",
+            &[0.0, 0.0],
+            &[seq(9), flag("sequence_start")],
+        ))
+        .await
+        .unwrap();
+    let big = vec![0.5; 6 << 20];
+    let mut cancelled = client.clone();
+    let call = tokio::spawn(async move {
+        cancelled
+            .model_infer(request("sigmoid", "x", &big, &[seq(9)]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    call.abort();
+    let _ = call.await;
+    // The kept y is the first Forward's: y = 1/2, dx = 4 * 1/2 * (1 - 1/2).
+    let dx = client
+        .model_infer(request(
+            "sigmoid_backward",
+            "dout",
+            &[4.0, 4.0],
+            &[seq(9), flag("sequence_end")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(values(&dx), [1.0, 1.0]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sequence_is_a_native_session_named_after_its_id() {
+    let server = start(|_| {}).await;
+    let mut client = kserve_client(&server).await;
+    client
+        .model_infer(request(
+            "relu",
+            "x",
+            &[-1.0, 2.0],
+            &[seq(u64::MAX), flag("sequence_start")],
+        ))
+        .await
+        .unwrap();
+    // The native API sees the session and its layer, named after the kind.
+    let mut native = LayerServiceClient::new(server.channel().await);
+    let dx = native
+        .backward(pb::BackwardRequest {
+            session_id: "seq:18446744073709551615".into(),
+            layer_id: "relu".into(),
+            dout: Some(f64_tensor(&[2], &[5.0, 5.0])),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f64_values(&dx.dx.unwrap()), [0.0, 5.0]);
+    // ... and a native CloseSession ends the sequence.
+    native
+        .close_session(pb::CloseSessionRequest {
+            session_id: "seq:18446744073709551615".into(),
+        })
+        .await
+        .unwrap();
+    let status = client
+        .model_infer(request(
+            "relu",
+            "x",
+            &[1.0],
+            &[("sequence_id", ParameterChoice::Int64Param(-1))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sequences_count_against_the_session_limit() {
+    let server = start(|c| c.max_sessions = 2).await;
+    let mut client = kserve_client(&server).await;
+    for id in [1, 2] {
+        client
+            .model_infer(request(
+                "identity",
+                "x",
+                &[1.0],
+                &[seq(id), flag("sequence_start")],
+            ))
+            .await
+            .unwrap();
+    }
+    let status = client
+        .model_infer(request(
+            "identity",
+            "x",
+            &[1.0],
+            &[seq(3), flag("sequence_start")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--max-sessions"), "{status:?}");
+    // Ending a sequence frees its place.
+    client
+        .model_infer(request(
+            "identity",
+            "x",
+            &[1.0],
+            &[seq(1), flag("sequence_end")],
+        ))
+        .await
+        .unwrap();
+    client
+        .model_infer(request(
+            "identity",
+            "x",
+            &[1.0],
+            &[seq(3), flag("sequence_start")],
+        ))
+        .await
+        .unwrap();
+    server.stop().await;
+}
