@@ -1,4 +1,6 @@
-//! The gRPC handlers of `layerd.v1.LayerService`.
+//! The gRPC handlers of `layerd.v1.LayerService`, and what the KServe service
+//! shares with them: Forward and Backward on a layer instance, the timeout and
+//! tracing wrapper, and in-order stream answering.
 //!
 //! Each handler validates its request completely (routing header, ids,
 //! tensor) before it touches a session, computes without holding any lock but
@@ -51,6 +53,7 @@ impl LayerService {
         }
     }
 
+    /// [`observe`] under this service's request timeout.
     async fn observe<T>(
         &self,
         span: Span,

@@ -204,7 +204,7 @@ impl InferenceService {
             store.create(&session_id, 0)?;
             created = Some(CloseOnDrop {
                 store: store.clone(),
-                session_id: session_id.clone(),
+                session_id: Some(session_id.clone()),
             });
         }
         let session = store.session(&session_id)?;
@@ -213,7 +213,10 @@ impl InferenceService {
                 let layer = session.layer_or_create(layer_id, model.kind)?;
                 forward_on(&session, &layer, input, false, phases).await?
             }
-            Direction::NoGrad => unreachable!("no-grad models are answered without a session"),
+            Direction::NoGrad => {
+                // infer_model rejects sequences on stateless models first.
+                return Err(Error::Internal(format!("{} in a sequence", model.name())));
+            }
             Direction::Backward => {
                 let nothing_kept = || Error::NothingKept {
                     layer_id: layer_id.to_string(),
@@ -228,7 +231,7 @@ impl InferenceService {
             let _ = store.close(&session_id);
         }
         if let Some(guard) = created {
-            std::mem::forget(guard);
+            guard.disarm();
         }
         Ok(output)
     }
@@ -241,12 +244,21 @@ impl InferenceService {
 /// Closes a session created by a sequence_start whose call did not succeed.
 struct CloseOnDrop {
     store: Store,
-    session_id: String,
+    /// `None` once the call succeeded.
+    session_id: Option<String>,
+}
+
+impl CloseOnDrop {
+    fn disarm(mut self) {
+        self.session_id = None;
+    }
 }
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        let _ = self.store.close(&self.session_id);
+        if let Some(session_id) = &self.session_id {
+            let _ = self.store.close(session_id);
+        }
     }
 }
 
