@@ -62,6 +62,24 @@ async fn kserve_client(server: &TestServer) -> GrpcInferenceServiceClient<Channe
         .max_encoding_message_size(usize::MAX)
 }
 
+/// One ModelInfer call: the input is `dout` for Backward models, else `x`.
+async fn infer(
+    client: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    values: &[f64],
+    params: &[(&str, ParameterChoice)],
+) -> Result<kserve::ModelInferResponse, tonic::Status> {
+    let input = if model.ends_with("_backward") {
+        "dout"
+    } else {
+        "x"
+    };
+    client
+        .model_infer(request(model, input, values, params))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 fn seq(id: u64) -> (&'static str, ParameterChoice) {
     ("sequence_id", ParameterChoice::Uint64Param(id))
 }
@@ -76,31 +94,28 @@ async fn a_sequence_start_cut_off_by_the_request_timeout_leaves_no_session() {
     let mut client = kserve_client(&server).await;
     // 6 Mi float64 exponentials take far longer than 5 ms.
     let big = vec![0.5; 6 << 20];
-    let status = client
-        .model_infer(request(
-            "sigmoid",
-            "x",
-            &big,
-            &[seq(7), flag("sequence_start")],
-        ))
-        .await
-        .unwrap_err();
+    let status = infer(
+        &mut client,
+        "sigmoid",
+        &big,
+        &[seq(7), flag("sequence_start")],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    let status = client
-        .model_infer(request("sigmoid", "x", &[0.0], &[seq(7)]))
+    let status = infer(&mut client, "sigmoid", &[0.0], &[seq(7)])
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     // And the id can start again.
-    client
-        .model_infer(request(
-            "sigmoid",
-            "x",
-            &[0.0],
-            &[seq(7), flag("sequence_start")],
-        ))
-        .await
-        .unwrap();
+    infer(
+        &mut client,
+        "sigmoid",
+        &[0.0],
+        &[seq(7), flag("sequence_start")],
+    )
+    .await
+    .unwrap();
     server.stop().await;
 }
 
@@ -108,36 +123,29 @@ async fn a_sequence_start_cut_off_by_the_request_timeout_leaves_no_session() {
 async fn a_cancelled_forward_keeps_the_sequence_as_it_was() {
     let server = start(|_| {}).await;
     let mut client = kserve_client(&server).await;
-    client
-        .model_infer(request(
-            "sigmoid",
-            "x",
-            &[0.0, 0.0],
-            &[seq(9), flag("sequence_start")],
-        ))
-        .await
-        .unwrap();
+    infer(
+        &mut client,
+        "sigmoid",
+        &[0.0, 0.0],
+        &[seq(9), flag("sequence_start")],
+    )
+    .await
+    .unwrap();
     let big = vec![0.5; 6 << 20];
     let mut cancelled = client.clone();
-    let call = tokio::spawn(async move {
-        cancelled
-            .model_infer(request("sigmoid", "x", &big, &[seq(9)]))
-            .await
-    });
+    let call = tokio::spawn(async move { infer(&mut cancelled, "sigmoid", &big, &[seq(9)]).await });
     tokio::time::sleep(Duration::from_millis(30)).await;
     call.abort();
     let _ = call.await;
     // The kept y is the first Forward's: y = 1/2, dx = 4 * 1/2 * (1 - 1/2).
-    let dx = client
-        .model_infer(request(
-            "sigmoid_backward",
-            "dout",
-            &[4.0, 4.0],
-            &[seq(9), flag("sequence_end")],
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let dx = infer(
+        &mut client,
+        "sigmoid_backward",
+        &[4.0, 4.0],
+        &[seq(9), flag("sequence_end")],
+    )
+    .await
+    .unwrap();
     assert_eq!(values(&dx), [1.0, 1.0]);
     server.stop().await;
 }
@@ -146,15 +154,14 @@ async fn a_cancelled_forward_keeps_the_sequence_as_it_was() {
 async fn a_sequence_is_a_native_session_named_after_its_id() {
     let server = start(|_| {}).await;
     let mut client = kserve_client(&server).await;
-    client
-        .model_infer(request(
-            "relu",
-            "x",
-            &[-1.0, 2.0],
-            &[seq(u64::MAX), flag("sequence_start")],
-        ))
-        .await
-        .unwrap();
+    infer(
+        &mut client,
+        "relu",
+        &[-1.0, 2.0],
+        &[seq(u64::MAX), flag("sequence_start")],
+    )
+    .await
+    .unwrap();
     // The native API sees the session and its layer, named after the kind.
     let mut native = LayerServiceClient::new(server.channel().await);
     let dx = native
@@ -174,15 +181,14 @@ async fn a_sequence_is_a_native_session_named_after_its_id() {
         })
         .await
         .unwrap();
-    let status = client
-        .model_infer(request(
-            "relu",
-            "x",
-            &[1.0],
-            &[("sequence_id", ParameterChoice::Int64Param(-1))],
-        ))
-        .await
-        .unwrap_err();
+    let status = infer(
+        &mut client,
+        "relu",
+        &[1.0],
+        &[("sequence_id", ParameterChoice::Int64Param(-1))],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     server.stop().await;
 }
@@ -192,45 +198,41 @@ async fn sequences_count_against_the_session_limit() {
     let server = start(|c| c.max_sessions = 2).await;
     let mut client = kserve_client(&server).await;
     for id in [1, 2] {
-        client
-            .model_infer(request(
-                "identity",
-                "x",
-                &[1.0],
-                &[seq(id), flag("sequence_start")],
-            ))
-            .await
-            .unwrap();
-    }
-    let status = client
-        .model_infer(request(
+        infer(
+            &mut client,
             "identity",
-            "x",
             &[1.0],
-            &[seq(3), flag("sequence_start")],
-        ))
+            &[seq(id), flag("sequence_start")],
+        )
         .await
-        .unwrap_err();
+        .unwrap();
+    }
+    let status = infer(
+        &mut client,
+        "identity",
+        &[1.0],
+        &[seq(3), flag("sequence_start")],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("--max-sessions"), "{status:?}");
     // Ending a sequence frees its place.
-    client
-        .model_infer(request(
-            "identity",
-            "x",
-            &[1.0],
-            &[seq(1), flag("sequence_end")],
-        ))
-        .await
-        .unwrap();
-    client
-        .model_infer(request(
-            "identity",
-            "x",
-            &[1.0],
-            &[seq(3), flag("sequence_start")],
-        ))
-        .await
-        .unwrap();
+    infer(
+        &mut client,
+        "identity",
+        &[1.0],
+        &[seq(1), flag("sequence_end")],
+    )
+    .await
+    .unwrap();
+    infer(
+        &mut client,
+        "identity",
+        &[1.0],
+        &[seq(3), flag("sequence_start")],
+    )
+    .await
+    .unwrap();
     server.stop().await;
 }
