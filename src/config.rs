@@ -28,6 +28,10 @@ pub struct Config {
     #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: SocketAddr,
 
+    /// Address for the Prometheus text endpoint (`GET /metrics`, plain HTTP); off unless set.
+    #[arg(long, env = "LAYERD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Log line format.
     #[arg(long, env = "LAYERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -12,6 +12,7 @@
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
 //! - [`telemetry`], [`signal`]: logging setup and shutdown signals.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod kserve;
 pub mod layers;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod session;

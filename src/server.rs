@@ -38,6 +38,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     let local_addr = listener.local_addr()?;
+    // Bound before serving gRPC, so a bad --metrics-addr fails at start.
+    let metrics_task = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics serving");
+            let handle = crate::metrics::recorder()?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                std::future::pending(),
+            ))))
+        }
+        None => None,
+    };
     let store_guard = Store::start(config.limits());
     let max_message = usize::try_from(config.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
     let layer_service = LayerServiceServer::new(LayerService::new(
@@ -121,8 +137,18 @@ pub async fn run(
         }
     }
     drop(store_guard);
+    drop(metrics_task);
     tracing::info!("layerd stopped");
     Ok(())
+}
+
+/// A task that ends with its owner (the metrics endpoint, with the server).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// An HTTP/2 window or frame size: at most 2^31 - 1 by the protocol.

@@ -21,6 +21,7 @@ use tracing::{field, Instrument, Span};
 
 use crate::error::Error;
 use crate::layers::Kind;
+use crate::metrics;
 use crate::pb::{self, layer_service_server};
 use crate::session::{check_id, KeptEntry, LayerInstance, Session, Store};
 use crate::tensor::Tensor;
@@ -56,10 +57,10 @@ impl LayerService {
     /// [`observe`] under this service's request timeout.
     async fn observe<T>(
         &self,
-        span: Span,
+        rpc: Rpc,
         call: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
-        observe(self.request_timeout, span, call).await
+        observe(self.request_timeout, rpc, call).await
     }
 
     /// Validates a Forward or Backward request completely, then finds its
@@ -80,6 +81,7 @@ impl LayerService {
         let session = self.store.session(session_id)?;
         let layer = session.layer(layer_id)?;
         Span::current().record("kind", layer.kind.name());
+        metrics::note_kind(layer.kind);
         Ok((session, layer, tensor))
     }
 
@@ -159,8 +161,8 @@ impl LayerService {
 }
 
 /// A span for one RPC; `kind`, `elements` and `code` are filled in as known.
-fn rpc_span(method: &'static str, session_id: &str, layer_id: &str) -> Span {
-    tracing::info_span!(
+fn rpc_span(method: &'static str, session_id: &str, layer_id: &str) -> Rpc {
+    let span = tracing::info_span!(
         "rpc",
         method,
         session = session_id,
@@ -168,7 +170,8 @@ fn rpc_span(method: &'static str, session_id: &str, layer_id: &str) -> Span {
         kind = field::Empty,
         elements = field::Empty,
         code = field::Empty,
-    )
+    );
+    Rpc { method, span }
 }
 
 /// If the request carries `x-session-id`, it must name the message's session.
@@ -187,20 +190,32 @@ fn check_routing(metadata: &MetadataMap, session_id: &str) -> Result<(), Error> 
     ))
 }
 
-/// Runs one call (or stream step) in `span` under `request_timeout`, and
-/// records its outcome on the span.
+/// One RPC (or stream step) being observed: its method name and its span.
+pub struct Rpc {
+    pub method: &'static str,
+    pub span: Span,
+}
+
+/// Runs one call (or stream step) in its span under `request_timeout`, and
+/// records its outcome on the span and in the metrics.
 pub async fn observe<T>(
     request_timeout: Duration,
-    span: Span,
+    rpc: Rpc,
     call: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
+    let Rpc { method, span } = rpc;
     let started = Instant::now();
-    let result = tokio::time::timeout(request_timeout, call.instrument(span.clone()))
-        .await
-        .unwrap_or(Err(Error::Timeout(request_timeout)));
+    let (result, kind) = metrics::with_kind(tokio::time::timeout(
+        request_timeout,
+        call.instrument(span.clone()),
+    ))
+    .await;
+    let result = result.unwrap_or(Err(Error::Timeout(request_timeout)));
     let code = result.as_ref().map_or_else(Error::code, |_| Code::Ok);
     span.record("code", field::debug(code));
-    let micros = started.elapsed().as_micros() as u64;
+    let elapsed = started.elapsed();
+    metrics::call(method, kind, code, elapsed);
+    let micros = elapsed.as_micros() as u64;
     span.in_scope(|| match &result {
         Ok(_) => tracing::debug!(micros, "ok"),
         Err(error @ Error::Internal(_)) => tracing::error!(micros, %error, "failed"),
@@ -389,6 +404,7 @@ impl layer_service_server::LayerService for LayerService {
                 )
             })?;
             Span::current().record("kind", kind.name());
+            metrics::note_kind(kind);
             self.store
                 .session(&message.session_id)?
                 .create_layer(&message.layer_id, kind)?;

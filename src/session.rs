@@ -34,6 +34,7 @@ use tokio::{
 
 use crate::error::Error;
 use crate::layers::{Kept, Kind};
+use crate::metrics::{self, EndCause};
 
 /// Limits on sessions and the state they keep.
 #[derive(Debug, Clone)]
@@ -152,6 +153,7 @@ impl Store {
             total_kept: Arc::new(Budget::new(
                 limits.max_total_kept_bytes,
                 "--max-total-kept-bytes",
+                true,
             )),
             limits,
         });
@@ -193,12 +195,15 @@ impl Store {
                     });
                 }
                 expired.extend(state.remove(requested_id));
+                metrics::sessions_ended(EndCause::Idle, 1);
             }
             requested_id.to_string()
         };
         if state.sessions.len() >= limits.max_sessions {
             // Sessions past their deadline do not count against the limit.
+            let before = expired.len();
             expired.extend(state.remove_expired(now));
+            metrics::sessions_ended(EndCause::Idle, expired.len() - before);
             if state.sessions.len() >= limits.max_sessions {
                 return Err(Error::LimitExceeded {
                     flag: "--max-sessions",
@@ -214,6 +219,7 @@ impl Store {
             kept: Arc::new(Budget::new(
                 limits.max_session_kept_bytes,
                 "--max-session-kept-bytes",
+                false,
             )),
             total_kept: self.shared.total_kept.clone(),
             max_layers: limits.max_layers_per_session,
@@ -233,6 +239,7 @@ impl Store {
             },
         );
         drop(state);
+        metrics::session_opened();
         if wake_purge {
             self.shared.purge_wakeup.notify_one();
         }
@@ -252,6 +259,7 @@ impl Store {
             Some(_) => {
                 let expired = state.remove(id);
                 drop(state);
+                metrics::sessions_ended(EndCause::Idle, 1);
                 drop(expired);
                 Err(not_found(id))
             }
@@ -266,8 +274,10 @@ impl Store {
         let removed = state.remove(id).ok_or_else(|| not_found(id))?;
         drop(state);
         if removed.deadline <= now {
+            metrics::sessions_ended(EndCause::Idle, 1);
             return Err(not_found(id));
         }
+        metrics::sessions_ended(EndCause::Closed, 1);
         Ok(())
     }
 
@@ -315,6 +325,7 @@ impl Shared {
         drop(state);
         if !expired.is_empty() {
             tracing::debug!(count = expired.len(), "expired idle sessions");
+            metrics::sessions_ended(EndCause::Idle, expired.len());
         }
         // Kept state is freed here, outside the lock.
         drop(expired);
@@ -501,14 +512,17 @@ struct Budget {
     used: AtomicU64,
     limit: u64,
     flag: &'static str,
+    /// Whether this is the global budget, whose use is the kept-bytes gauge.
+    global: bool,
 }
 
 impl Budget {
-    fn new(limit: u64, flag: &'static str) -> Budget {
+    fn new(limit: u64, flag: &'static str, global: bool) -> Budget {
         Budget {
             used: AtomicU64::new(0),
             limit,
             flag,
+            global,
         }
     }
 
@@ -531,6 +545,9 @@ impl Budget {
                     ByteSize(used)
                 ),
             })?;
+        if self.global {
+            metrics::kept_bytes_changed(bytes as i64);
+        }
         Ok(Reservation {
             budget: self.clone(),
             bytes,
@@ -546,6 +563,9 @@ struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.budget.global {
+            metrics::kept_bytes_changed(-(self.bytes as i64));
+        }
     }
 }
 

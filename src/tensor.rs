@@ -14,6 +14,7 @@ use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, IxDyn};
 
 use crate::error::Error;
 use crate::layers::Float;
+use crate::metrics;
 use crate::pb::{self, inference};
 
 #[cfg(target_endian = "big")]
@@ -192,6 +193,7 @@ impl Tensor {
                 "INVALID_TENSOR",
             ));
         }
+        metrics::tensor_bytes(metrics::Direction::In, len * dtype.itemsize());
         let dim = IxDyn(&shape);
         let array_error = |e: ndarray::ShapeError| Error::Internal(format!("typed contents: {e}"));
         Ok(match dtype {
@@ -210,6 +212,7 @@ impl Tensor {
         self,
         name: &str,
     ) -> (inference::model_infer_response::InferOutputTensor, Bytes) {
+        metrics::tensor_bytes(metrics::Direction::Out, self.data.len());
         let output = inference::model_infer_response::InferOutputTensor {
             name: name.to_string(),
             datatype: self.dtype.kserve_name().to_string(),
@@ -229,6 +232,7 @@ impl Tensor {
         data_field: &str,
         dtype_name: &str,
     ) -> Result<Tensor, Error> {
+        metrics::tensor_bytes(metrics::Direction::In, data.len());
         let want = len * dtype.itemsize();
         if data.len() != want {
             return Err(Error::invalid(
@@ -271,6 +275,7 @@ impl Tensor {
     }
 
     pub fn into_proto(self) -> pb::Tensor {
+        metrics::tensor_bytes(metrics::Direction::Out, self.data.len());
         pb::Tensor {
             dtype: self.dtype.to_proto().into(),
             shape: self.shape.iter().map(|&d| d as u64).collect(),

@@ -25,7 +25,7 @@ use tracing::{field, Span};
 
 use crate::error::Error;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use crate::service::{answer_in_order, backward_on, compute, forward_on, observe, Phases};
+use crate::service::{answer_in_order, backward_on, compute, forward_on, observe, Phases, Rpc};
 use crate::session::Store;
 use crate::tensor::Tensor;
 
@@ -92,9 +92,10 @@ impl InferenceService {
         metadata: &MetadataMap,
         request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Error> {
+        let method = "ModelInfer";
         let span = tracing::info_span!(
             "rpc",
-            method = "ModelInfer",
+            method,
             model = request.model_name.as_str(),
             session = field::Empty,
             layer = field::Empty,
@@ -105,14 +106,15 @@ impl InferenceService {
         let model = match Model::find(&request.model_name, &request.model_version) {
             Ok(model) => model,
             Err(error) => {
-                return observe(self.shared.request_timeout, span, async { Err(error) }).await
+                let rpc = Rpc { method, span };
+                return observe(self.shared.request_timeout, rpc, async { Err(error) }).await;
             }
         };
         let started = Instant::now();
         let mut stages = Stages::default();
         let result = observe(
             self.shared.request_timeout,
-            span,
+            Rpc { method, span },
             self.infer_model(model, metadata, request, &mut stages),
         )
         .await;
@@ -127,6 +129,7 @@ impl InferenceService {
         mut request: pb::ModelInferRequest,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
+        crate::metrics::note_kind(model.kind);
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
         params.check_routing(metadata)?;

@@ -1,0 +1,205 @@
+//! Prometheus metrics: what layerd counts, and the `/metrics` endpoint that
+//! serves them (`--metrics-addr`, off unless set).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `layerd_calls_total` | counter | `method`, `kind`, `code` |
+//! | `layerd_call_duration_seconds` | histogram | `method`, `kind` |
+//! | `layerd_sessions_open` | gauge | |
+//! | `layerd_sessions_ended_total` | counter | `cause`: `closed` (CloseSession, sequence_end), `idle` (expired) |
+//! | `layerd_kept_bytes` | gauge | |
+//! | `layerd_tensor_bytes_total` | counter | `direction`: `in`, `out` |
+//!
+//! `method` is the RPC (`Forward`, `Run.Backward`, `ModelInfer`, ...), `kind`
+//! the layer kind once known (else ""), `code` the gRPC status code name as
+//! gRPC spells it (`OK`, `NotFound`, ...). A session limit refuses new
+//! sessions (RESOURCE_EXHAUSTED, counted in `layerd_calls_total`); it never
+//! evicts open ones.
+//!
+//! The facade is the `metrics` crate; the process-wide recorder is
+//! `metrics-exporter-prometheus`, installed once however many servers the
+//! process runs. Without it (no `--metrics-addr`) recording is a no-op.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use axum::{routing::get, Router};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+use crate::layers::Kind;
+
+const CALLS: &str = "layerd_calls_total";
+const CALL_DURATION: &str = "layerd_call_duration_seconds";
+const SESSIONS_OPEN: &str = "layerd_sessions_open";
+const SESSIONS_ENDED: &str = "layerd_sessions_ended_total";
+const KEPT_BYTES: &str = "layerd_kept_bytes";
+const TENSOR_BYTES: &str = "layerd_tensor_bytes_total";
+
+/// Call duration buckets: 50 µs to 30 s, covering 1 Ki calls to 64 MiB ones.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5, 30.0,
+];
+
+/// gRPC code names as gRPC spells them, indexed by code number.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// The process-wide recorder's handle, installed by the first caller.
+pub fn recorder() -> Result<PrometheusHandle, String> {
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut handle = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = handle.as_ref() {
+        return Ok(handle.clone());
+    }
+    let installed = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CALL_DURATION.into()), &DURATION_BUCKETS)
+        .and_then(|builder| builder.install_recorder())
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    *handle = Some(installed.clone());
+    Ok(installed)
+}
+
+fn describe() {
+    describe_counter!(
+        CALLS,
+        "RPCs (and Run steps) finished, by method, layer kind and status code"
+    );
+    describe_histogram!(
+        CALL_DURATION,
+        Unit::Seconds,
+        "Time from request to answer, by method and layer kind"
+    );
+    describe_gauge!(SESSIONS_OPEN, "Sessions open (native and KServe sequences)");
+    describe_counter!(
+        SESSIONS_ENDED,
+        "Sessions ended, by cause: closed or idle (expired)"
+    );
+    describe_gauge!(
+        KEPT_BYTES,
+        Unit::Bytes,
+        "Bytes of state kept for Backward, all sessions"
+    );
+    describe_counter!(
+        TENSOR_BYTES,
+        Unit::Bytes,
+        "Tensor bytes received (in) and sent (out)"
+    );
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                // Drains histogram samples into their buckets.
+                handle.run_upkeep();
+                handle.render()
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+tokio::task_local! {
+    /// The layer kind of the call being observed, once the handler knows it.
+    static CALL_KIND: Arc<OnceLock<Kind>>;
+}
+
+/// Runs `call`, a whole RPC, so that [`note_kind`] inside it labels its
+/// metrics; returns its output and the kind noted.
+pub async fn with_kind<T>(call: impl Future<Output = T>) -> (T, Option<Kind>) {
+    let kind = Arc::new(OnceLock::new());
+    let output = CALL_KIND.scope(kind.clone(), call).await;
+    (output, kind.get().copied())
+}
+
+/// Labels the current call's metrics with `kind`.
+pub fn note_kind(kind: Kind) {
+    let _ = CALL_KIND.try_with(|noted| noted.set(kind));
+}
+
+/// One finished call.
+pub fn call(method: &'static str, kind: Option<Kind>, code: Code, elapsed: Duration) {
+    let kind = kind.map_or("", Kind::name);
+    let code = CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown");
+    counter!(CALLS, "method" => method, "kind" => kind, "code" => code).increment(1);
+    histogram!(CALL_DURATION, "method" => method, "kind" => kind).record(elapsed.as_secs_f64());
+}
+
+/// Tensor bytes received or sent.
+pub fn tensor_bytes(direction: Direction, bytes: usize) {
+    let direction = match direction {
+        Direction::In => "in",
+        Direction::Out => "out",
+    };
+    counter!(TENSOR_BYTES, "direction" => direction).increment(bytes as u64);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    In,
+    Out,
+}
+
+/// A session opened.
+pub fn session_opened() {
+    gauge!(SESSIONS_OPEN).increment(1.0);
+}
+
+/// Sessions ended, closed by a client or expired.
+pub fn sessions_ended(cause: EndCause, count: usize) {
+    if count == 0 {
+        return;
+    }
+    let cause = match cause {
+        EndCause::Closed => "closed",
+        EndCause::Idle => "idle",
+    };
+    gauge!(SESSIONS_OPEN).decrement(count as f64);
+    counter!(SESSIONS_ENDED, "cause" => cause).increment(count as u64);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum EndCause {
+    Closed,
+    Idle,
+}
+
+/// Kept-state bytes reserved (positive) or released (negative).
+pub fn kept_bytes_changed(delta: i64) {
+    gauge!(KEPT_BYTES).increment(delta as f64);
+}
