@@ -16,11 +16,11 @@ MAX_MESSAGE = 256 << 20
 class Server:
     """A layerd process started with extra flags; its address read from its log."""
 
-    def __init__(self, *flags):
+    def __init__(self, *flags, addr="127.0.0.1:0"):
         assert BINARY.exists(), f"{BINARY} not built (cargo build)"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
         self.proc = subprocess.Popen(
-            [str(BINARY), "--addr", "127.0.0.1:0", "--log-format", "json", *flags],
+            [str(BINARY), "--addr", addr, "--log-format", "json", *flags],
             stderr=subprocess.PIPE, text=True, env=env)
         self.addr = None
         self.log = []
