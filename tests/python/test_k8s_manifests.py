@@ -1,0 +1,106 @@
+"""deploy/k8s validated offline against the Kubernetes schemas (kubernetes-validate,
+strict: unknown fields are errors), the kustomizations' references checked, and
+the settings that must agree with layerd itself cross-checked: env vars are real
+flags, probes and annotations name the container's ports, the termination grace
+period covers the drain."""
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from layerd_server import BINARY, REPO
+
+K8S = REPO / "deploy" / "k8s"
+VERSION = "1.33.0"
+
+
+def documents(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomizations():
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def resources():
+    """Every manifest a kustomization lists (directories are other kustomizations)."""
+    out = []
+    for k in kustomizations():
+        for entry in yaml.safe_load(k.read_text()).get("resources", []):
+            path = (k.parent / entry).resolve()
+            assert path.exists(), f"{k}: {entry} does not exist"
+            if path.is_file():
+                out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("path", resources(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_is_valid_kubernetes(path):
+    for doc in documents(path):
+        kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def test_validation_would_catch_a_mistake():
+    deployment = documents(K8S / "base" / "deployment.yaml")[0]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpcc"] = {"port": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, VERSION, strict=True)
+
+
+def by_kind(directory):
+    out = {}
+    for k in kustomizations():
+        if k.parent == directory:
+            for path in resources():
+                if path.parent == directory:
+                    for doc in documents(path):
+                        out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+def test_overlay_patches_and_replica_counts_target_base_objects():
+    base = by_kind(K8S / "base")
+    overlay = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
+    for patch in overlay.get("patches", []):
+        doc = documents(K8S / "overlays" / "example" / patch["path"])[0]
+        assert (doc["kind"], doc["metadata"]["name"]) in base, patch
+    for r in overlay.get("replicas", []):
+        assert ("Deployment", r["name"]) in base
+    assert base[("Deployment", "layerd")]["spec"]["template"]["spec"]["containers"][0]["image"].split(":")[0] == \
+        overlay["images"][0]["name"]
+
+
+def test_deployment_agrees_with_layerd():
+    base = by_kind(K8S / "base")
+    pod = base[("Deployment", "layerd")]["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    help_text = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, check=True).stdout
+    flags = set(re.findall(r"env: (LAYERD_[A-Z_]+)", help_text))
+    assert set(env) <= flags, f"not layerd variables: {set(env) - flags}"
+
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["LAYERD_ADDR"].endswith(f":{ports['grpc']}") and env["LAYERD_METRICS_ADDR"].endswith(f":{ports['metrics']}")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+
+    grace = int(env["LAYERD_SHUTDOWN_GRACE"].rstrip("s"))
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > grace + pre_stop
+
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"] and pod["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_ingress_pins_sessions_by_header_and_speaks_grpc():
+    ingress = by_kind(K8S / "base")[("Ingress", "layerd")]
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_x_session_id"
+    service = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert ("Service", service["name"]) in by_kind(K8S / "base")
