@@ -104,3 +104,15 @@ def test_ingress_pins_sessions_by_header_and_speaks_grpc():
     assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_x_session_id"
     service = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert ("Service", service["name"]) in by_kind(K8S / "base")
+
+
+def test_compose_runs_the_replicas_nginx_routes_to():
+    """deploy/compose.yaml (not run here: no registry for the nginx image) names the
+    replicas deploy/nginx/nginx.conf routes to, and mounts that file."""
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    upstreams = set(re.findall(r"server (layerd-\d):50051", (REPO / "deploy" / "nginx" / "nginx.conf").read_text()))
+    replicas = {name for name in compose["services"] if name.startswith("layerd-")}
+    assert replicas == upstreams == {"layerd-0", "layerd-1", "layerd-2"}
+    assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
+    health = compose["services"]["layerd-0"]["healthcheck"]["test"]
+    assert health[1] == "/usr/local/bin/layerd-cli" and health[-1] == "health"
