@@ -18,11 +18,14 @@ NAME=layerd-image-test
 ADDR=127.0.0.1:50097
 GRACE=10
 
+# layerd-bench too, in the same build (it drives the container from the host).
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --target x86_64-unknown-linux-gnu --bin layerd --bin layerd-cli
+  cargo build --release --locked --target x86_64-unknown-linux-gnu \
+    --bin layerd --bin layerd-cli --bin layerd-bench
+BIN=target/x86_64-unknown-linux-gnu/release
 context=$(mktemp -d)
 mkdir -p "$context/out"
-cp target/x86_64-unknown-linux-gnu/release/layerd target/x86_64-unknown-linux-gnu/release/layerd-cli "$context/out/"
+cp "$BIN/layerd" "$BIN/layerd-cli" "$context/out/"
 if ! ldd "$context/out/layerd" 2>&1 | grep -qE "statically linked|not a dynamic executable"; then
   echo "layerd is not a static binary:"; ldd "$context/out/layerd"; exit 1
 fi
@@ -42,8 +45,7 @@ done
 podman exec "$NAME" /usr/local/bin/layerd-cli --addr "$ADDR" health
 podman exec "$NAME" /usr/local/bin/layerd-cli --addr "$ADDR" try relu 1,-2,3.5
 
-cargo build --release --bin layerd-bench
-target/release/layerd-bench --addr "$ADDR" --mode train --kind sigmoid --elements 4096 \
+"$BIN/layerd-bench" --addr "$ADDR" --mode train --kind sigmoid --elements 4096 \
   --concurrency 8 --duration 2s --warmup 200ms --session-header
 
 # SIGTERM to PID 1 drains and exits: no wait for podman's SIGKILL.
