@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //!
-//! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto`, fenced in.
+//! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto` and, in
+//!   [`pb::inference`], from Triton's `proto/inference/`, fenced in.
 //! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
 //!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray.
 //! - [`tensor`]: the only place wire tensors become arrays and back.
