@@ -1,7 +1,7 @@
 //! Server configuration: every flag is also a `LAYERD_*` environment variable,
 //! and `layerd --help` shows every default.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
@@ -27,6 +27,22 @@ pub struct Config {
     /// Address to listen on for gRPC (layerd.v1, grpc.health.v1, reflection).
     #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: SocketAddr,
+
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key). Plaintext without it.
+    #[arg(long, env = "LAYERD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LAYERD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require client certificates signed by one of them (mutual TLS).
+    #[arg(long, env = "LAYERD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Longest a TLS handshake may take before the connection is closed.
+    #[arg(long, env = "LAYERD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
 
     /// Address for the Prometheus text endpoint (`GET /metrics`, plain HTTP); off unless set.
     #[arg(long, env = "LAYERD_METRICS_ADDR")]

@@ -7,7 +7,12 @@ use std::future::Future;
 
 use http::HeaderMap;
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, service::Routes, transport::server::TcpIncoming, Status};
+use tonic::{
+    server::NamedService,
+    service::Routes,
+    transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig},
+    Status,
+};
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -84,7 +89,11 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_message_bytes = config.max_message_bytes.as_u64();
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         // tonic 0.14 leaves these unset, which removes h2's own protections.
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
@@ -110,7 +119,12 @@ pub async fn run(
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = accepting_stopped.await;
     }));
-    tracing::info!(addr = %local_addr, "layerd serving");
+    let tls = match (&config.tls_cert, &config.tls_client_ca) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
+    tracing::info!(addr = %local_addr, tls, "layerd serving");
 
     tokio::select! {
         finished = &mut server => return finished?.map_err(Into::into),
@@ -140,6 +154,26 @@ pub async fn run(
     drop(metrics_task);
     tracing::info!("layerd stopped");
     Ok(())
+}
+
+/// The TLS settings the flags ask for: none (plaintext), TLS, or mutual TLS.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, BoxError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        ))
+        .timeout(config.tls_handshake_timeout);
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+    }
+    Ok(Some(tls))
 }
 
 /// A task that ends with its owner (the metrics endpoint, with the server).
