@@ -8,6 +8,7 @@ use std::future::Future;
 use http::HeaderMap;
 use tokio::net::TcpListener;
 use tonic::{
+    codec::CompressionEncoding,
     server::NamedService,
     service::Routes,
     transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig},
@@ -67,7 +68,10 @@ pub async fn run(
         config.max_message_bytes.as_u64(),
     ))
     .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
+    .max_encoding_message_size(max_message)
+    // Clients may compress requests (grpcio's channel option, say); the
+    // message limit applies to the decompressed size.
+    .accept_compressed(CompressionEncoding::Gzip);
     let inference = InferenceService::new(
         store_guard.store(),
         config.request_timeout,
@@ -76,7 +80,8 @@ pub async fn run(
     );
     let inference_service = GrpcInferenceServiceServer::new(inference.clone())
         .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+        .max_encoding_message_size(max_message)
+        .accept_compressed(CompressionEncoding::Gzip);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
