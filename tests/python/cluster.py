@@ -1,14 +1,12 @@
 """Three layerd replicas on loopback behind nginx or haproxy running deploy/'s
 configuration (only the addresses changed): shared by the scale-out tests and
 bench/scale_out.py."""
-import json
 import os
 import re
 import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from layerd_server import BINARY, REPO, Server
@@ -79,17 +77,14 @@ class Cluster:
         self.replicas = [self.start(i) for i in range(3)]
 
     def start(self, i):
-        s = Server("--metrics-addr", "127.0.0.1:0", "--shutdown-grace", "1s", addr=f"127.0.0.1:{self.ports[i]}")
-        s.metrics_addr = next(json.loads(l)["addr"] for l in s.log if json.loads(l).get("message") == "metrics serving")
-        return s
+        return Server("--metrics-addr", "127.0.0.1:0", "--shutdown-grace", "1s", addr=f"127.0.0.1:{self.ports[i]}")
 
     def backends(self):
         return [f"127.0.0.1:{p}" for p in self.ports]
 
     def forward_calls(self, i):
-        text = urllib.request.urlopen(f"http://{self.replicas[i].metrics_addr}/metrics", timeout=5).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('layerd_calls_total{method="Forward"') and 'code="OK"' in line)
+        return sum(value for (name, labels), value in self.replicas[i].metrics().items()
+                   if name == "layerd_calls_total" and ("method", "Forward") in labels and ("code", "OK") in labels)
 
     def stop(self):
         for r in self.replicas:

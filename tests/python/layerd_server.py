@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import threading
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,8 @@ MAX_MESSAGE = 256 << 20
 
 
 class Server:
-    """A layerd process started with extra flags; its address read from its log."""
+    """A layerd process started with extra flags; its address (and, with
+    --metrics-addr, its metrics address) read from its log."""
 
     def __init__(self, *flags, addr="127.0.0.1:0"):
         assert BINARY.exists(), f"{BINARY} not built (cargo build)"
@@ -22,11 +24,13 @@ class Server:
         self.proc = subprocess.Popen(
             [str(BINARY), "--addr", addr, "--log-format", "json", *flags],
             stderr=subprocess.PIPE, text=True, env=env)
-        self.addr = None
+        self.addr = self.metrics_addr = None
         self.log = []
         for line in self.proc.stderr:
             self.log.append(line)
             event = json.loads(line)
+            if event.get("message") == "metrics serving":  # logged before "layerd serving"
+                self.metrics_addr = event["addr"]
             if event.get("message") == "layerd serving":
                 self.addr = event["addr"]
                 break
@@ -41,6 +45,14 @@ class Server:
         return grpc.insecure_channel(self.addr, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE)])
+
+    def metrics(self):
+        """{(name, sorted labels): value} of every sample on /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+        assert self.metrics_addr, "started without --metrics-addr"
+        text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=10).read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

@@ -2,9 +2,7 @@
 exactly as before the call, and the server's memory where it was: kept bytes
 (from /metrics) back to their value before, and RSS within allocator slack over
 40 abandoned 16 MiB calls after a first round of 20 lets the allocator settle."""
-import json
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -19,14 +17,12 @@ BIG = 4 << 20  # float32 elements: 16 MiB per tensor
 @pytest.fixture(scope="module")
 def metered():
     s = Server("--metrics-addr", "127.0.0.1:0")
-    s.metrics_addr = next(json.loads(l)["addr"] for l in s.log if json.loads(l).get("message") == "metrics serving")
     yield s
     assert s.stop() == 0
 
 
 def gauge(server, name):
-    text = urllib.request.urlopen(f"http://{server.metrics_addr}/metrics", timeout=5).read().decode()
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    return server.metrics()[(name, ())]
 
 
 def rss(server):

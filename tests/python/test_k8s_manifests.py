@@ -5,7 +5,6 @@ flags, probes and annotations name the container's ports, the termination grace
 period covers the drain."""
 import re
 import subprocess
-from pathlib import Path
 
 import kubernetes_validate
 import pytest

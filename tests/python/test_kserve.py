@@ -6,7 +6,6 @@ sequences (start, Forward, Backward, end) bit-identical to the native API,
 errors with their codes, ModelStreamInfer and statistics.
 """
 import queue
-import subprocess
 import tempfile
 from pathlib import Path
 
