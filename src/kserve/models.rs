@@ -88,7 +88,12 @@ impl Model {
 
     /// The model `name` at `version` ("" is the latest, "1").
     pub fn find(name: &str, version: &str) -> Result<Model, Error> {
-        let model = Model::all().find(|model| model.name() == name);
+        // Parsed, not compared against every model's formatted name: this runs
+        // on every ModelInfer.
+        let model = Direction::ALL.into_iter().find_map(|direction| {
+            let kind = Kind::from_name(name.strip_suffix(direction.suffix())?)?;
+            Some(Model { kind, direction })
+        });
         match model {
             Some(model) if version.is_empty() || version == VERSION => Ok(model),
             _ => Err(Error::ModelNotFound {
