@@ -1,9 +1,42 @@
 //! Client-side helpers shared by `layerd-bench` and `layerd-cli`: connecting
-//! with a clear error instead of a hang when the server is down.
+//! with a clear error instead of a hang when the server is down, and sending
+//! a bearer token.
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::Interceptor,
+    transport::{Channel, Endpoint},
+    Request, Status,
+};
+
+/// Adds `authorization: Bearer <token>` to every call; nothing without a token.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        token
+            .map(|token| {
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| "the token must be printable ASCII".to_string())
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// An endpoint for `addr` (`host:port`, or a full `http://` URL).
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {

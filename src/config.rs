@@ -44,6 +44,11 @@ pub struct Config {
     #[arg(long, env = "LAYERD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// File of `TOKEN PRINCIPAL` lines: require `authorization: Bearer TOKEN` on the layer and
+    /// KServe services (health and reflection stay open); each principal sees only its own sessions.
+    #[arg(long, env = "LAYERD_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
     /// Address for the Prometheus text endpoint (`GET /metrics`, plain HTTP); off unless set.
     #[arg(long, env = "LAYERD_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

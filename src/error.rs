@@ -72,6 +72,13 @@ pub enum Error {
         detail: String,
     },
 
+    /// No valid bearer token; `reason` is MISSING_TOKEN or INVALID_TOKEN.
+    #[error("unauthenticated: {detail}")]
+    Unauthenticated {
+        reason: &'static str,
+        detail: String,
+    },
+
     #[error("request did not finish within the server's request timeout of {0:?}")]
     Timeout(Duration),
 
@@ -104,6 +111,7 @@ impl Error {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NothingKept { .. } | Error::SequenceRequired { .. } => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         }
@@ -118,7 +126,7 @@ impl Error {
             Error::ModelNotFound { .. } => "MODEL_NOT_FOUND",
             Error::SequenceRequired { .. } => "SEQUENCE_REQUIRED",
             Error::LayerExists { .. } => "LAYER_EXISTS",
-            Error::InvalidArgument { reason, .. } => reason,
+            Error::InvalidArgument { reason, .. } | Error::Unauthenticated { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
             Error::Timeout(_) => "REQUEST_TIMEOUT",
@@ -146,7 +154,7 @@ impl Error {
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
-            Error::Timeout(_) | Error::Internal(_) => vec![],
+            Error::Unauthenticated { .. } | Error::Timeout(_) | Error::Internal(_) => vec![],
         };
         pairs
             .into_iter()

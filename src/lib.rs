@@ -12,6 +12,7 @@
 //! - [`service`]: the gRPC handlers of the layer service.
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.
+//! - [`auth`]: bearer tokens and the principal each session belongs to.
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
@@ -20,6 +21,7 @@
 //! - [`client`]: connecting, for the bundled tools `layerd-bench` (a verifying
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;

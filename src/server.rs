@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 use tonic::{
     codec::CompressionEncoding,
     server::NamedService,
-    service::Routes,
+    service::{interceptor::InterceptedService, Routes},
     transport::{server::TcpIncoming, Certificate, Identity, ServerTlsConfig},
     Status,
 };
 use tonic_health::ServingStatus;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::kserve::InferenceService;
 use crate::pb::{
@@ -59,6 +60,10 @@ pub async fn run(
             ))))
         }
         None => None,
+    };
+    let authenticator = match &config.auth_tokens {
+        Some(path) => Authenticator::from_file(path)?,
+        None => Authenticator::open(),
     };
     let store_guard = Store::start(config.limits());
     let max_message = usize::try_from(config.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
@@ -113,8 +118,14 @@ pub async fn run(
                 rewrite_oversize_status(response, max_message_bytes)
             },
         ))
-        .add_routes(Routes::new(layer_service))
-        .add_service(inference_service)
+        .add_routes(Routes::new(InterceptedService::new(
+            layer_service,
+            authenticator.clone(),
+        )))
+        .add_service(InterceptedService::new(
+            inference_service,
+            authenticator.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -129,7 +140,12 @@ pub async fn run(
         (Some(_), None) => "on",
         (Some(_), Some(_)) => "mutual",
     };
-    tracing::info!(addr = %local_addr, tls, "layerd serving");
+    let auth = if authenticator.is_enabled() {
+        "bearer"
+    } else {
+        "off"
+    };
+    tracing::info!(addr = %local_addr, tls, auth, "layerd serving");
 
     tokio::select! {
         finished = &mut server => return finished?.map_err(Into::into),

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{metadata::MetadataMap, Code, Request, Response, Status, Streaming};
 use tracing::{field, Instrument, Span};
 
+use crate::auth::{Caller, Principal};
 use crate::error::Error;
 use crate::layers::Kind;
 use crate::metrics;
@@ -67,18 +68,18 @@ impl LayerService {
     /// session and layer instance.
     fn target(
         &self,
-        metadata: &MetadataMap,
+        caller: &Caller,
         session_id: &str,
         layer_id: &str,
         tensor: Option<pb::Tensor>,
         field: &str,
     ) -> Result<(Arc<Session>, Arc<LayerInstance>, Tensor), Error> {
-        check_routing(metadata, session_id)?;
+        check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("layer_id", layer_id)?;
         let tensor = Tensor::from_proto(tensor, field)?;
         Span::current().record("elements", tensor.len());
-        let session = self.store.session(session_id)?;
+        let session = self.store.session(&caller.principal, session_id)?;
         let layer = session.layer(layer_id)?;
         Span::current().record("kind", layer.kind.name());
         metrics::note_kind(layer.kind);
@@ -87,11 +88,11 @@ impl LayerService {
 
     async fn forward_step(
         &self,
-        metadata: &MetadataMap,
+        caller: &Caller,
         request: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, Error> {
         let (session, layer, x) = self.target(
-            metadata,
+            caller,
             &request.session_id,
             &request.layer_id,
             request.x,
@@ -105,11 +106,11 @@ impl LayerService {
 
     async fn backward_step(
         &self,
-        metadata: &MetadataMap,
+        caller: &Caller,
         request: pb::BackwardRequest,
     ) -> Result<pb::BackwardResponse, Error> {
         let (_session, layer, dout) = self.target(
-            metadata,
+            caller,
             &request.session_id,
             &request.layer_id,
             request.dout,
@@ -124,7 +125,7 @@ impl LayerService {
 
     async fn run_step(
         &self,
-        metadata: &MetadataMap,
+        caller: &Caller,
         step: pb::RunRequest,
     ) -> Result<pb::RunResponse, Status> {
         use pb::run_request::Step;
@@ -133,14 +134,14 @@ impl LayerService {
             Some(Step::Forward(request)) => {
                 let span = rpc_span("Run.Forward", &request.session_id, &request.layer_id);
                 Answer::Forward(
-                    self.observe(span, self.forward_step(metadata, request))
+                    self.observe(span, self.forward_step(caller, request))
                         .await?,
                 )
             }
             Some(Step::Backward(request)) => {
                 let span = rpc_span("Run.Backward", &request.session_id, &request.layer_id);
                 Answer::Backward(
-                    self.observe(span, self.backward_step(metadata, request))
+                    self.observe(span, self.backward_step(caller, request))
                         .await?,
                 )
             }
@@ -357,10 +358,11 @@ impl layer_service_server::LayerService for LayerService {
         let span = rpc_span("CreateSession", &request.get_ref().session_id, "");
         let response = self.observe(span, async {
             check_routing(request.metadata(), &request.get_ref().session_id)?;
+            let owner = Principal::of(request.extensions())?;
             let request = request.get_ref();
-            let (session_id, granted) = self
-                .store
-                .create(&request.session_id, request.idle_timeout_seconds)?;
+            let (session_id, granted) =
+                self.store
+                    .create(&owner, &request.session_id, request.idle_timeout_seconds)?;
             Span::current().record("session", session_id.as_str());
             Ok(pb::CreateSessionResponse {
                 session_id,
@@ -379,7 +381,8 @@ impl layer_service_server::LayerService for LayerService {
         let response = self.observe(span, async {
             check_routing(request.metadata(), session_id)?;
             check_id("session_id", session_id)?;
-            self.store.close(session_id)?;
+            self.store
+                .close(&Principal::of(request.extensions())?, session_id)?;
             Ok(pb::CloseSessionResponse {})
         });
         Ok(Response::new(response.await?))
@@ -406,7 +409,7 @@ impl layer_service_server::LayerService for LayerService {
             Span::current().record("kind", kind.name());
             metrics::note_kind(kind);
             self.store
-                .session(&message.session_id)?
+                .session(&Principal::of(request.extensions())?, &message.session_id)?
                 .create_layer(&message.layer_id, kind)?;
             Ok(pb::CreateLayerResponse {})
         });
@@ -417,11 +420,14 @@ impl layer_service_server::LayerService for LayerService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> ServiceResult<pb::ForwardResponse> {
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
         let span = rpc_span("Forward", &message.session_id, &message.layer_id);
         Ok(Response::new(
-            self.observe(span, self.forward_step(&metadata, message))
-                .await?,
+            self.observe(span, async {
+                let caller = Caller::from_parts(metadata, &extensions)?;
+                self.forward_step(&caller, message).await
+            })
+            .await?,
         ))
     }
 
@@ -429,11 +435,14 @@ impl layer_service_server::LayerService for LayerService {
         &self,
         request: Request<pb::BackwardRequest>,
     ) -> ServiceResult<pb::BackwardResponse> {
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
         let span = rpc_span("Backward", &message.session_id, &message.layer_id);
         Ok(Response::new(
-            self.observe(span, self.backward_step(&metadata, message))
-                .await?,
+            self.observe(span, async {
+                let caller = Caller::from_parts(metadata, &extensions)?;
+                self.backward_step(&caller, message).await
+            })
+            .await?,
         ))
     }
 
@@ -443,12 +452,12 @@ impl layer_service_server::LayerService for LayerService {
         &self,
         request: Request<Streaming<pb::RunRequest>>,
     ) -> ServiceResult<Self::RunStream> {
-        let (metadata, _, steps) = request.into_parts();
-        let metadata = Arc::new(metadata);
+        let (metadata, extensions, steps) = request.into_parts();
+        let caller = Arc::new(Caller::from_parts(metadata, &extensions)?);
         let service = self.clone();
         let answers = answer_in_order(steps, self.max_message_bytes, move |step| {
-            let (service, metadata) = (service.clone(), metadata.clone());
-            async move { service.run_step(&metadata, step).await }
+            let (service, caller) = (service.clone(), caller.clone());
+            async move { service.run_step(&caller, step).await }
         });
         Ok(Response::new(answers))
     }

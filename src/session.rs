@@ -32,6 +32,7 @@ use tokio::{
     time::{sleep_until, Instant},
 };
 
+use crate::auth::Principal;
 use crate::error::Error;
 use crate::layers::{Kept, Kind};
 use crate::metrics::{self, EndCause};
@@ -167,6 +168,7 @@ impl Store {
     /// of 0 gets the default, one above the maximum gets the maximum.
     pub fn create(
         &self,
+        owner: &Principal,
         requested_id: &str,
         idle_timeout_seconds: u32,
     ) -> Result<(String, Duration), Error> {
@@ -179,25 +181,27 @@ impl Store {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut state = self.shared.lock_state();
-        let id = if requested_id.is_empty() {
+        let (id, key) = if requested_id.is_empty() {
             loop {
                 let id = random_id();
-                if !state.sessions.contains_key(&id) {
-                    break id;
+                let key = key(owner, &id);
+                if !state.sessions.contains_key(&key) {
+                    break (id, key);
                 }
             }
         } else {
             check_id("session_id", requested_id)?;
-            if let Some(entry) = state.sessions.get(requested_id) {
+            let key = key(owner, requested_id);
+            if let Some(entry) = state.sessions.get(&key) {
                 if entry.deadline > now {
                     return Err(Error::SessionExists {
                         session_id: requested_id.to_string(),
                     });
                 }
-                expired.extend(state.remove(requested_id));
+                expired.extend(state.remove(&key));
                 metrics::sessions_ended(EndCause::Idle, 1);
             }
-            requested_id.to_string()
+            (requested_id.to_string(), key)
         };
         if state.sessions.len() >= limits.max_sessions {
             // Sessions past their deadline do not count against the limit.
@@ -229,9 +233,9 @@ impl Store {
             .expirations
             .first()
             .is_none_or(|(first, _)| deadline < *first);
-        state.expirations.insert((deadline, id.clone()));
+        state.expirations.insert((deadline, key.clone()));
         state.sessions.insert(
-            id.clone(),
+            key,
             Entry {
                 session,
                 deadline,
@@ -247,17 +251,19 @@ impl Store {
         Ok((id, idle_timeout))
     }
 
-    /// The live session `id`, with its idle deadline moved to now + its timeout.
-    pub fn session(&self, id: &str) -> Result<Arc<Session>, Error> {
+    /// `owner`'s live session `id`, with its idle deadline moved to now + its
+    /// timeout. Another principal's session of that id is not found.
+    pub fn session(&self, owner: &Principal, id: &str) -> Result<Arc<Session>, Error> {
         let now = Instant::now();
+        let key = key(owner, id);
         let mut state = self.shared.lock_state();
-        match state.sessions.get_mut(id) {
+        match state.sessions.get_mut(&key) {
             Some(entry) if entry.deadline > now => {
                 entry.deadline = now + entry.session.idle_timeout;
                 Ok(entry.session.clone())
             }
             Some(_) => {
-                let expired = state.remove(id);
+                let expired = state.remove(&key);
                 drop(state);
                 metrics::sessions_ended(EndCause::Idle, 1);
                 drop(expired);
@@ -267,11 +273,12 @@ impl Store {
         }
     }
 
-    /// Closes session `id`, freeing what it kept once in-flight calls end.
-    pub fn close(&self, id: &str) -> Result<(), Error> {
+    /// Closes `owner`'s session `id`, freeing what it kept once in-flight
+    /// calls end.
+    pub fn close(&self, owner: &Principal, id: &str) -> Result<(), Error> {
         let now = Instant::now();
         let mut state = self.shared.lock_state();
-        let removed = state.remove(id).ok_or_else(|| not_found(id))?;
+        let removed = state.remove(&key(owner, id)).ok_or_else(|| not_found(id))?;
         drop(state);
         if removed.deadline <= now {
             metrics::sessions_ended(EndCause::Idle, 1);
@@ -382,6 +389,16 @@ fn not_found(id: &str) -> Error {
     Error::SessionNotFound {
         session_id: id.to_string(),
     }
+}
+
+/// The store's key of `owner`'s session `id`. Ids cannot contain NUL, so
+/// principals never share a key.
+fn key(owner: &Principal, id: &str) -> String {
+    let mut key = String::with_capacity(owner.name().len() + 1 + id.len());
+    key.push_str(owner.name());
+    key.push('\0');
+    key.push_str(id);
+    key
 }
 
 /// 128 bits from the operating system's CSPRNG, as 32 hex digits.
@@ -585,6 +602,50 @@ mod tests {
         }
     }
 
+    fn anon() -> Principal {
+        Principal::default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_principal_has_its_own_id_space() {
+        let auth =
+            crate::auth::Authenticator::parse("aaaaaaaaaaaaaaaa alice\nbbbbbbbbbbbbbbbb bob\n")
+                .unwrap();
+        let principal = |token: &str| {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            use tonic::service::Interceptor;
+            Principal::of(auth.clone().call(request).unwrap().extensions()).unwrap()
+        };
+        let (alice, bob) = (principal("aaaaaaaaaaaaaaaa"), principal("bbbbbbbbbbbbbbbb"));
+        let guard = Store::start(limits());
+        let store = guard.store();
+        store.create(&alice, "s", 10).unwrap();
+        store
+            .session(&alice, "s")
+            .unwrap()
+            .create_layer("l", Kind::Relu)
+            .unwrap();
+        for other in [&bob, &anon()] {
+            assert!(matches!(
+                store.session(other, "s"),
+                Err(Error::SessionNotFound { .. })
+            ));
+            assert!(matches!(
+                store.close(other, "s"),
+                Err(Error::SessionNotFound { .. })
+            ));
+        }
+        // Bob's own "s" is another session; Alice's is untouched.
+        store.create(&bob, "s", 10).unwrap();
+        assert!(store.session(&bob, "s").unwrap().layer("l").is_err());
+        assert!(store.session(&alice, "s").unwrap().layer("l").is_ok());
+        store.close(&bob, "s").unwrap();
+        assert!(store.session(&alice, "s").is_ok());
+    }
+
     fn ones(len: usize) -> Tensor {
         Tensor::from_array(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[len]), 1.0f32))
     }
@@ -606,30 +667,36 @@ mod tests {
     async fn idle_sessions_expire_and_calls_keep_them_alive() {
         let guard = Store::start(limits());
         let store = guard.store();
-        let (a, granted) = store.create("a", 1).unwrap();
+        let (a, granted) = store.create(&anon(), "a", 1).unwrap();
         assert_eq!(granted, Duration::from_secs(1));
-        store.create("b", 3).unwrap();
+        store.create(&anon(), "b", 3).unwrap();
         // Over the maximum is lowered to it; 0 is the default.
-        assert_eq!(store.create("c", 9999).unwrap().1, Duration::from_secs(600));
-        store.close("c").unwrap();
-        assert_eq!(store.create("", 0).unwrap().1, Duration::from_secs(60));
+        assert_eq!(
+            store.create(&anon(), "c", 9999).unwrap().1,
+            Duration::from_secs(600)
+        );
+        store.close(&anon(), "c").unwrap();
+        assert_eq!(
+            store.create(&anon(), "", 0).unwrap().1,
+            Duration::from_secs(60)
+        );
 
         tokio::time::sleep(Duration::from_millis(700)).await;
-        store.session(&a).unwrap(); // moves a's deadline to 1.7 s
+        store.session(&anon(), &a).unwrap(); // moves a's deadline to 1.7 s
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert!(
-            store.session("a").is_ok(),
+            store.session(&anon(), "a").is_ok(),
             "a call 0.7 s ago keeps it alive"
         );
         tokio::time::sleep(Duration::from_millis(1001)).await;
         assert!(matches!(
-            store.session("a"),
+            store.session(&anon(), "a"),
             Err(Error::SessionNotFound { .. })
         ));
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The purge task removed b (3 s) without any call touching it.
         assert_eq!(store.session_count(), 1);
-        assert!(store.session("b").is_err());
+        assert!(store.session(&anon(), "b").is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -637,20 +704,20 @@ mod tests {
         let guard = Store::start(limits());
         let store = guard.store();
         for id in ["s1", "s2", "s3"] {
-            store.create(id, 1).unwrap();
+            store.create(&anon(), id, 1).unwrap();
         }
-        let err = store.create("s4", 1).unwrap_err();
+        let err = store.create(&anon(), "s4", 1).unwrap_err();
         assert!(err.to_string().contains("--max-sessions"), "{err}");
         assert!(matches!(
-            store.create("s1", 1),
+            store.create(&anon(), "s1", 1),
             Err(Error::SessionExists { .. })
         ));
         // Expired sessions do not count against the limit, even before the purge.
         tokio::time::advance(Duration::from_secs(2)).await;
-        store.create("s4", 1).unwrap();
-        store.create("s1", 1).unwrap();
+        store.create(&anon(), "s4", 1).unwrap();
+        store.create(&anon(), "s1", 1).unwrap();
 
-        let session = store.session("s4").unwrap();
+        let session = store.session(&anon(), "s4").unwrap();
         session.create_layer("l1", Kind::Relu).unwrap();
         assert!(matches!(
             session.create_layer("l1", Kind::Relu),
@@ -668,10 +735,10 @@ mod tests {
     async fn kept_bytes_are_charged_and_released_exactly() {
         let guard = Store::start(limits());
         let store = guard.store();
-        store.create("s1", 10).unwrap();
-        store.create("s2", 10).unwrap();
-        let s1 = store.session("s1").unwrap();
-        let s2 = store.session("s2").unwrap();
+        store.create(&anon(), "s1", 10).unwrap();
+        store.create(&anon(), "s2", 10).unwrap();
+        let s1 = store.session(&anon(), "s1").unwrap();
+        let s2 = store.session(&anon(), "s2").unwrap();
 
         let x = ones(200); // sigmoid keeps 800 bytes of f32
         let (_, kept) = Kind::Sigmoid.forward(&x);
@@ -696,7 +763,7 @@ mod tests {
         assert_eq!(store.kept_bytes(), 0);
         let held = s2.reserve(700).unwrap();
         drop(s2);
-        store.close("s2").unwrap();
+        store.close(&anon(), "s2").unwrap();
         // The charge outlives its session until its holder drops it.
         assert_eq!(store.kept_bytes(), 700);
         drop(held);

@@ -7,86 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
-use layerd::pb::inference::{
-    self as kserve, grpc_inference_service_client::GrpcInferenceServiceClient,
-    infer_parameter::ParameterChoice, model_infer_request::InferInputTensor, InferParameter,
-};
+use common::{kserve::*, *};
+use layerd::pb::inference::infer_parameter::ParameterChoice;
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
-use tonic::{transport::Channel, Code};
-
-fn request(
-    model: &str,
-    input: &str,
-    values: &[f64],
-    params: &[(&str, ParameterChoice)],
-) -> kserve::ModelInferRequest {
-    kserve::ModelInferRequest {
-        model_name: model.into(),
-        inputs: vec![InferInputTensor {
-            name: input.into(),
-            datatype: "FP64".into(),
-            shape: vec![values.len() as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![values
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into()],
-        parameters: params
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    InferParameter {
-                        parameter_choice: Some(v.clone()),
-                    },
-                )
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
-
-fn values(response: &kserve::ModelInferResponse) -> Vec<f64> {
-    response.raw_output_contents[0]
-        .chunks_exact(8)
-        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-async fn kserve_client(server: &TestServer) -> GrpcInferenceServiceClient<Channel> {
-    GrpcInferenceServiceClient::new(server.channel().await)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
-}
-
-/// One ModelInfer call: the input is `dout` for Backward models, else `x`.
-async fn infer(
-    client: &mut GrpcInferenceServiceClient<Channel>,
-    model: &str,
-    values: &[f64],
-    params: &[(&str, ParameterChoice)],
-) -> Result<kserve::ModelInferResponse, tonic::Status> {
-    let input = if model.ends_with("_backward") {
-        "dout"
-    } else {
-        "x"
-    };
-    client
-        .model_infer(request(model, input, values, params))
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn seq(id: u64) -> (&'static str, ParameterChoice) {
-    ("sequence_id", ParameterChoice::Uint64Param(id))
-}
-
-fn flag(name: &'static str) -> (&'static str, ParameterChoice) {
-    (name, ParameterChoice::BoolParam(true))
-}
+use tonic::Code;
 
 #[tokio::test]
 async fn a_sequence_start_cut_off_by_the_request_timeout_leaves_no_session() {
@@ -146,7 +70,7 @@ async fn a_cancelled_forward_keeps_the_sequence_as_it_was() {
     )
     .await
     .unwrap();
-    assert_eq!(values(&dx), [1.0, 1.0]);
+    assert_eq!(infer_values(&dx), [1.0, 1.0]);
     server.stop().await;
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
@@ -16,7 +16,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client
 /// certificate, as PEM files in a temporary directory.
 struct Pki {
-    dir: PathBuf,
+    dir: TempDir,
     ca: String,
     client: (String, String),
 }
@@ -35,15 +35,10 @@ fn generate_pki() -> Pki {
     };
     let server = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
     let client = leaf(vec!["client.layerd.test".into()]);
-    let dir = std::env::temp_dir().join(format!(
-        "layerd-tls-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("server.pem"), &server.0).unwrap();
-    std::fs::write(dir.join("server.key"), &server.1).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let dir = TempDir::new("layerd-tls");
+    dir.write("server.pem", &server.0);
+    dir.write("server.key", &server.1);
+    dir.write("ca.pem", ca.pem());
     Pki {
         dir,
         ca: ca.pem(),
@@ -51,15 +46,8 @@ fn generate_pki() -> Pki {
     }
 }
 
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 async fn tls_server(pki: &Pki, mutual: bool) -> TestServer {
-    let dir = pki.dir.clone();
+    let dir = pki.dir.0.clone();
     start(move |c| {
         c.tls_cert = Some(dir.join("server.pem"));
         c.tls_key = Some(dir.join("server.key"));
@@ -151,9 +139,8 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     // A certificate from another CA is refused too.
     let stranger = generate_pki();
     let foreign = Pki {
-        dir: pki.dir.clone(),
-        ca: pki.ca.clone(),
         client: stranger.client,
+        ..pki
     };
     match tls_channel(&server, &foreign, true).await {
         Err(_) => {}

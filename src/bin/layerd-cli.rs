@@ -10,9 +10,10 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use layerd::client::Bearer;
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
 use layerd::tensor::Tensor;
-use tonic::transport::Channel;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -32,6 +33,10 @@ struct Cli {
         global = true
     )]
     addr: String,
+
+    /// Bearer token sent on every layer call (for a server started with --auth-tokens).
+    #[arg(long, env = "LAYERD_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
 
     /// How long to wait for the server.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
@@ -79,7 +84,10 @@ enum Failure {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match connect(&cli.addr, cli.timeout).await {
-        Ok(channel) => run(cli.command, channel).await,
+        Ok(channel) => match layerd::client::Bearer::new(cli.token.as_deref()) {
+            Ok(bearer) => run(cli.command, channel, bearer).await,
+            Err(message) => Err(Failure::Call(message)),
+        },
         Err(failure) => Err(failure),
     };
     match result {
@@ -106,10 +114,10 @@ fn failed(status: tonic::Status) -> Failure {
     Failure::Call(format!("{:?}: {}", status.code(), status.message()))
 }
 
-async fn run(command: Command, channel: Channel) -> Result<(), Failure> {
+async fn run(command: Command, channel: Channel, bearer: Bearer) -> Result<(), Failure> {
     match command {
         Command::Kinds => {
-            let kinds = LayerServiceClient::new(channel)
+            let kinds = LayerServiceClient::with_interceptor(channel, bearer)
                 .list_layer_kinds(pb::ListLayerKindsRequest {})
                 .await
                 .map_err(failed)?
@@ -146,7 +154,15 @@ async fn run(command: Command, channel: Channel) -> Result<(), Failure> {
             kind,
             values,
             dtype,
-        } => try_layer(LayerServiceClient::new(channel), &kind, &values, dtype).await,
+        } => {
+            try_layer(
+                LayerServiceClient::with_interceptor(channel, bearer),
+                &kind,
+                &values,
+                dtype,
+            )
+            .await
+        }
     }
 }
 
@@ -185,7 +201,7 @@ fn show(tensor: Option<pb::Tensor>, field: &str) -> Result<String, Failure> {
 }
 
 async fn try_layer(
-    mut client: LayerServiceClient<Channel>,
+    mut client: LayerServiceClient<InterceptedService<Channel, Bearer>>,
     kind: &str,
     values: &str,
     dtype: Dtype,

@@ -20,9 +20,10 @@ use std::{
 };
 
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
+use crate::auth::{Caller, Principal};
 use crate::error::Error;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::service::{answer_in_order, backward_on, compute, forward_on, observe, Phases, Rpc};
@@ -89,7 +90,7 @@ impl InferenceService {
     /// One inference, recorded in its model's statistics.
     async fn infer(
         &self,
-        metadata: &MetadataMap,
+        caller: &Caller,
         request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Error> {
         let method = "ModelInfer";
@@ -115,7 +116,7 @@ impl InferenceService {
         let result = observe(
             self.shared.request_timeout,
             Rpc { method, span },
-            self.infer_model(model, metadata, request, &mut stages),
+            self.infer_model(model, caller, request, &mut stages),
         )
         .await;
         self.shared.stats[model.index()].record(result.is_ok(), started.elapsed(), &stages);
@@ -125,14 +126,14 @@ impl InferenceService {
     async fn infer_model(
         &self,
         model: Model,
-        metadata: &MetadataMap,
+        caller: &Caller,
         mut request: pb::ModelInferRequest,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
         crate::metrics::note_kind(model.kind);
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
-        params.check_routing(metadata)?;
+        params.check_routing(&caller.metadata)?;
         let input = take_input(model, &mut request)?;
         let span = Span::current();
         span.record("kind", model.kind.name());
@@ -153,8 +154,15 @@ impl InferenceService {
                 ))
             }
             (Some(id), _) => {
-                self.infer_in_sequence(model, id, &params, input, &mut stages.layer)
-                    .await?
+                self.infer_in_sequence(
+                    &caller.principal,
+                    model,
+                    id,
+                    &params,
+                    input,
+                    &mut stages.layer,
+                )
+                .await?
             }
             (None, Direction::Forward | Direction::NoGrad) => {
                 let computing = Instant::now();
@@ -188,6 +196,7 @@ impl InferenceService {
     /// session holds for its layer instance.
     async fn infer_in_sequence(
         &self,
+        owner: &Principal,
         model: Model,
         id: &SequenceId,
         params: &SequenceParams,
@@ -204,13 +213,14 @@ impl InferenceService {
         // not leave its new session behind.
         let mut created = None;
         if params.start {
-            store.create(&session_id, 0)?;
+            store.create(owner, &session_id, 0)?;
             created = Some(CloseOnDrop {
                 store: store.clone(),
+                owner: owner.clone(),
                 session_id: Some(session_id.clone()),
             });
         }
-        let session = store.session(&session_id)?;
+        let session = store.session(owner, &session_id)?;
         let output = match model.direction {
             Direction::Forward => {
                 let layer = session.layer_or_create(layer_id, model.kind)?;
@@ -231,7 +241,7 @@ impl InferenceService {
         };
         if params.end {
             // Answered: the sequence is over. It may have expired meanwhile.
-            let _ = store.close(&session_id);
+            let _ = store.close(owner, &session_id);
         }
         if let Some(guard) = created {
             guard.disarm();
@@ -247,6 +257,7 @@ impl InferenceService {
 /// Closes a session created by a sequence_start whose call did not succeed.
 struct CloseOnDrop {
     store: Store,
+    owner: Principal,
     /// `None` once the call succeeded.
     session_id: Option<String>,
 }
@@ -260,7 +271,7 @@ impl CloseOnDrop {
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         if let Some(session_id) = &self.session_id {
-            let _ = self.store.close(session_id);
+            let _ = self.store.close(&self.owner, session_id);
         }
     }
 }
@@ -401,8 +412,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> ServiceResult<pb::ModelInferResponse> {
-        let (metadata, _, message) = request.into_parts();
-        Ok(Response::new(self.infer(&metadata, message).await?))
+        let (metadata, extensions, message) = request.into_parts();
+        let caller = Caller::from_parts(metadata, &extensions)?;
+        Ok(Response::new(self.infer(&caller, message).await?))
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;
@@ -411,17 +423,17 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> ServiceResult<Self::ModelStreamInferStream> {
-        let (metadata, _, requests) = request.into_parts();
+        let (metadata, extensions, requests) = request.into_parts();
         let errors_as_status = metadata
             .get(GRPC_ERROR_HEADER)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let metadata = Arc::new(metadata);
+        let caller = Arc::new(Caller::from_parts(metadata, &extensions)?);
         let service = self.clone();
         let answers = answer_in_order(requests, self.shared.max_message_bytes, move |request| {
-            let (service, metadata) = (service.clone(), metadata.clone());
+            let (service, caller) = (service.clone(), caller.clone());
             async move {
                 let (model_name, id) = (request.model_name.clone(), request.id.clone());
-                match service.infer(&metadata, request).await {
+                match service.infer(&caller, request).await {
                     Ok(response) => Ok(pb::ModelStreamInferResponse {
                         error_message: String::new(),
                         infer_response: Some(response),

@@ -2,6 +2,8 @@
 //! for it, and tensor helpers.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod kserve;
+
 use std::{net::SocketAddr, time::Duration};
 
 use layerd::config::Config;
@@ -71,6 +73,34 @@ impl TestServer {
             .expect("server task did not panic")
             .expect("server returned Ok");
         started.elapsed()
+    }
+}
+
+/// A directory of test files, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes `contents` to the file `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -118,6 +118,34 @@ def test_limits_and_deadlines_are_typed():
         assert server.stop() == 0
 
 
+def test_a_token_authenticates_and_keeps_sessions_apart(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token-0123456789 alice\nbob-token-0123456789ab bob\n")
+    server = Server(f"--auth-tokens={tokens}")
+    try:
+        with layerd.Client(server.addr) as anonymous:
+            with pytest.raises(layerd.Unauthenticated) as caught:
+                anonymous.kinds()
+            assert caught.value.reason == "MISSING_TOKEN"
+        with layerd.Client(server.addr, token="wrong-token-0123456789") as stranger:
+            with pytest.raises(layerd.Unauthenticated) as caught:
+                stranger.session()
+            assert caught.value.reason == "INVALID_TOKEN"
+        with layerd.Client(server.addr, token="alice-token-0123456789") as alice, \
+                layerd.Client(server.addr, token="bob-token-0123456789ab") as bob:
+            assert "relu" in alice.kinds()
+            with alice.session(session_id="shared-name") as mine:
+                relu = mine.layer("relu", layer_id="l")
+                relu.forward(np.array([-1.0, 2.0]))
+                # Bob's session of that name is his own: his layer "l" kept nothing.
+                with bob.session(session_id="shared-name") as theirs:
+                    with pytest.raises(layerd.FailedPrecondition):
+                        theirs.layer("relu", layer_id="l").backward(np.ones(2))
+                assert relu.backward(np.ones(2)).tolist() == [0.0, 1.0]
+    finally:
+        assert server.stop() == 0
+
+
 def test_an_unreachable_server_is_unavailable():
     with layerd.Client("127.0.0.1:1", timeout=2) as client:
         started = time.monotonic()

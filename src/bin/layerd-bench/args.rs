@@ -129,6 +129,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     pub shared_sessions: usize,
 
+    /// Bearer token sent on every call (for a server started with --auth-tokens).
+    #[arg(long, env = "LAYERD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Send the session id as `x-session-id` metadata, for load balancers.
     #[arg(long)]
     pub session_header: bool,

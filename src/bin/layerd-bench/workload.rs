@@ -15,12 +15,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{metadata::MetadataValue, transport::Channel, Code, Request, Status, Streaming};
+use tonic::{
+    metadata::MetadataValue, service::interceptor::InterceptedService, transport::Channel, Code,
+    Request, Status, Streaming,
+};
 
 use crate::args::{Kind, Mode, RunArgs};
 use crate::reference::Reference;
 
-type Client = LayerServiceClient<Channel>;
+type Client = LayerServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
 
 /// Largest message the bench sends or accepts.
 const MAX_MESSAGE: usize = 1 << 30;
@@ -78,9 +81,11 @@ impl Measured {
 /// Connects to the server: a clear error, not a hang, when it is down.
 pub async fn connect(
     addr: &str,
+    token: Option<&str>,
     connections: usize,
     call_timeout: Duration,
 ) -> Result<Vec<Client>, SetupError> {
+    let bearer = layerd::client::Bearer::new(token).map_err(SetupError::Unreachable)?;
     let endpoint = layerd::client::endpoint(addr, Duration::from_secs(5))
         .map_err(SetupError::Unreachable)?
         .timeout(call_timeout)
@@ -94,7 +99,7 @@ pub async fn connect(
             .await
             .map_err(SetupError::Unreachable)?;
         clients.push(
-            LayerServiceClient::new(channel)
+            LayerServiceClient::with_interceptor(channel, bearer.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         );
@@ -153,7 +158,13 @@ impl Shared {
 
 /// Runs one workload with `kind` and `shape` and returns its figures.
 pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, SetupError> {
-    let clients = connect(&args.addr, args.connections.max(1), args.call_timeout).await?;
+    let clients = connect(
+        &args.addr,
+        args.token.as_deref(),
+        args.connections.max(1),
+        args.call_timeout,
+    )
+    .await?;
     let workers = args.workers().max(1);
     let (session_ids, targets) = open_sessions(args, clients[0].clone(), kind, workers).await?;
 

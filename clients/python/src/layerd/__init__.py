@@ -9,9 +9,9 @@
 """
 from .client import SESSION_HEADER, Client, Layer, Session, from_tensor, to_tensor
 from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, LayerdError, NotFound,
-                     ResourceExhausted, Unavailable)
+                     ResourceExhausted, Unauthenticated, Unavailable)
 
 __all__ = ["Client", "Session", "Layer", "to_tensor", "from_tensor", "SESSION_HEADER", "LayerdError", "NotFound",
            "AlreadyExists", "InvalidArgument", "FailedPrecondition", "ResourceExhausted", "DeadlineExceeded",
-           "Unavailable"]
+           "Unavailable", "Unauthenticated"]
 __version__ = "0.1.0"

@@ -62,12 +62,16 @@ class Client:
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 << 20,
-                 timeout: Optional[float] = None, channel: Optional[grpc.Channel] = None):
+                 timeout: Optional[float] = None, channel: Optional[grpc.Channel] = None,
+                 token: Optional[str] = None):
+        """token: sent as `authorization: Bearer <token>` on every call, for a
+        server started with --auth-tokens (use a TLS channel to keep it secret)."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._stub = layerd_pb2_grpc.LayerServiceStub(self._channel)
         self.timeout = timeout
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
 
     def session(self, idle_timeout: int = 0, session_id: Optional[str] = None) -> "Session":
         """Opens a session; a context manager that closes it.
@@ -81,7 +85,8 @@ class Client:
     @_typed_errors
     def kinds(self) -> dict:
         """{name: description} of the layer kinds the server offers."""
-        answer = self._stub.ListLayerKinds(pb.ListLayerKindsRequest(), timeout=self.timeout)
+        answer = self._stub.ListLayerKinds(pb.ListLayerKindsRequest(), metadata=self._auth,
+                                           timeout=self.timeout)
         return {k.name: k.description for k in answer.kinds}
 
     def close(self):
@@ -101,7 +106,7 @@ class Session:
         self._client = client
         self._stub = client._stub
         self.id = session_id
-        self._metadata = ((SESSION_HEADER, session_id),)
+        self._metadata = ((SESSION_HEADER, session_id),) + client._auth
         self._count = 0
         answer = self._call(self._stub.CreateSession,
                             pb.CreateSessionRequest(session_id=session_id, idle_timeout_seconds=idle_timeout))

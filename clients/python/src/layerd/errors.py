@@ -53,7 +53,12 @@ class DeadlineExceeded(LayerdError):
 
 
 class Unavailable(LayerdError):
-    """The server cannot be reached or is shutting down."""
+    """The server cannot be reached, is shutting down, or shed the call under overload
+    (reason "OVERLOADED": the call did not run; retry after a backoff)."""
+
+
+class Unauthenticated(LayerdError):
+    """No valid bearer token (reason "MISSING_TOKEN" or "INVALID_TOKEN")."""
 
 
 _BY_CODE = {
@@ -64,6 +69,7 @@ _BY_CODE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 
