@@ -89,6 +89,16 @@ pub struct Config {
     #[arg(long, env = "LAYERD_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// Most calls in flight in the whole process (a stream counts once while open); beyond it
+    /// calls are refused at once with UNAVAILABLE (reason OVERLOADED) without running.
+    /// grpc.health and reflection are exempt.
+    #[arg(long, env = "LAYERD_MAX_CONCURRENT_CALLS", default_value_t = 512)]
+    pub max_concurrent_calls: usize,
+
+    /// Most client connections open at once; further ones are closed on accept.
+    #[arg(long, env = "LAYERD_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
     /// HTTP/2: most concurrent streams (calls) per connection.
     #[arg(long, env = "LAYERD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,

@@ -79,6 +79,12 @@ pub enum Error {
         detail: String,
     },
 
+    /// Shed at `--max-concurrent-calls` before running: safe to retry.
+    #[error(
+        "server overloaded: {max_calls} calls in flight (--max-concurrent-calls); the call did not run, retry after a backoff"
+    )]
+    Overloaded { max_calls: usize },
+
     #[error("request did not finish within the server's request timeout of {0:?}")]
     Timeout(Duration),
 
@@ -112,6 +118,7 @@ impl Error {
             Error::NothingKept { .. } | Error::SequenceRequired { .. } => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::Overloaded { .. } => Code::Unavailable,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         }
@@ -129,6 +136,7 @@ impl Error {
             Error::InvalidArgument { reason, .. } | Error::Unauthenticated { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
+            Error::Overloaded { .. } => "OVERLOADED",
             Error::Timeout(_) => "REQUEST_TIMEOUT",
             Error::Internal(_) => "INTERNAL",
         }
@@ -154,6 +162,7 @@ impl Error {
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
+            Error::Overloaded { .. } => vec![("limit", "--max-concurrent-calls")],
             Error::Unauthenticated { .. } | Error::Timeout(_) | Error::Internal(_) => vec![],
         };
         pairs

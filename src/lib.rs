@@ -14,6 +14,8 @@
 //!   sessions: models, sequence parameters, statistics.
 //! - [`auth`]: bearer tokens and the principal each session belongs to.
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
+//! - [`overload`]: the process-wide call limit (load shedding) and the
+//!   connection cap.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
@@ -28,6 +30,7 @@ pub mod error;
 pub mod kserve;
 pub mod layers;
 pub mod metrics;
+pub mod overload;
 pub mod server;
 pub mod service;
 pub mod session;

@@ -9,6 +9,10 @@
 //! | `layerd_sessions_ended_total` | counter | `cause`: `closed` (CloseSession, sequence_end), `idle` (expired) |
 //! | `layerd_kept_bytes` | gauge | |
 //! | `layerd_tensor_bytes_total` | counter | `direction`: `in`, `out` |
+//! | `layerd_calls_in_flight` | gauge | |
+//! | `layerd_calls_shed_total` | counter | |
+//! | `layerd_connections_open` | gauge | |
+//! | `layerd_connections_refused_total` | counter | |
 //!
 //! `method` is the RPC (`Forward`, `Run.Backward`, `ModelInfer`, ...), `kind`
 //! the layer kind once known (else ""), `code` the gRPC status code name as
@@ -42,6 +46,10 @@ const SESSIONS_OPEN: &str = "layerd_sessions_open";
 const SESSIONS_ENDED: &str = "layerd_sessions_ended_total";
 const KEPT_BYTES: &str = "layerd_kept_bytes";
 const TENSOR_BYTES: &str = "layerd_tensor_bytes_total";
+const CALLS_IN_FLIGHT: &str = "layerd_calls_in_flight";
+const CALLS_SHED: &str = "layerd_calls_shed_total";
+const CONNECTIONS_OPEN: &str = "layerd_connections_open";
+const CONNECTIONS_REFUSED: &str = "layerd_connections_refused_total";
 
 /// Call duration buckets: 50 µs to 30 s, covering 1 Ki calls to 64 MiB ones.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -109,6 +117,19 @@ fn describe() {
         TENSOR_BYTES,
         Unit::Bytes,
         "Tensor bytes received (in) and sent (out)"
+    );
+    describe_gauge!(
+        CALLS_IN_FLIGHT,
+        "Calls (streams count once) holding a --max-concurrent-calls slot"
+    );
+    describe_counter!(
+        CALLS_SHED,
+        "Calls refused UNAVAILABLE (OVERLOADED) at --max-concurrent-calls, not run"
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "Client connections open");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed on accept at --max-connections"
     );
 }
 
@@ -202,4 +223,24 @@ pub enum EndCause {
 /// Kept-state bytes reserved (positive) or released (negative).
 pub fn kept_bytes_changed(delta: i64) {
     gauge!(KEPT_BYTES).increment(delta as f64);
+}
+
+/// Calls holding an in-flight slot: `delta` is +1 or -1.
+pub fn calls_in_flight(delta: i8) {
+    gauge!(CALLS_IN_FLIGHT).increment(f64::from(delta));
+}
+
+/// A call shed at the concurrency limit.
+pub fn call_shed() {
+    counter!(CALLS_SHED).increment(1);
+}
+
+/// Connections open: `delta` is +1 or -1.
+pub fn connections_open(delta: i8) {
+    gauge!(CONNECTIONS_OPEN).increment(f64::from(delta));
+}
+
+/// A connection closed on accept at the connection cap.
+pub fn connection_refused() {
+    counter!(CONNECTIONS_REFUSED).increment(1);
 }

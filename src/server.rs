@@ -19,6 +19,7 @@ use tonic_health::ServingStatus;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::kserve::InferenceService;
+use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
     self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
     layer_service_server::LayerServiceServer,
@@ -113,6 +114,7 @@ pub async fn run(
         .max_frame_size(window(config.max_frame_size))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(ShedLayer::new(config.max_concurrent_calls))
         .layer(tower::util::MapResponseLayer::new(
             move |response: http::Response<tonic::body::Body>| {
                 rewrite_oversize_status(response, max_message_bytes)
@@ -130,7 +132,10 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = cap_connections(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        config.max_connections,
+    );
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = accepting_stopped.await;

@@ -10,11 +10,11 @@
 
 use std::{
     future::Future,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{metadata::MetadataMap, Code, Request, Response, Status, Streaming};
 use tracing::{field, Instrument, Span};
@@ -320,7 +320,9 @@ where
     ReceiverStream::new(receiver)
 }
 
-/// Runs `work` inline when small, else on the blocking pool.
+/// Runs `work` inline when small, else on the blocking pool — at most one
+/// large computation per core at a time, so they cannot crowd out the async
+/// workers that read requests, answer small calls and shed load.
 pub async fn compute<T: Send + 'static>(
     elements: usize,
     work: impl FnOnce() -> T + Send + 'static,
@@ -328,9 +330,20 @@ pub async fn compute<T: Send + 'static>(
     if elements <= INLINE_COMPUTE_MAX_ELEMENTS {
         return Ok(work());
     }
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::Internal(format!("layer computation failed: {e}")))
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Arc::new(Semaphore::new(cores))
+    });
+    let slot = slots.clone().acquire_owned().await.expect("never closed");
+    // The slot moves into the computation: a cancelled call frees it only
+    // when its computation has really ended.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("layer computation failed: {e}")))
 }
 
 /// tonic answers an oversize message with OUT_OF_RANGE; layerd answers every

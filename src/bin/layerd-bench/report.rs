@@ -29,12 +29,15 @@ pub struct Summary {
     pub mb_per_s_sent: f64,
     pub mb_per_s_received: f64,
     pub latency_us: Latency,
+    /// Latency of the failed calls (all zero without any).
+    #[serde(default)]
+    pub error_latency_us: Latency,
     pub errors: BTreeMap<String, u64>,
     pub error_examples: BTreeMap<String, String>,
     pub mismatches: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub p50: u64,
     pub p90: u64,
@@ -42,6 +45,22 @@ pub struct Latency {
     pub p999: u64,
     pub max: u64,
     pub mean: f64,
+}
+
+impl Latency {
+    fn of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
 }
 
 /// The JSON file: every run of one invocation.
@@ -65,9 +84,6 @@ impl Report {
 impl Summary {
     pub fn new(args: &RunArgs, kind: Kind, shape: &[u64], measured: &Measured) -> Summary {
         let seconds = measured.seconds.max(1e-9);
-        let h = &measured.latency_us;
-        let empty = h.is_empty();
-        let q = |q: f64| if empty { 0 } else { h.value_at_quantile(q) };
         Summary {
             label: args.label.clone(),
             addr: args.addr.clone(),
@@ -86,14 +102,8 @@ impl Summary {
             bytes_received: measured.bytes_received,
             mb_per_s_sent: measured.bytes_sent as f64 / seconds / 1e6,
             mb_per_s_received: measured.bytes_received as f64 / seconds / 1e6,
-            latency_us: Latency {
-                p50: q(0.5),
-                p90: q(0.9),
-                p99: q(0.99),
-                p999: q(0.999),
-                max: if empty { 0 } else { h.max() },
-                mean: if empty { 0.0 } else { h.mean() },
-            },
+            latency_us: Latency::of(&measured.latency_us),
+            error_latency_us: Latency::of(&measured.error_latency_us),
             errors: measured.errors.clone(),
             error_examples: measured.error_examples.clone(),
             mismatches: measured.mismatches,
@@ -162,6 +172,13 @@ impl Summary {
                 ),
             ),
             ("errors", errors),
+            (
+                "failed (us)",
+                format!(
+                    "p50 {}  p99 {}  max {}",
+                    self.error_latency_us.p50, self.error_latency_us.p99, self.error_latency_us.max
+                ),
+            ),
             ("mismatches", self.mismatches.to_string()),
         ];
         for (name, value) in rows {

@@ -44,6 +44,8 @@ pub struct Measured {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub latency_us: Histogram<u64>,
+    /// Latency of the calls that failed (e.g. shed under overload).
+    pub error_latency_us: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
     pub error_examples: BTreeMap<String, String>,
     pub mismatches: u64,
@@ -57,6 +59,8 @@ impl Measured {
             bytes_sent: 0,
             bytes_received: 0,
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            error_latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("valid bounds"),
             errors: BTreeMap::new(),
             error_examples: BTreeMap::new(),
             mismatches: 0,
@@ -68,6 +72,9 @@ impl Measured {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
         self.latency_us.add(&other.latency_us).expect("same bounds");
+        self.error_latency_us
+            .add(&other.error_latency_us)
+            .expect("same bounds");
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }
@@ -454,6 +461,8 @@ impl Worker {
                 if measuring {
                     let code = code_name(status.code());
                     *self.measured.errors.entry(code.clone()).or_default() += 1;
+                    let micros = done.duration_since(scheduled).as_micros().max(1) as u64;
+                    self.measured.error_latency_us.saturating_record(micros);
                     self.measured
                         .error_examples
                         .entry(code)

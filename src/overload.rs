@@ -1,0 +1,246 @@
+//! Overload protection: a process-wide cap on calls in flight that sheds the
+//! excess at once, and a cap on open connections.
+//!
+//! Beyond `--max-concurrent-calls` a call is answered UNAVAILABLE (reason
+//! `OVERLOADED`) before its request is read or decoded: it did not run, so a
+//! client may retry it after a backoff. Waiting instead would let queued
+//! requests pile up memory and every caller's latency with it; refusing keeps
+//! the accepted calls' latency bounded. A call holds its slot until its
+//! response body ends, so a Run or ModelStreamInfer stream counts for as long
+//! as it is open. grpc.health and reflection are never shed: an overloaded
+//! replica must still answer its probes.
+//!
+//! Beyond `--max-connections` a new connection is closed as soon as it is
+//! accepted (the client sees UNAVAILABLE), so descriptors and per-connection
+//! HTTP/2 buffers stay bounded.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http_body_util::BodyExt;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{body::Body, transport::server::Connected};
+use tower::{Layer, Service};
+
+use crate::error::Error;
+use crate::metrics;
+
+/// Paths never shed: probes and tooling must answer under any load.
+const EXEMPT_PREFIXES: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// How long accepting pauses after an accept error (e.g. EMFILE).
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The tower layer that sheds calls beyond `max_calls` in flight.
+#[derive(Clone)]
+pub struct ShedLayer {
+    slots: Arc<Semaphore>,
+    max_calls: usize,
+}
+
+impl ShedLayer {
+    pub fn new(max_calls: usize) -> ShedLayer {
+        ShedLayer {
+            slots: Arc::new(Semaphore::new(max_calls)),
+            max_calls,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            slots: self.slots.clone(),
+            max_calls: self.max_calls,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+    max_calls: usize,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for Shed<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        if EXEMPT_PREFIXES
+            .iter()
+            .any(|prefix| path.starts_with(prefix))
+        {
+            return Box::pin(self.inner.call(request));
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            metrics::call_shed();
+            let status = tonic::Status::from(Error::Overloaded {
+                max_calls: self.max_calls,
+            });
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        };
+        let slot = InFlight::new(slot);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // The slot is held until the body (a whole stream) is done.
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _ = &slot;
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+/// A call's slot, counted in the in-flight gauge while held.
+struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl InFlight {
+    fn new(permit: OwnedSemaphorePermit) -> InFlight {
+        metrics::calls_in_flight(1);
+        InFlight(permit)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::calls_in_flight(-1);
+    }
+}
+
+/// Accepted connections beyond `max_connections` open are closed at once;
+/// the others carry their slot until they close.
+pub fn cap_connections<I>(
+    incoming: I,
+    max_connections: usize,
+) -> impl Stream<Item = io::Result<Counted>>
+where
+    I: Stream<Item = io::Result<TcpStream>>,
+{
+    let slots = Arc::new(Semaphore::new(max_connections));
+    incoming
+        .then(|accepted| async {
+            if let Err(error) = &accepted {
+                // Out of descriptors, say: tonic retries at once, which
+                // would spin; pause so connections can close meanwhile.
+                tracing::warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+            accepted
+        })
+        .filter_map(move |accepted| match accepted {
+            Err(error) => Some(Err(error)),
+            Ok(stream) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    metrics::connections_open(1);
+                    Some(Ok(Counted {
+                        stream,
+                        _slot: slot,
+                    }))
+                }
+                Err(_) => {
+                    metrics::connection_refused();
+                    tracing::debug!(
+                        peer = ?stream.peer_addr().ok(),
+                        max_connections,
+                        "connection refused: --max-connections reached"
+                    );
+                    None // dropping the stream closes it
+                }
+            },
+        })
+}
+
+/// An accepted connection holding one of the `--max-connections` slots.
+pub struct Counted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        metrics::connections_open(-1);
+    }
+}
+
+impl Connected for Counted {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
