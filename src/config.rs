@@ -148,6 +148,11 @@ pub struct Config {
     #[arg(long, env = "LAYERD_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// On SIGTERM/SIGINT: how long to keep serving after health turns NOT_SERVING, before the
+    /// listener closes, so load balancers that poll health stop routing here first.
+    #[arg(long, env = "LAYERD_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// On SIGTERM/SIGINT: how long in-flight calls may take to finish before the process exits.
     #[arg(long, env = "LAYERD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

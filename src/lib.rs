@@ -19,6 +19,7 @@
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
+//! - [`drain`]: ends health Watch streams when shutdown drains.
 //! - [`telemetry`], [`signal`]: logging setup and shutdown signals.
 //! - [`client`]: connecting, for the bundled tools `layerd-bench` (a verifying
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
@@ -26,6 +27,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod kserve;
 pub mod layers;

@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::drain::EndWatchesLayer;
 use crate::kserve::InferenceService;
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
@@ -38,8 +39,9 @@ pub async fn serve(config: Config) -> Result<(), BoxError> {
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns
-/// NOT_SERVING, the listener closes, in-flight calls get up to
-/// `config.shutdown_grace` to finish, and whatever is left is cut off.
+/// NOT_SERVING, after `config.shutdown_delay` the listener closes (and health
+/// Watch streams end), in-flight calls get up to `config.shutdown_grace` to
+/// finish, and whatever is left is cut off.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -100,6 +102,7 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_message_bytes = config.max_message_bytes.as_u64();
+    let (begin_drain, draining) = tokio::sync::watch::channel(false);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&config)? {
         builder = builder.tls_config(tls)?;
@@ -114,6 +117,7 @@ pub async fn run(
         .max_frame_size(window(config.max_frame_size))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(EndWatchesLayer::new(draining))
         .layer(ShedLayer::new(config.max_concurrent_calls))
         .layer(tower::util::MapResponseLayer::new(
             move |response: http::Response<tonic::body::Body>| {
@@ -157,7 +161,7 @@ pub async fn run(
         () = shutdown => {}
     }
 
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: health NOT_SERVING, draining calls");
+    tracing::info!(delay = ?config.shutdown_delay, grace = ?config.shutdown_grace, "shutting down: health NOT_SERVING");
     inference.set_not_ready();
     for service in [
         "",
@@ -168,6 +172,13 @@ pub async fn run(
             .set_service_status(service, ServingStatus::NotServing)
             .await;
     }
+    // Still serving, NOT_SERVING: load balancers polling health move away.
+    tokio::select! {
+        finished = &mut server => return finished?.map_err(Into::into),
+        () = tokio::time::sleep(config.shutdown_delay) => {}
+    }
+    tracing::info!("draining: listener closed, in-flight calls finishing");
+    let _ = begin_drain.send(true);
     let _ = stop_accepting.send(());
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {
         Ok(finished) => finished??,

@@ -1,0 +1,123 @@
+"""SIGTERM under load: health turns NOT_SERVING first (watchers see it while calls are still
+served), every call in flight at the signal completes, Run streams open across it finish all
+their steps, calls after the drain begins are refused UNAVAILABLE (nothing else), and the
+process exits 0 within --shutdown-delay + --shutdown-grace."""
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from layerd_server import Server
+from test_numpy_conformance import from_tensor, to_tensor
+
+DELAY, GRACE = 1.0, 10.0
+CALLERS, STREAMS = 8, 4
+SIZE = 1 << 18  # 256 Ki float32 (1 MiB): a few ms per Forward
+
+
+def test_sigterm_under_load_fails_no_call_in_flight(pb):
+    pb2, pb2_grpc = pb
+    server = Server(f"--shutdown-delay={DELAY}s", f"--shutdown-grace={GRACE}s")
+    x = np.random.default_rng(7).standard_normal(SIZE).astype(np.float32)
+    expected = np.maximum(x, 0)  # ReLU: bit-identical to numpy
+    calls, steps, watched = [], [], []  # (started, ended, code)
+    stop = threading.Event()
+
+    def caller(index):
+        channel = server.channel()
+        stub = pb2_grpc.LayerServiceStub(channel)
+        sid = f"caller-{index}"
+        stub.CreateSession(pb2.CreateSessionRequest(session_id=sid))
+        stub.CreateLayer(pb2.CreateLayerRequest(session_id=sid, layer_id="l", kind="relu"))
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                y = stub.Forward(pb2.ForwardRequest(session_id=sid, layer_id="l", x=to_tensor(pb2, x)), timeout=30)
+                right = np.array_equal(from_tensor(pb2, y.y), expected)
+                code = grpc.StatusCode.OK if right else "wrong answer"
+            except grpc.RpcError as error:
+                code = error.code()
+            calls.append((started, time.monotonic(), code))
+            if code != grpc.StatusCode.OK:
+                break  # the server is draining: this connection is done
+        channel.close()
+
+    def streamer(index):
+        channel = server.channel()
+        stub = pb2_grpc.LayerServiceStub(channel)
+        sid = f"stream-{index}"
+        stub.CreateSession(pb2.CreateSessionRequest(session_id=sid))
+        stub.CreateLayer(pb2.CreateLayerRequest(session_id=sid, layer_id="l", kind="relu"))
+        ends = time.monotonic() + 3 * DELAY  # well past the start of the drain
+
+        def requests():
+            while time.monotonic() < ends:
+                yield pb2.RunRequest(forward=pb2.ForwardRequest(session_id=sid, layer_id="l", x=to_tensor(pb2, x)))
+                time.sleep(0.01)
+
+        started = time.monotonic()
+        try:
+            answered = sum(1 for _ in stub.Run(requests(), timeout=30))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            answered, code = None, error.code()
+        steps.append((started, time.monotonic(), code, answered))
+        channel.close()
+
+    def watcher():
+        channel = grpc.insecure_channel(server.addr)
+        try:
+            for answer in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")):
+                watched.append((time.monotonic(), answer.status))
+        except grpc.RpcError as error:
+            watched.append((time.monotonic(), error.code()))
+        channel.close()
+
+    threads = ([threading.Thread(target=caller, args=(i,)) for i in range(CALLERS)]
+               + [threading.Thread(target=streamer, args=(i,)) for i in range(STREAMS)]
+               + [threading.Thread(target=watcher)])
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=DELAY + GRACE + 5)
+    exited = time.monotonic()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert code == 0
+    assert exited - signalled < DELAY + GRACE, exited - signalled
+    # Health: SERVING, then NOT_SERVING right after the signal, then the stream ends.
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    statuses = [status for _, status in watched]
+    assert statuses[:2] == [serving, not_serving], watched
+    flipped = watched[1][0]
+    assert flipped - signalled < 0.5, flipped - signalled
+    # ... and the Watch ends when the drain begins, not holding the exit for the grace period.
+    assert watched[-1][1] == grpc.StatusCode.UNAVAILABLE, watched
+    assert signalled + DELAY - 0.05 < watched[-1][0] < signalled + DELAY + 0.5, watched
+    # Every call in flight at the signal, or started before the drain began, succeeded.
+    drain_began = signalled + DELAY
+    in_flight = [c for c in calls if c[0] < signalled < c[1]]
+    before_drain = [c for c in calls if c[0] < drain_began - 0.05]
+    assert in_flight, "no call was in flight at the signal: the test proves nothing"
+    assert all(c[2] == grpc.StatusCode.OK for c in before_drain), [c for c in before_drain if c[2] != grpc.StatusCode.OK]
+    ok_after_flip = [c for c in calls if c[0] > flipped and c[2] == grpc.StatusCode.OK]
+    assert ok_after_flip, "calls are still served while health says NOT_SERVING"
+    # Calls after that: refused cleanly, UNAVAILABLE, and only after the drain began.
+    refused = [c for c in calls if c[2] != grpc.StatusCode.OK]
+    assert all(c[2] == grpc.StatusCode.UNAVAILABLE for c in refused), refused
+    assert all(c[1] > drain_began - 0.05 for c in refused), refused
+    # Streams open across the signal and the drain finished every step.
+    assert len(steps) == STREAMS and all(s[2] == grpc.StatusCode.OK and s[3] > 0 for s in steps), steps
+    assert not any("panicked" in line for line in server.log)
+    print(f"\nSIGTERM under load: {len(calls)} calls, {len(in_flight)} in flight at the signal and "
+          f"{len(before_drain)} started before the drain: 0 failed; {len(refused)} refused UNAVAILABLE after it; "
+          f"{STREAMS} streams ({sum(s[3] for s in steps)} steps) completed; NOT_SERVING after "
+          f"{(flipped - signalled) * 1000:.1f} ms; exit 0 after {exited - signalled:.2f} s "
+          f"(delay {DELAY} s + grace {GRACE} s)")
