@@ -10,6 +10,11 @@
 //! as it is open. grpc.health and reflection are never shed: an overloaded
 //! replica must still answer its probes.
 //!
+//! The same layer bounds the time until a call's answer starts by
+//! `--request-timeout`, including the time its request takes to arrive: a
+//! client that sends headers and then stalls its upload (a slow client) gets
+//! DEADLINE_EXCEEDED and frees its slot, instead of holding it forever.
+//!
 //! Beyond `--max-connections` a new connection is closed as soon as it is
 //! accepted (the client sees UNAVAILABLE), so descriptors and per-connection
 //! HTTP/2 buffers stay bounded.
@@ -20,6 +25,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use http_body_util::BodyExt;
@@ -43,20 +49,26 @@ const EXEMPT_PREFIXES: [&str; 3] = [
 ];
 
 /// How long accepting pauses after an accept error (e.g. EMFILE).
-const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How much longer than `--request-timeout` a call may take here, so that
+/// the handler's own timeout answers first when the call reached a handler.
+const HANDLER_TIMEOUT_MARGIN: Duration = Duration::from_millis(100);
 
 /// The tower layer that sheds calls beyond `max_calls` in flight.
 #[derive(Clone)]
 pub struct ShedLayer {
     slots: Arc<Semaphore>,
     max_calls: usize,
+    request_timeout: Duration,
 }
 
 impl ShedLayer {
-    pub fn new(max_calls: usize) -> ShedLayer {
+    pub fn new(max_calls: usize, request_timeout: Duration) -> ShedLayer {
         ShedLayer {
             slots: Arc::new(Semaphore::new(max_calls)),
             max_calls,
+            request_timeout,
         }
     }
 }
@@ -69,6 +81,7 @@ impl<S> Layer<S> for ShedLayer {
             inner,
             slots: self.slots.clone(),
             max_calls: self.max_calls,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -78,6 +91,7 @@ pub struct Shed<S> {
     inner: S,
     slots: Arc<Semaphore>,
     max_calls: usize,
+    request_timeout: Duration,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -113,8 +127,16 @@ where
         };
         let slot = InFlight::new(slot);
         let response = self.inner.call(request);
+        let timeout = self.request_timeout;
         Box::pin(async move {
-            let response = response.await?;
+            // A handler's own timeout (which also records the call) fires
+            // first; this one catches what never reached a handler. Dropping
+            // the call's future on expiry cancels it.
+            let deadline = timeout + HANDLER_TIMEOUT_MARGIN;
+            let Ok(response) = tokio::time::timeout(deadline, response).await else {
+                return Ok(tonic::Status::from(Error::Timeout(timeout)).into_http());
+            };
+            let response = response?;
             // The slot is held until the body (a whole stream) is done.
             Ok(response.map(|body| {
                 Body::new(body.map_frame(move |frame| {

@@ -118,7 +118,10 @@ pub async fn run(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(EndWatchesLayer::new(draining))
-        .layer(ShedLayer::new(config.max_concurrent_calls))
+        .layer(ShedLayer::new(
+            config.max_concurrent_calls,
+            config.request_timeout,
+        ))
         .layer(tower::util::MapResponseLayer::new(
             move |response: http::Response<tonic::body::Body>| {
                 rewrite_oversize_status(response, max_message_bytes)

@@ -277,7 +277,7 @@ impl Drop for CloseOnDrop {
 }
 
 /// Validates the request's one input (and requested outputs) for `model`.
-fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
+pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
     if request.inputs.len() != 1 {
         return Err(Error::invalid(
             "inputs",

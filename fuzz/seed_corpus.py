@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs of the fuzz corpus: valid and near-valid requests of each kind, as wire
+bytes (layer_request: a RunRequest; kserve_request: a selector byte then a ModelInferRequest).
+
+    .venv/bin/python fuzz/seed_corpus.py
+"""
+import hashlib
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as kpb
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "python"))
+from conftest import compile_proto  # noqa: E402
+
+
+def write(target, data):
+    out = HERE / "corpus" / target / f"seed-{hashlib.sha1(data).hexdigest()[:16]}"
+    out.write_bytes(data)
+
+
+def main():
+    pb2, _ = compile_proto()
+    values = np.array([-2.5, -0.0, 0.0, 1.5, np.inf, -np.inf, np.nan, 1e-40], np.float32)
+    for dtype, np_type in [(pb2.DTYPE_FLOAT32, np.float32), (pb2.DTYPE_FLOAT64, np.float64)]:
+        for shape in [(), (8,), (2, 4), (1, 2, 2, 2), (0,), (0, 3)]:
+            n = int(np.prod(shape))
+            x = pb2.Tensor(dtype=dtype, shape=shape, data=np.resize(values, n).astype(np_type).tobytes())
+            forward = pb2.ForwardRequest(session_id="s", layer_id="l", x=x, no_grad=n % 2 == 1)
+            write("layer_request", pb2.RunRequest(forward=forward).SerializeToString())
+            write("layer_request", pb2.RunRequest(backward=pb2.BackwardRequest(
+                session_id="s-1", layer_id="relu.0", dout=x)).SerializeToString())
+    write("layer_request", pb2.RunRequest(forward=pb2.ForwardRequest(
+        session_id="bad id", x=pb2.Tensor(dtype=pb2.DTYPE_FLOAT32, shape=[3], data=b"\0" * 11))).SerializeToString())
+
+    for model in ["relu", "sigmoid_backward", "identity_no_grad"]:
+        for datatype, np_type in [("FP32", np.float32), ("FP64", np.float64)]:
+            data = np.resize(values, 6).astype(np_type)
+            request = kpb.ModelInferRequest(model_name=model, model_version="1", id="7")
+            request.inputs.add(name="dout" if model.endswith("_backward") else "x", datatype=datatype, shape=[2, 3])
+            request.raw_input_contents.append(data.tobytes())
+            request.parameters["sequence_id"].uint64_param = 42
+            request.parameters["sequence_start"].bool_param = True
+            write("kserve_request", b"\x00" + request.SerializeToString())
+            typed = kpb.ModelInferRequest(model_name=model)
+            tensor = typed.inputs.add(name="x", datatype=datatype, shape=[6])
+            (tensor.contents.fp32_contents if datatype == "FP32" else tensor.contents.fp64_contents).extend(data.tolist())
+            typed.outputs.add(name="y")
+            write("kserve_request", b"\xff" + typed.SerializeToString())
+    wrong = kpb.ModelInferRequest(model_name="nope")
+    wrong.inputs.add(name="x", datatype="INT8", shape=[-1])
+    wrong.parameters["sequence_id"].string_param = "seq:7"
+    write("kserve_request", b"\x80" + wrong.SerializeToString() + struct.pack("<d", 1.0))
+
+
+if __name__ == "__main__":
+    main()
