@@ -11,7 +11,6 @@ server serves.
     python3 bench/overload.py            # ~1 min; writes bench/results/overload.md and .json
     python3 bench/overload.py --quick --profile debug --out DIR   # smoke run (CI)
 """
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerd_server  # noqa: E402
-from run import REPO, RESULTS, machine  # noqa: E402
+from run import REPO, bench_arguments, build, machine  # noqa: E402
 
 LIMIT = 8
 # The server gets one core and the load generator the other, so the client
@@ -141,23 +140,12 @@ CONFIGS = [("default", []), ("--initial-stream-window=64KiB", ["--initial-stream
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--duration", default="5s")
-    ap.add_argument("--warmup", default="1s")
-    ap.add_argument("--profile", default="release", choices=["release", "debug"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    if args.quick:
-        args.repeats, args.duration, args.warmup = 1, "1s", "300ms"
-    subprocess.run(["cargo", "build", "--bins"] + (["--release"] if args.profile == "release" else []),
-                   cwd=REPO, check=True)
+    args = bench_arguments(__doc__, "5s", ("1s", "300ms"))
+    target = build(args.profile)
     results, commands = {}, []
     for name, flags in CONFIGS:
         print(f"server: {name}", flush=True)
-        rows, run_commands, figures = measure(REPO / "target" / args.profile, args.repeats, args.duration,
-                                              args.warmup, flags=flags)
+        rows, run_commands, figures = measure(target, args.repeats, args.duration, args.warmup, flags=flags)
         results[name] = {"rows": rows, "server": figures}
         commands += run_commands
         assert figures["alive"] and figures["panics"] == 0, figures

@@ -156,6 +156,31 @@ with ThreadPoolExecutor(8) as pool:
     return results
 
 
+def bench_arguments(doc, duration, quick, extra=None):
+    """The options every side-by-side script shares: --quick (one short repeat, with `quick`
+    = (duration, warmup)), --repeats, --duration, --warmup, --profile, --out; `extra` adds more."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--duration", default=duration)
+    ap.add_argument("--warmup", default="1s")
+    ap.add_argument("--profile", default="release", choices=["release", "debug"])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    if extra:
+        extra(ap)
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, (args.duration, args.warmup) = 1, quick
+    return args
+
+
+def build(profile):
+    """Builds the binaries; returns the directory they are in."""
+    subprocess.run(["cargo", "build", "--bins"] + (["--release"] if profile == "release" else []),
+                   cwd=REPO, check=True)
+    return REPO / "target" / profile
+
+
 def machine(python):
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())

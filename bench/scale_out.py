@@ -10,7 +10,6 @@ machines would add.
 
 Needs nginx and haproxy (apt install nginx-light haproxy).
 """
-import argparse
 import json
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerd_server  # noqa: E402
-from run import REPO, RESULTS, machine  # noqa: E402
+from run import REPO, bench_arguments, build, machine  # noqa: E402
 
 SIZES = [1024, 1048576]
 
@@ -40,20 +39,9 @@ def bench(binary, addr, label, size, args, tmp):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--duration", default="3s")
-    ap.add_argument("--warmup", default="1s")
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--profile", default="release", choices=["release", "debug"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    if args.quick:
-        args.repeats, args.duration, args.warmup = 1, "500ms", "200ms"
-    subprocess.run(["cargo", "build", "--bins"] + (["--release"] if args.profile == "release" else []),
-                   cwd=REPO, check=True)
-    target = REPO / "target" / args.profile
+    args = bench_arguments(__doc__, "3s", ("500ms", "200ms"),
+                           lambda ap: ap.add_argument("--concurrency", type=int, default=16))
+    target = build(args.profile)
     layerd_server.BINARY = target / "layerd"
     from cluster import Cluster, Proxy  # after BINARY is set: replicas run this build
 

@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use crate::overload::BoxFuture;
+
 const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
 /// Ends health Watch streams when `draining` turns true.
@@ -47,8 +49,6 @@ pub struct EndWatches<S> {
     inner: S,
     draining: watch::Receiver<bool>,
 }
-
-type BoxFuture<T, E> = Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for EndWatches<S>
 where

@@ -94,7 +94,8 @@ pub struct Shed<S> {
     request_timeout: Duration,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+/// The future of a layer's service: boxed, as the two outcomes differ.
+pub(crate) type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
 where

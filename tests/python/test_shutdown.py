@@ -26,12 +26,16 @@ def test_sigterm_under_load_fails_no_call_in_flight(pb):
     calls, steps, watched = [], [], []  # (started, ended, code)
     stop = threading.Event()
 
-    def caller(index):
+    def open_session(sid):
+        """A connection of its own, and session `sid` with a ReLU layer "l" on it."""
         channel = server.channel()
         stub = pb2_grpc.LayerServiceStub(channel)
-        sid = f"caller-{index}"
         stub.CreateSession(pb2.CreateSessionRequest(session_id=sid))
         stub.CreateLayer(pb2.CreateLayerRequest(session_id=sid, layer_id="l", kind="relu"))
+        return channel, stub, sid
+
+    def caller(index):
+        channel, stub, sid = open_session(f"caller-{index}")
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -46,11 +50,7 @@ def test_sigterm_under_load_fails_no_call_in_flight(pb):
         channel.close()
 
     def streamer(index):
-        channel = server.channel()
-        stub = pb2_grpc.LayerServiceStub(channel)
-        sid = f"stream-{index}"
-        stub.CreateSession(pb2.CreateSessionRequest(session_id=sid))
-        stub.CreateLayer(pb2.CreateLayerRequest(session_id=sid, layer_id="l", kind="relu"))
+        channel, stub, sid = open_session(f"stream-{index}")
         ends = time.monotonic() + 3 * DELAY  # well past the start of the drain
 
         def requests():
