@@ -140,6 +140,11 @@ pub struct Config {
     #[arg(long, env = "LAYERD_MAX_FRAME_SIZE", default_value = "1MiB")]
     pub max_frame_size: ByteSize,
 
+    /// Longest a new connection may take to send the HTTP/2 connection preface before it is
+    /// closed (guards against idle and byte-dripping connections holding --max-connections).
+    #[arg(long, env = "LAYERD_PREFACE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub preface_timeout: Duration,
+
     /// HTTP/2: interval between keepalive PINGs on idle connections.
     #[arg(long, env = "LAYERD_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,

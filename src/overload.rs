@@ -17,7 +17,10 @@
 //!
 //! Beyond `--max-connections` a new connection is closed as soon as it is
 //! accepted (the client sees UNAVAILABLE), so descriptors and per-connection
-//! HTTP/2 buffers stay bounded.
+//! HTTP/2 buffers stay bounded. A connection that has not sent the 24-byte
+//! HTTP/2 preface within `--preface-timeout` is closed, so idle or
+//! byte-dripping connections cannot hold those slots (TLS connections are
+//! bounded by `--tls-handshake-timeout` first).
 
 use std::{
     future::Future,
@@ -170,6 +173,7 @@ impl Drop for InFlight {
 pub fn cap_connections<I>(
     incoming: I,
     max_connections: usize,
+    preface_timeout: Duration,
 ) -> impl Stream<Item = io::Result<Counted>>
 where
     I: Stream<Item = io::Result<TcpStream>>,
@@ -193,6 +197,10 @@ where
                     Some(Ok(Counted {
                         stream,
                         _slot: slot,
+                        preface: Some(Preface {
+                            received: 0,
+                            deadline: Box::pin(tokio::time::sleep(preface_timeout)),
+                        }),
                     }))
                 }
                 Err(_) => {
@@ -212,6 +220,16 @@ where
 pub struct Counted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Until the client's first 24 bytes (the HTTP/2 preface) have arrived.
+    preface: Option<Preface>,
+}
+
+/// The client connection preface is `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+struct Preface {
+    received: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Drop for Counted {
@@ -234,7 +252,29 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(preface) = &mut this.preface else {
+            return polled;
+        };
+        if let Poll::Ready(Ok(())) = &polled {
+            preface.received += buf.filled().len() - before;
+            if preface.received >= PREFACE_LEN {
+                this.preface = None;
+                return polled;
+            }
+        }
+        // Polled on every read (a drip of bytes must not reset it), and
+        // registered for a wake-up while the read is pending.
+        if preface.deadline.as_mut().poll(cx).is_ready() {
+            tracing::debug!(peer = ?this.stream.peer_addr().ok(), "closing a connection: no HTTP/2 preface within --preface-timeout");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no HTTP/2 preface within --preface-timeout",
+            )));
+        }
+        polled
     }
 }
 

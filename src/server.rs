@@ -142,6 +142,7 @@ pub async fn run(
     let incoming = cap_connections(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
         config.max_connections,
+        config.preface_timeout,
     );
     let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

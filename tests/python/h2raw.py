@@ -3,6 +3,7 @@ with hpack (both from the h2 project), sent exactly as given â€” valid or not â€
 frames read back on a thread."""
 import socket
 import threading
+import time
 
 from hpack import Decoder, Encoder
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame, WindowUpdateFrame
@@ -25,11 +26,14 @@ class RawConnection:
         self.frames = []  # every frame the server sent, in order
         self.goaway = None  # the server's GOAWAY, once sent
         self.sent_at_goaway = None  # bytes this side had sent when it arrived
+        self.opened_at = time.monotonic()
         self.closed = threading.Event()  # the server closed (or reset) the connection
+        self.closed_at = None
         self.sent_bytes = 0
         self.read_error = None  # e.g. ConnectionResetError: closed with unread data
         self.ready = threading.Event()  # the server's SETTINGS acknowledged, its windows known
         self._lock = threading.Lock()
+        self.speaks = preface  # answers SETTINGS and PINGs (never before a preface of its own)
         if preface:  # before the reader starts: its SETTINGS ACK must not precede the preface
             self.send_raw(PREFACE + SettingsFrame(0).serialize())
         threading.Thread(target=self._read, daemon=True).start()
@@ -79,15 +83,16 @@ class RawConnection:
                     self.frames.append(frame)
                     if isinstance(frame, GoAwayFrame):
                         self.goaway, self.sent_at_goaway = frame, self.sent_bytes
-                    elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags and self.speaks:
                         self.send(SettingsFrame(0, flags=["ACK"]))
                     elif isinstance(frame, WindowUpdateFrame) and frame.stream_id == 0:
                         self.ready.set()  # hyper raises the connection window right after SETTINGS
-                    elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+                    elif isinstance(frame, PingFrame) and "ACK" not in frame.flags and self.speaks:
                         self.send(PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]))
         except Exception as error:  # noqa: BLE001 - kept for the test to show
             self.read_error = error
         finally:
+            self.closed_at = time.monotonic()
             self.closed.set()
 
     def frames_of(self, kind, stream_id=None):

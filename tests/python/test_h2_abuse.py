@@ -23,6 +23,7 @@ from test_numpy_conformance import to_tensor
 SECONDS = float(os.environ.get("LAYERD_H2_ABUSE_SECONDS", 3))
 MAX_STREAMS = 64
 REQUEST_TIMEOUT = 2.0
+PREFACE_TIMEOUT = 1.0
 FORWARD = "/layerd.v1.LayerService/Forward"
 RSS_BOUND_MIB = 256
 figures = {}
@@ -75,7 +76,8 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def target(pb):
-    server = Server(f"--max-concurrent-streams={MAX_STREAMS}", f"--request-timeout={REQUEST_TIMEOUT}s")
+    server = Server(f"--max-concurrent-streams={MAX_STREAMS}", f"--request-timeout={REQUEST_TIMEOUT}s",
+                    f"--preface-timeout={PREFACE_TIMEOUT}s")
     probe = Probe(server, pb)
     time.sleep(0.5)  # warm
     start = time.monotonic()
@@ -111,10 +113,17 @@ def under_attack(target, name, attack):
     # slow the probe down whatever the server did.
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    attacker = context.Process(target=lambda: results.put(attack(start + SECONDS)))
+    def run():
+        try:
+            results.put(("ok", attack(start + SECONDS)))
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            results.put(("failed", f"{type(error).__name__}: {error}"))
+
+    attacker = context.Process(target=run)
     attacker.start()
-    result = results.get(timeout=SECONDS + 60)
+    outcome, result = results.get(timeout=SECONDS + 60)
     attacker.join()
+    assert outcome == "ok", f"{name}: the attacker failed: {result}"
     end = time.monotonic()
     done.set()
     sampler.join()
@@ -174,7 +183,9 @@ def test_continuation_flood(target):
             # Each fragment is a literal header field (never indexed): valid HPACK, endless.
             fragment = b"\x10\x05x-pad" + bytes([0x7F, 0x81, 0x7F]) + b"a" * (16256)
             frames = 0
-            while not conn.closed.is_set() and time.monotonic() < deadline:
+            while not conn.closed.is_set():
+                if time.monotonic() > deadline:
+                    break
                 if not conn.send(ContinuationFrame(1, data=fragment)):
                     break
                 frames += 1
@@ -182,7 +193,10 @@ def test_continuation_flood(target):
                     time.sleep(0.002)  # paced, so what the server read is what was sent
                 if conn.sent_bytes - start_bytes > 64 << 20:
                     break
-            assert conn.closed.wait(5), "the server keeps a CONTINUATION flood open"
+            if not conn.closed.wait(5) and time.monotonic() > deadline and frames < 10:
+                conn.close()  # cut short by the deadline, not a flood yet
+                continue
+            assert conn.closed.is_set(), f"the server keeps a CONTINUATION flood open ({frames} frames)"
             closed_after.append((conn.sent_at_goaway or conn.sent_bytes) - start_bytes)
             goaways.append(conn.goaway.error_code if conn.goaway else None)
             conn.close()
@@ -302,9 +316,10 @@ def test_invalid_frames(target):
 
 
 def test_slow_clients(target):
-    """Connections that never finish their preface, and readers that ask for a 2 MiB answer and
-    never open their 64 KiB receive window, all held while the probe runs: flow control holds the
-    answers back, and memory stays bounded."""
+    """Connections that never send their preface, or drip it a byte at a time, and readers that
+    ask for a 2 MiB answer and never open their 64 KiB receive window, all while the probe runs:
+    the server closes the first two kinds at --preface-timeout, flow control holds the answers
+    back, and memory stays bounded."""
     from tritonclient.grpc import service_pb2 as kpb
 
     server = target[0]
@@ -316,23 +331,34 @@ def test_slow_clients(target):
 
     def attack(deadline):
         idle = [h2raw.RawConnection(server.addr, preface=False) for _ in range(200)]
-        for conn in idle:
-            conn.send_raw(h2raw.PREFACE[:10])
+        dripping = idle[100:]
         readers = [h2raw.RawConnection(server.addr) for _ in range(8)]
         for conn in readers:
             conn.send(conn.request_headers(1, "/inference.GRPCInferenceService/ModelInfer"))
             chunks = range(0, len(body), 16384)
             conn.send(*[DataFrame(1, data=body[i:i + 16384], flags=["END_STREAM"] if i + 16384 >= len(body) else [])
                         for i in chunks])
+        sent = 0
+        while time.monotonic() < deadline and sent < len(h2raw.PREFACE) - 1:
+            for conn in dripping:
+                conn.send_raw(h2raw.PREFACE[sent:sent + 1])
+            sent += 1
+            time.sleep(0.25)
         time.sleep(max(0.0, deadline - time.monotonic()))
+        lifetimes = [c.closed_at - c.opened_at for c in idle if c.closed.is_set()]
         received = [sum(len(f.data) for f in conn.frames_of(DataFrame, 1)) for conn in readers]
         still_open = sum(not c.closed.is_set() for c in idle)
         for conn in idle + readers:
             conn.close()
-        return {"idle_connections": len(idle), "idle_still_open": still_open, "readers": len(readers),
+        return {"idle_connections": len(idle), "idle_still_open": still_open,
+                "idle_closed_after_s": [round(min(lifetimes), 2), round(max(lifetimes), 2)] if lifetimes else None,
+                "readers": len(readers),
                 "answer_bytes": len(body), "max_bytes_received": max(received), "min_bytes_received": min(received)}
 
     result = under_attack(target, "slow_clients", attack)
+    assert result["idle_still_open"] == 0, result
+    low, high = result["idle_closed_after_s"]
+    assert PREFACE_TIMEOUT - 0.1 <= low and high < PREFACE_TIMEOUT + 1.0, result
     # Answers started, and flow control held them at the reader's 64 KiB window.
     assert 0 < result["min_bytes_received"] and result["max_bytes_received"] <= 65535, result
 
