@@ -103,8 +103,11 @@ def under_attack(target, name, attack):
     done = threading.Event()
 
     def sample():
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], rss_mib(server.proc.pid))
+        while not done.wait(0.05) and server.proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], rss_mib(server.proc.pid))
+            except FileNotFoundError:  # the server died: the test says so below
+                break
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -121,12 +124,14 @@ def under_attack(target, name, attack):
 
     attacker = context.Process(target=run)
     attacker.start()
-    outcome, result = results.get(timeout=SECONDS + 60)
-    attacker.join()
+    try:
+        outcome, result = results.get(timeout=SECONDS + 60)
+        attacker.join()
+    finally:
+        done.set()
+        sampler.join()
     assert outcome == "ok", f"{name}: the attacker failed: {result}"
     end = time.monotonic()
-    done.set()
-    sampler.join()
     during = probe.window(start, end)
     figures[name] = {**during, "baseline_p99_ms": round(baseline["p99_ms"], 3),
                      "rss_peak_mib": round(peak[0], 1), **(result or {})}
