@@ -135,8 +135,10 @@ def median(rows, key):
 
 # The default 4 MiB stream window lets a client upload a whole 256 KiB request
 # before the server has looked at it, shed or not; a 64 KiB window caps what
-# a shed call makes the server read (at some cost to large-tensor speed).
-CONFIGS = [("default", []), ("--initial-stream-window=64KiB", ["--initial-stream-window=64KiB"])]
+# a shed call makes the server read (at some cost to large-tensor speed); an
+# adaptive window starts at 64 KiB and grows with the measured BDP.
+CONFIGS = [("default", []), ("--initial-stream-window=64KiB", ["--initial-stream-window=64KiB"]),
+           ("--http2-adaptive-window", ["--http2-adaptive-window"])]
 
 
 def main():

@@ -135,6 +135,12 @@ pub struct Config {
     )]
     pub initial_connection_window: ByteSize,
 
+    /// HTTP/2: size the flow-control windows from measured bandwidth-delay product (BDP) pings
+    /// instead of --initial-stream-window / --initial-connection-window: windows start at 64 KiB
+    /// and grow while a connection can use them.
+    #[arg(long, env = "LAYERD_HTTP2_ADAPTIVE_WINDOW")]
+    pub http2_adaptive_window: bool,
+
     /// HTTP/2: largest frame the server accepts (16KiB to 16MiB); fewer, larger
     /// frames cost less per byte for large tensors.
     #[arg(long, env = "LAYERD_MAX_FRAME_SIZE", default_value = "1MiB")]

@@ -115,6 +115,7 @@ pub async fn run(
         .initial_stream_window_size(window(config.initial_stream_window))
         .initial_connection_window_size(window(config.initial_connection_window))
         .max_frame_size(window(config.max_frame_size))
+        .http2_adaptive_window(Some(config.http2_adaptive_window))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(EndWatchesLayer::new(draining))
