@@ -97,7 +97,7 @@ pub struct Shed<S> {
     request_timeout: Duration,
 }
 
-/// The future of a layer's service: boxed, as the two outcomes differ.
+/// The future of these tower services: boxed, as their outcomes differ in type.
 pub(crate) type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
