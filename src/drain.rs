@@ -11,7 +11,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::watch;
 use tonic::body::Body;
@@ -114,11 +114,7 @@ impl HttpBody for EndOnDrain {
         }
         self.ended = true;
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("14"));
-        trailers.insert(
-            "grpc-message",
-            HeaderValue::from_static("server%20shutting%20down"),
-        );
+        tonic::Status::unavailable("server shutting down").add_header(&mut trailers)?;
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
