@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,32 +32,6 @@ _CPUS = sorted(os.sched_getaffinity(0))
 SERVER_CPUS, CLIENT_CPUS = ({_CPUS[0]}, {_CPUS[1]}) if len(_CPUS) >= 2 else (None, None)
 # 64 Ki elements: computed on the blocking pool, 256 KiB each way per call.
 WORKLOAD = ["--mode", "forward", "--kind", "sigmoid", "--dtype", "f32", "--elements", "65536"]
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class RssSampler:
-    """The highest RSS of a process, sampled every 50 ms."""
-
-    def __init__(self, pid):
-        self.pid, self.peak, self.stopped = pid, rss_mib(pid), threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self):
-        while not self.stopped.wait(0.05):
-            self.peak = max(self.peak, rss_mib(self.pid))
-
-    def stop(self):
-        self.stopped.set()
-        self.thread.join()
-        return self.peak
 
 
 def bench(binary, addr, extra, tmp, duration, warmup):
@@ -81,8 +54,8 @@ def measure(target, repeats=3, duration="5s", warmup="1s", tmp=None, flags=()):
                                   cpus=SERVER_CPUS)
     rows, commands = [], []
     try:
-        rss_idle = rss_mib(server.proc.pid)
-        sampler = RssSampler(server.proc.pid)
+        rss_idle = server.rss_mib()
+        sampler = layerd_server.RssPeak(server)
         for repeat in range(repeats):
             capacity, command = bench(target / "layerd-bench", server.addr,
                                       ["--connections", "2", "--concurrency", str(LIMIT // 2)], tmp, duration, warmup)

@@ -56,6 +56,34 @@ class Server:
         return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                 for family in text_string_to_metric_families(text) for sample in family.samples}
 
+    def rss_mib(self):
+        """The process's resident memory (VmRSS), in MiB."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
+
+
+class RssPeak:
+    """The highest RSS of a running server, sampled every 50 ms until stop() (or until the
+    server exits)."""
+
+    def __init__(self, server):
+        self.server, self.peak, self.stopped = server, server.rss_mib(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while not self.stopped.wait(0.05) and self.server.proc.poll() is None:
+            try:
+                self.peak = max(self.peak, self.server.rss_mib())
+            except FileNotFoundError:  # exited between the two checks
+                break
+
+    def stop(self):
+        """Stops sampling; returns the peak in MiB."""
+        self.stopped.set()
+        self.thread.join()
+        return self.peak

@@ -25,11 +25,6 @@ def gauge(server, name):
     return server.metrics()[(name, ())]
 
 
-def rss(server):
-    status = open(f"/proc/{server.proc.pid}/status").read()
-    return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) * 1024
-
-
 def test_cancelled_and_timed_out_forwards_change_nothing(metered, pb):
     pb2, pb2_grpc = pb
     with metered.channel() as channel:
@@ -59,17 +54,17 @@ def test_cancelled_and_timed_out_forwards_change_nothing(metered, pb):
         for i in range(20):
             abandon(i)
         time.sleep(1.0)  # calls the server still had in hand finish or are dropped
-        rss_before = rss(metered)
+        rss_before = metered.rss_mib()
         for i in range(40):
             abandon(i)
         time.sleep(1.0)
         assert gauge(metered, "layerd_kept_bytes") == kept_before
-        growth = rss(metered) - rss_before
+        growth = metered.rss_mib() - rss_before
         # 40 abandoned calls moved 640 MiB; a leak of their tensors would show as
         # 640 MiB; the allocator's per-thread slack measured 0–70 MiB here.
-        assert growth < 256 << 20, f"RSS grew {growth / 2**20:.1f} MiB"
+        assert growth < 256, f"RSS grew {growth:.1f} MiB"
         # The kept state is the small Forward's: y = 1/2, dx = 4 * 1/2 * 1/2 = 1.
         dx = stub.Backward(pb2.BackwardRequest(session_id="c", layer_id="s",
                                                dout=to_tensor(pb2, np.array([4.0, 4.0], np.float32)))).dx
         assert from_tensor(pb2, dx).tolist() == [1.0, 1.0]
-        print(f"\nRSS growth over 40 abandoned 16 MiB Forwards: {growth / 2**20:.1f} MiB; kept bytes unchanged")
+        print(f"\nRSS growth over 40 abandoned 16 MiB Forwards: {growth:.1f} MiB; kept bytes unchanged")

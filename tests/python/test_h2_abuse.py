@@ -17,7 +17,7 @@ import pytest
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
 
 import h2raw
-from layerd_server import Server
+from layerd_server import RssPeak, Server
 from test_numpy_conformance import to_tensor
 
 SECONDS = float(os.environ.get("LAYERD_H2_ABUSE_SECONDS", 3))
@@ -27,11 +27,6 @@ PREFACE_TIMEOUT = 1.0
 FORWARD = "/layerd.v1.LayerService/Forward"
 RSS_BOUND_MIB = 256
 figures = {}
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
 class Probe:
@@ -83,7 +78,7 @@ def target(pb):
     start = time.monotonic()
     time.sleep(SECONDS)
     baseline = probe.window(start, time.monotonic())
-    baseline["rss_mib"] = rss_mib(server.proc.pid)
+    baseline["rss_mib"] = server.rss_mib()
     figures["baseline"] = baseline
     yield server, probe, baseline
     probe.stop()
@@ -99,23 +94,13 @@ def under_attack(target, name, attack):
     """Runs `attack(deadline)` while the probe runs; checks the server stayed up, the probe's
     p99 and the RSS; returns what the attack returned."""
     server, probe, baseline = target
-    peak = [rss_mib(server.proc.pid)]
-    done = threading.Event()
-
-    def sample():
-        while not done.wait(0.05) and server.proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], rss_mib(server.proc.pid))
-            except FileNotFoundError:  # the server died: the test says so below
-                break
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = RssPeak(server)
     start = time.monotonic()
     # The attacker runs in its own process: sharing the probe's interpreter (and its GIL) would
     # slow the probe down whatever the server did.
     context = multiprocessing.get_context("fork")
     results = context.Queue()
+
     def run():
         try:
             results.put(("ok", attack(start + SECONDS)))
@@ -128,17 +113,16 @@ def under_attack(target, name, attack):
         outcome, result = results.get(timeout=SECONDS + 60)
         attacker.join()
     finally:
-        done.set()
-        sampler.join()
+        peak = sampler.stop()
     assert outcome == "ok", f"{name}: the attacker failed: {result}"
     end = time.monotonic()
     during = probe.window(start, end)
     figures[name] = {**during, "baseline_p99_ms": round(baseline["p99_ms"], 3),
-                     "rss_peak_mib": round(peak[0], 1), **(result or {})}
+                     "rss_peak_mib": round(peak, 1), **(result or {})}
     assert server.proc.poll() is None, f"{name}: the server died"
     assert during["calls"] > 10 and during["failed"] == 0, figures[name]
     assert during["p99_ms"] <= 5 * baseline["p99_ms"], figures[name]
-    assert peak[0] < baseline["rss_mib"] + RSS_BOUND_MIB, figures[name]
+    assert peak < baseline["rss_mib"] + RSS_BOUND_MIB, figures[name]
     return result
 
 

@@ -28,11 +28,6 @@ SESSIONS_PER_CONNECTION = 25
 WARMUP = 0.3  # fraction of the run excluded from the slope
 
 
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -95,7 +90,7 @@ def test_session_churn_leaves_no_trace(pb):
     while time.monotonic() - started < SECONDS:
         time.sleep(interval)
         metrics = server.metrics()
-        samples.append((time.monotonic() - started, rss_mib(pid), fds(pid),
+        samples.append((time.monotonic() - started, server.rss_mib(), fds(pid),
                         metrics[("layerd_sessions_open", ())]))
     stop.set()
     for thread in threads:
