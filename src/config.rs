@@ -24,7 +24,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "layerd", version, about, long_about)]
 pub struct Config {
-    /// Address to listen on for gRPC (layerd.v1, grpc.health.v1, reflection).
+    /// Address to listen on for gRPC (layerd.v1, the KServe v2 inference protocol,
+    /// grpc.health.v1, reflection).
     #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: SocketAddr,
 

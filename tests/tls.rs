@@ -1,7 +1,9 @@
 //! TLS and mutual TLS, with certificates generated here: a round trip over
 //! TLS, a client certificate required and checked under `--tls-client-ca`,
-//! plaintext refused by a TLS server, and a stalled handshake cut off by
-//! `--tls-handshake-timeout`.
+//! plaintext refused by a TLS server, a stalled handshake cut off by
+//! `--tls-handshake-timeout`, and the bundled tools (`layerd-cli`,
+//! `layerd-bench`) over TLS and mutual TLS with their `--tls-*` options,
+//! refused with a wrong CA or without a client certificate.
 
 mod common;
 
@@ -39,6 +41,8 @@ fn generate_pki() -> Pki {
     dir.write("server.pem", &server.0);
     dir.write("server.key", &server.1);
     dir.write("ca.pem", ca.pem());
+    dir.write("client.pem", &client.0);
+    dir.write("client.key", &client.1);
     Pki {
         dir,
         ca: ca.pem(),
@@ -161,5 +165,179 @@ async fn a_stalled_handshake_is_cut_off() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "still open after 5 s: {read:?}"
     );
+    server.stop().await;
+}
+
+/// Runs one of the bundled tools with `args`; (exit code, stdout + stderr).
+async fn tool(binary: &str, args: &[&str]) -> (i32, String) {
+    let output = tokio::process::Command::new(binary)
+        .args(args)
+        .env_remove("LAYERD_ADDR")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+const CLI: &str = env!("CARGO_BIN_EXE_layerd-cli");
+const BENCH: &str = env!("CARGO_BIN_EXE_layerd-bench");
+
+/// A verifying layerd-bench train run of 40 calls with these connection options.
+async fn bench_over(addr: &str, options: &[&str]) -> (i32, String) {
+    let run = [
+        "--addr",
+        addr,
+        "--quiet",
+        "--warmup",
+        "0s",
+        "--requests",
+        "40",
+    ];
+    tool(BENCH, &[&run[..], options].concat()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_connect_over_tls_and_refuse_a_wrong_ca() {
+    let pki = generate_pki();
+    let server = tls_server(&pki, false).await;
+    let ca = pki.dir.0.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let https = format!("https://localhost:{}", server.addr.port());
+    let by_ip = server.addr.to_string();
+
+    let (code, text) = tool(CLI, &["--addr", &https, "--tls-ca", ca, "health"]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("SERVING"), "{text}");
+    // host:port with a TLS option means TLS; the certificate also names 127.0.0.1.
+    let (code, text) = tool(
+        CLI,
+        &["--addr", &by_ip, "--tls-ca", ca, "try", "relu", "1,-2,3.5"],
+    )
+    .await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("y  = [1, 0, 3.5]"), "{text}");
+    // --tls-server-name checks another name than the address's host.
+    let (code, text) = tool(
+        CLI,
+        &[
+            "--addr",
+            &by_ip,
+            "--tls-ca",
+            ca,
+            "--tls-server-name",
+            "localhost",
+            "kinds",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("relu"), "{text}");
+    let (code, text) = bench_over(&https, &["--tls-ca", ca]).await;
+    assert_eq!(code, 0, "{text}");
+
+    // Another CA's certificate does not verify this server: unreachable (exit 2), said why.
+    let stranger = generate_pki();
+    let wrong_ca = stranger.dir.0.join("ca.pem");
+    let wrong_ca = wrong_ca.to_str().unwrap();
+    for binary in [CLI, BENCH] {
+        let (code, text) = if binary == CLI {
+            tool(CLI, &["--addr", &https, "--tls-ca", wrong_ca, "health"]).await
+        } else {
+            bench_over(&https, &["--tls-ca", wrong_ca]).await
+        };
+        assert_eq!(code, 2, "{text}");
+        assert!(text.to_lowercase().contains("certificate"), "{text}");
+    }
+    // A server name the certificate lacks is refused too.
+    let (code, text) = tool(
+        CLI,
+        &[
+            "--addr",
+            &https,
+            "--tls-ca",
+            ca,
+            "--tls-server-name",
+            "other.test",
+            "health",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{text}");
+    // Plaintext at a TLS port does not get through.
+    let (code, text) = tool(CLI, &["--addr", &by_ip, "--timeout", "2s", "health"]).await;
+    assert_ne!(code, 0, "{text}");
+    // http:// with TLS options is a contradiction, said at once.
+    let plain_url = format!("http://{by_ip}");
+    let (code, text) = tool(CLI, &["--addr", &plain_url, "--tls-ca", ca, "health"]).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("http://"), "{text}");
+    let (code, text) = tool(
+        CLI,
+        &["--addr", &https, "--tls-ca", "/nonexistent.pem", "health"],
+    )
+    .await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--tls-ca"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_present_a_client_certificate_for_mutual_tls() {
+    let pki = generate_pki();
+    let server = tls_server(&pki, true).await;
+    let path = |name: &str| pki.dir.0.join(name).to_str().unwrap().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let https = format!("https://localhost:{}", server.addr.port());
+    let identity = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+
+    let (code, text) = tool(
+        CLI,
+        &[&["--addr", &https][..], &identity, &["try", "sigmoid", "0"]].concat(),
+    )
+    .await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("y  = [0.5]"), "{text}");
+    let (code, text) = bench_over(&https, &identity).await;
+    assert_eq!(code, 0, "{text}");
+
+    // Without a client certificate the server refuses: nothing succeeds.
+    let (code, text) = tool(
+        CLI,
+        &["--addr", &https, "--tls-ca", &ca, "try", "relu", "1"],
+    )
+    .await;
+    assert_ne!(code, 0, "{text}");
+    let (code, text) = bench_over(&https, &["--tls-ca", &ca]).await;
+    assert_ne!(code, 0, "{text}");
+    // A certificate from another CA neither.
+    let stranger = generate_pki();
+    let foreign = |name: &str| stranger.dir.0.join(name).to_str().unwrap().to_string();
+    let (code, text) = tool(
+        CLI,
+        &[
+            "--addr",
+            &https,
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &foreign("client.pem"),
+            "--tls-key",
+            &foreign("client.key"),
+            "try",
+            "relu",
+            "1",
+        ],
+    )
+    .await;
+    assert_ne!(code, 0, "{text}");
+    // --tls-cert without --tls-key is a usage error.
+    let (code, text) = tool(CLI, &["--addr", &https, "--tls-cert", &cert, "health"]).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--tls-key"), "{text}");
     server.stop().await;
 }

@@ -25,7 +25,7 @@ use tonic_health::pb::{
 #[derive(Debug, Parser)]
 #[command(name = "layerd-cli", version, about, long_about)]
 struct Cli {
-    /// Server address (host:port), as the server's own --addr.
+    /// Server address: host:port, or https://host:port for TLS (as do the --tls-* options).
     #[arg(
         long,
         env = "LAYERD_ADDR",
@@ -41,6 +41,9 @@ struct Cli {
     /// How long to wait for the server.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+
+    #[command(flatten)]
+    tls: layerd::client::TlsArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -83,7 +86,7 @@ enum Failure {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match connect(&cli.addr, cli.timeout).await {
+    let result = match connect(&cli.addr, cli.timeout, &cli.tls).await {
         Ok(channel) => match layerd::client::Bearer::new(cli.token.as_deref()) {
             Ok(bearer) => run(cli.command, channel, bearer).await,
             Err(message) => Err(Failure::Call(message)),
@@ -103,15 +106,19 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(addr: &str, timeout: Duration) -> Result<Channel, Failure> {
-    let endpoint = layerd::client::endpoint(addr, timeout).map_err(Failure::Unreachable)?;
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: &layerd::client::TlsArgs,
+) -> Result<Channel, Failure> {
+    let endpoint = layerd::client::endpoint(addr, timeout, tls).map_err(Failure::Unreachable)?;
     layerd::client::connect(&endpoint.timeout(timeout.max(Duration::from_secs(30))))
         .await
         .map_err(Failure::Unreachable)
 }
 
 fn failed(status: tonic::Status) -> Failure {
-    Failure::Call(format!("{:?}: {}", status.code(), status.message()))
+    Failure::Call(layerd::client::status_text(&status))
 }
 
 async fn run(command: Command, channel: Channel, bearer: Bearer) -> Result<(), Failure> {

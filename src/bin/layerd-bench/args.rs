@@ -70,9 +70,12 @@ pub enum Dtype {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Server address (host:port).
+    /// Server address: host:port, or https://host:port for TLS (as do the --tls-* options).
     #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
+
+    #[command(flatten)]
+    pub tls: layerd::client::TlsArgs,
 
     /// What each worker does.
     #[arg(long, value_enum, default_value_t = Mode::Train)]

@@ -54,9 +54,8 @@ async fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 }
                 Err(SetupError::Rejected(status)) => {
                     return Err(format!(
-                        "the server refused to set up the run: {:?}: {}",
-                        status.code(),
-                        status.message()
+                        "the server refused to set up the run: {}",
+                        layerd::client::status_text(&status)
                     ))
                 }
             };

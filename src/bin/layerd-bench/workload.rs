@@ -86,20 +86,17 @@ impl Measured {
 }
 
 /// Connects to the server: a clear error, not a hang, when it is down.
-pub async fn connect(
-    addr: &str,
-    token: Option<&str>,
-    connections: usize,
-    call_timeout: Duration,
-) -> Result<Vec<Client>, SetupError> {
-    let bearer = layerd::client::Bearer::new(token).map_err(SetupError::Unreachable)?;
-    let endpoint = layerd::client::endpoint(addr, Duration::from_secs(5))
+pub async fn connect(args: &RunArgs) -> Result<Vec<Client>, SetupError> {
+    let bearer =
+        layerd::client::Bearer::new(args.token.as_deref()).map_err(SetupError::Unreachable)?;
+    let endpoint = layerd::client::endpoint(&args.addr, Duration::from_secs(5), &args.tls)
         .map_err(SetupError::Unreachable)?
-        .timeout(call_timeout)
+        .timeout(args.call_timeout)
         // Large tensors need larger HTTP/2 windows than the 64 KiB default.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(1 << 20));
+    let connections = args.connections.max(1);
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         let channel = layerd::client::connect(&endpoint)
@@ -165,13 +162,7 @@ impl Shared {
 
 /// Runs one workload with `kind` and `shape` and returns its figures.
 pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, SetupError> {
-    let clients = connect(
-        &args.addr,
-        args.token.as_deref(),
-        args.connections.max(1),
-        args.call_timeout,
-    )
-    .await?;
+    let clients = connect(args).await?;
     let workers = args.workers().max(1);
     let (session_ids, targets) = open_sessions(args, clients[0].clone(), kind, workers).await?;
 
