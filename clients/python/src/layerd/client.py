@@ -1,8 +1,12 @@
 """The numpy-friendly wrapper: Client -> Session -> Layer."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import random
 import secrets
+import time
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -51,6 +55,38 @@ def _typed_errors(method):
     return wrapper
 
 
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """How unary calls are retried: on UNAVAILABLE only — the server shed the call
+    (reason OVERLOADED), is shutting down, or cannot be reached — with capped
+    exponential backoff and full jitter: attempt n waits a random time in
+    [0, min(max_backoff, initial_backoff * multiplier**(n-1))].
+
+    Every other code is raised at once: retrying the same request cannot change
+    INVALID_ARGUMENT, NOT_FOUND (recreate the session), FAILED_PRECONDITION,
+    RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED. `Retry(attempts=1)` turns retries off.
+    Run streams are never retried.
+    """
+    attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        return random.uniform(0, min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1)))
+
+
+def _pem(value, name):
+    """PEM bytes from bytes (PEM itself) or a path (str or os.PathLike) to a PEM file."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        with open(value, "rb") as f:
+            return f.read()
+    raise TypeError(f"{name} must be PEM bytes or a path to a PEM file; got {type(value).__name__}")
+
+
 class Client:
     """A connection to a layerd server.
 
@@ -63,15 +99,63 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 << 20,
                  timeout: Optional[float] = None, channel: Optional[grpc.Channel] = None,
-                 token: Optional[str] = None):
-        """token: sent as `authorization: Bearer <token>` on every call, for a
-        server started with --auth-tokens (use a TLS channel to keep it secret)."""
+                 token: Optional[str] = None, root_certificates=None, private_key=None,
+                 certificate_chain=None, credentials: Optional[grpc.ChannelCredentials] = None,
+                 server_name: Optional[str] = None, retry: Retry = Retry()):
+        """target: "host:port", or "https://host:port" for TLS with the system's roots.
+
+        TLS: root_certificates (the CA that signed the server's certificate),
+        and for mutual TLS private_key and certificate_chain — each PEM bytes or
+        a path to a PEM file — or one ready grpc.ChannelCredentials as
+        `credentials`; any of them turns TLS on. server_name: the name to check
+        in the server's certificate when it differs from the target's host.
+        token: sent as `authorization: Bearer <token>` on every call, for a
+        server started with --auth-tokens (use TLS to keep it secret).
+        max_message_bytes applies to the channel this client makes; a
+        `channel` passed in is used as it is, with its own options (grpcio's
+        default receive limit is 4 MiB).
+        timeout: the deadline of each call attempt, in seconds (None: no deadline).
+        retry: the retry policy of unary calls (see Retry).
+        """
+        if target.startswith("https://"):
+            target, tls = target[len("https://"):], True
+        else:
+            target = target[len("http://"):] if target.startswith("http://") else target
+            tls = False
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        pems = (root_certificates, private_key, certificate_chain)
+        if channel is None and (tls or credentials is not None or any(p is not None for p in pems)):
+            if (private_key is None) != (certificate_chain is None):
+                raise ValueError("mutual TLS needs both private_key and certificate_chain")
+            credentials = credentials or grpc.ssl_channel_credentials(
+                _pem(root_certificates, "root_certificates"), _pem(private_key, "private_key"),
+                _pem(certificate_chain, "certificate_chain"))
+            channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._stub = layerd_pb2_grpc.LayerServiceStub(self._channel)
         self.timeout = timeout
+        self.retry = retry
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _unary(self, rpc, request, metadata, done_before=None):
+        """Calls a unary RPC under the retry policy. `done_before`: the reason that,
+        answered to a retried attempt, means an earlier attempt took effect (its
+        answer lost in transit): the call then returns None instead of raising."""
+        attempt = 1
+        while True:
+            try:
+                return rpc(request, metadata=metadata, timeout=self.timeout)
+            except grpc.RpcError as error:
+                typed = from_rpc_error(error)
+                if attempt > 1 and done_before is not None and typed.reason == done_before:
+                    return None
+                if typed.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retry.attempts:
+                    raise typed from None
+                time.sleep(self.retry.backoff(attempt))
+                attempt += 1
 
     def session(self, idle_timeout: int = 0, session_id: Optional[str] = None) -> "Session":
         """Opens a session; a context manager that closes it.
@@ -82,11 +166,9 @@ class Client:
         """
         return Session(self, session_id or secrets.token_hex(16), idle_timeout)
 
-    @_typed_errors
     def kinds(self) -> dict:
         """{name: description} of the layer kinds the server offers."""
-        answer = self._stub.ListLayerKinds(pb.ListLayerKindsRequest(), metadata=self._auth,
-                                           timeout=self.timeout)
+        answer = self._unary(self._stub.ListLayerKinds, pb.ListLayerKindsRequest(), self._auth)
         return {k.name: k.description for k in answer.kinds}
 
     def close(self):
@@ -108,20 +190,25 @@ class Session:
         self.id = session_id
         self._metadata = ((SESSION_HEADER, session_id),) + client._auth
         self._count = 0
+        # The id is this client's own (128 random bits): SESSION_EXISTS on a retry
+        # means the first attempt created it.
         answer = self._call(self._stub.CreateSession,
-                            pb.CreateSessionRequest(session_id=session_id, idle_timeout_seconds=idle_timeout))
-        #: The idle timeout the server granted, in seconds.
-        self.idle_timeout = answer.idle_timeout_seconds
+                            pb.CreateSessionRequest(session_id=session_id, idle_timeout_seconds=idle_timeout),
+                            done_before="SESSION_EXISTS")
+        #: The idle timeout the server granted, in seconds (the one asked for when
+        #: the answer was lost and a retry found the session).
+        self.idle_timeout = answer.idle_timeout_seconds if answer else idle_timeout
 
-    @_typed_errors
-    def _call(self, rpc, request):
-        return rpc(request, metadata=self._metadata, timeout=self._client.timeout)
+    def _call(self, rpc, request, done_before=None):
+        return self._client._unary(rpc, request, self._metadata, done_before)
 
     def layer(self, kind: str, layer_id: Optional[str] = None) -> "Layer":
         """Adds a layer instance of `kind` ("relu", "sigmoid", "identity")."""
         self._count += 1
+        generated = layer_id is None
         layer_id = layer_id or f"{kind}-{self._count}"
-        self._call(self._stub.CreateLayer, pb.CreateLayerRequest(session_id=self.id, layer_id=layer_id, kind=kind))
+        self._call(self._stub.CreateLayer, pb.CreateLayerRequest(session_id=self.id, layer_id=layer_id, kind=kind),
+                   done_before="LAYER_EXISTS" if generated else None)
         return Layer(self, layer_id, kind)
 
     @_typed_errors
@@ -149,7 +236,8 @@ class Session:
 
     def close(self):
         """Closes the session; what it kept is freed."""
-        self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.id))
+        self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.id),
+                   done_before="SESSION_NOT_FOUND")
 
     def __enter__(self):
         return self
