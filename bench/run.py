@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: layerd against the numpy + grpcio peer, in one run.
 
-Starts a release layerd and the peer (the seed's numpy Relu/Sigmoid classes
-behind the same layerd.v1 contract, ../shared/peers/seed_native_server.py),
+Starts a release layerd and the peer (the classic numpy Relu/Sigmoid classes
+behind the same layerd.v1 contract with grpcio, bench/peers/numpy_server.py),
 drives both with layerd-bench with identical settings, and writes
 bench/results/report.md (tables, ratios, targets), the raw JSON and the
 sweep chart (bench/results/sweep.svg, .png).
@@ -81,8 +81,8 @@ def bench(binary, addr, label, out, *args):
 def start_servers(args, target_dir):
     layerd = Process("layerd", [str(target_dir / "layerd"), "--addr", args.layerd_addr], args.layerd_addr,
                      env={k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")})
-    peer = Process("peer", [args.python, str(args.peer), "--addr", args.peer_addr, "--workers", "16",
-                            "--proto", str(REPO / "proto" / "layerd" / "v1" / "layerd.proto")], args.peer_addr)
+    peer = Process("peer", [args.python, str(args.peer), "--addr", args.peer_addr, "--workers", "16"],
+                   args.peer_addr)
     return layerd, peer
 
 
@@ -136,8 +136,7 @@ with ThreadPoolExecutor(8) as pool:
     results = {}
     for name, cmd, addr in [
         ("layerd", [str(target_dir / "layerd"), "--addr", args.layerd_addr, "--max-sessions", "20000"], args.layerd_addr),
-        ("peer", [args.python, str(args.peer), "--addr", args.peer_addr,
-                  "--proto", str(REPO / "proto" / "layerd" / "v1" / "layerd.proto")], args.peer_addr),
+        ("peer", [args.python, str(args.peer), "--addr", args.peer_addr], args.peer_addr),
     ]:
         server = Process(name, cmd, addr)
         try:
@@ -188,6 +187,16 @@ def machine(python):
     versions = sh(python, "-c", "import numpy, grpc; print(f'numpy {numpy.__version__}, grpcio {grpc.__version__}')")
     return (f"{os.cpu_count()} cores ({cpu}), {mem / 2**20:.0f} GiB, Linux {platform.release()}; "
             f"{sh('rustc', '--version')}; Python {platform.python_version()} with {versions}")
+
+
+def display(path):
+    """A path as a reader can use it: relative to the repository when inside it, else its name
+    (results must not carry the paths of the machine they were measured on)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return path.name
 
 
 def ratio(a, b):
@@ -263,9 +272,11 @@ def main():
     ap.add_argument("--warmup", default="1s")
     ap.add_argument("--sessions", type=int, default=SESSIONS_FOR_MEMORY)
     ap.add_argument("--profile", default="release", choices=["release", "debug"])
-    ap.add_argument("--python", default=str(REPO / ".venv" / "bin" / "python"),
-                    help="a Python with numpy and grpcio, for the peer")
-    ap.add_argument("--peer", type=Path, default=REPO.parent / "shared" / "peers" / "seed_native_server.py")
+    venv = REPO / ".venv" / "bin" / "python"
+    ap.add_argument("--python", default=str(venv if venv.exists() else sys.executable),
+                    help="a Python with numpy and grpcio, for the peer (default: the repo's .venv, else this one)")
+    ap.add_argument("--peer", type=Path, default=REPO / "bench" / "peers" / "numpy_server.py",
+                    help="the comparison server (default: the repo's grpcio + numpy peer)")
     ap.add_argument("--layerd-addr", default="127.0.0.1:50151")
     ap.add_argument("--peer-addr", default="127.0.0.1:50551")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -307,7 +318,7 @@ def main():
     (args.out / "matrix.json").write_text(json.dumps(runs, indent=1))
     commands = [f"python3 bench/run.py{' --quick' if args.quick else ''}  # all of the below, then this report",
                 f"target/{args.profile}/layerd --addr {args.layerd_addr}",
-                f"{args.python} {args.peer} --addr {args.peer_addr} --workers 16 --proto proto/layerd/v1/layerd.proto",
+                f"python {display(args.peer)} --addr {args.peer_addr} --workers 16",
                 f"target/{args.profile}/layerd-bench --addr ADDR --mode train --dtype f32 --kind KIND --elements N "
                 f"--concurrency C --duration {args.duration} --warmup {args.warmup} --json out.json"]
     text = report(args, medians(runs), sweep_runs, mem, machine(args.python), commands)
