@@ -8,11 +8,12 @@ medians of perf_analyzer's infer/s and p99, the ratios against the targets,
 and the CPU that perf_analyzer itself and each server used.
 
     python3 bench/kserve.py                 # full run (~12 min), writes bench/results/kserve.md
-    python3 bench/kserve.py --quick --peers none --out DIR   # smoke run, layerd only (CI)
+    python3 bench/kserve.py --quick --peers numpy --out DIR   # smoke run, no Triton (CI)
 
-Needs perf_analyzer (bench/perf_analyzer/install.sh) and, for the peers,
-../shared/peers/kserve/setup.sh (Triton from the nvidia-pytriton wheel with its
-Python backend; the grpcio + numpy server) — run here if its venv is missing.
+Needs perf_analyzer (bash bench/perf_analyzer/install.sh) and, for --peers all,
+Triton Inference Server from PyPI (bash bench/peers/triton/setup.sh: the
+nvidia-pytriton wheel's CPU server and Python backend, in .venv-triton; run here
+if missing). The grpcio + numpy KServe peer is bench/peers/kserve_numpy_server.py.
 """
 import argparse
 import csv
@@ -27,10 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO, RESULTS, Process, machine  # noqa: E402
+from run import REPO, RESULTS, Process, display, machine  # noqa: E402
 
-PEERS = REPO.parent / "shared" / "peers" / "kserve"
-PEER_VENV = Path("/tmp/peers-venv")
+PEERS = REPO / "bench" / "peers"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # (case, perf_analyzer shape, concurrencies, stateful): stateless cases go to
@@ -83,11 +83,26 @@ def start_layerd(args, binary):
                   lambda: p.proc.pid, p.stop)
 
 
-def start_peer(script, name, port, pidfile, models):
-    subprocess.run(["bash", str(PEERS / script), str(port)], check=True)
-    pid = int(Path(f"/tmp/peers-run/{pidfile}.pid").read_text())
-    stop = lambda: subprocess.run(["bash", str(PEERS / "stop.sh"), pidfile], check=False)  # noqa: E731
-    return Server(name, f"127.0.0.1:{port}", models, lambda: pid, stop)
+def start_triton(args, port, run_dir):
+    subprocess.run(["bash", str(PEERS / "triton" / "start.sh"), str(port), str(run_dir), str(args.triton_venv)],
+                   check=True)
+    pid = int((run_dir / "triton.pid").read_text())
+
+    def stop():
+        subprocess.run(["kill", str(pid)], check=False)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.1)
+
+    return Server("triton", f"127.0.0.1:{port}", {"stateless": "relu", "sequence": "relu_seq"}, lambda: pid, stop)
+
+
+def start_kserve_numpy(port):
+    addr = f"127.0.0.1:{port}"
+    p = Process("grpc_numpy", [sys.executable, str(PEERS / "kserve_numpy_server.py"), "--addr", addr,
+                               "--workers", "8"], addr)
+    return Server("grpc_numpy", addr, {"stateless": "relu", "sequence": "relu_seq"}, lambda: p.proc.pid, p.stop)
 
 
 def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
@@ -95,7 +110,8 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
     out = tmp / f"{tag}.csv"
     windows = LARGE_WINDOWS if shape == "x:1048576" else ["-p", str(args.window_ms), "-r", "10"]
     if args.quick:
-        windows = ["--request-count", "20"] if shape == "x:1048576" else ["-p", str(args.window_ms), "-r", "3"]
+        # A fixed count needs no stable windows, which a short run on a busy machine may lack.
+        windows = ["--request-count", "20" if shape == "x:1048576" else "300"]
     cmd = [args.perf_analyzer, "-i", "grpc", "--service-kind=triton", "-u", server.addr, "-m", model,
            "--shape", shape, "--concurrency-range", concurrency, "-s", "25", *windows, "-f", str(out)]
     if stateful:
@@ -120,7 +136,8 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
              # Only servers with ModelStatistics report these.
              "server_us": sum(float(r.get(c) or 0) for c in ("Server Queue", "Server Compute Input",
                                                              "Server Compute Infer", "Server Compute Output")), "pa_cpu_s": pa_cpu, "server_cpu_s": server_cpu,
-             "command": " ".join(cmd)} for r in rows]
+             # As a reader runs it: no paths of this machine.
+             "command": " ".join([display(cmd[0]), *cmd[1:-1], f"OUT/{out.name}"])} for r in rows]
 
 
 def median_table(runs):
@@ -189,7 +206,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, short windows")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--window-ms", type=int, default=3000)
-    ap.add_argument("--peers", choices=["all", "none"], default="all")
+    ap.add_argument("--peers", choices=["all", "numpy", "none"], default="all",
+                    help="all: Triton and the grpcio + numpy peer; numpy: only the latter; none: layerd only")
+    ap.add_argument("--triton-venv", type=Path, default=REPO / ".venv-triton",
+                    help="where bench/peers/triton/setup.sh installed Triton")
     ap.add_argument("--profile", default="release", choices=["release", "debug"])
     ap.add_argument("--perf-analyzer", default=str(REPO / ".venv" / "bin" / "perf_analyzer"))
     ap.add_argument("--layerd-addr", default="127.0.0.1:50161")
@@ -203,18 +223,17 @@ def main():
     print(f"building ({args.profile})", flush=True)
     subprocess.run(["cargo", "build", "--bin", "layerd"] + (["--release"] if args.profile == "release" else []),
                    cwd=REPO, check=True)
-    if args.peers == "all" and not (PEER_VENV / "bin" / "python").exists():
-        subprocess.run(["bash", str(PEERS / "setup.sh")], check=True)
+    if args.peers == "all":
+        subprocess.run(["bash", str(PEERS / "triton" / "setup.sh"), str(args.triton_venv)], check=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="layerd-kserve-"))
 
     servers = [start_layerd(args, REPO / "target" / args.profile / "layerd")]
     try:
         if args.peers == "all":
-            servers.append(start_peer("start_triton.sh", "triton", 18201, "triton_py",
-                                      {"stateless": "relu", "sequence": "relu_seq"}))
-            servers.append(start_peer("start_grpc_numpy.sh", "grpc_numpy", 18101, "grpc_numpy",
-                                      {"stateless": "relu", "sequence": "relu_seq"}))
+            servers.append(start_triton(args, 18201, tmp / "triton"))
+        if args.peers in ("all", "numpy"):
+            servers.append(start_kserve_numpy(18101))
         runs = []
         for repeat in range(args.repeats):
             for case, shape, concurrency, stateful in CASES:
@@ -237,11 +256,11 @@ def main():
 
     (args.out / "kserve.json").write_text(json.dumps(runs, indent=1))
     commands = [f"python3 bench/kserve.py{' --quick' if args.quick else ''}"
-                f"{' --peers none' if args.peers == 'none' else ''}  # all of the below, then this report",
+                f"{'' if args.peers == 'all' else ' --peers ' + args.peers}  # all of the below, then this report",
                 f"target/{args.profile}/layerd --addr {args.layerd_addr}",
-                "bash ../shared/peers/kserve/start_triton.sh 18201; bash ../shared/peers/kserve/start_grpc_numpy.sh 18101",
-                *sorted({r["command"].replace(str(REPO) + "/", "").replace(str(tmp), "OUT") for r in runs
-                         if r["repeat"] == 0})]
+                "bash bench/peers/triton/setup.sh && bash bench/peers/triton/start.sh 18201 RUN_DIR",
+                "python bench/peers/kserve_numpy_server.py --addr 127.0.0.1:18101 --workers 8",
+                *sorted({r["command"] for r in runs if r["repeat"] == 0})]
     text = report(args, median_table(runs), servers, machine(str(REPO / ".venv" / "bin" / "python")), commands)
     (args.out / "kserve.md").write_text(text)
     print(f"\nwrote {args.out / 'kserve.md'}\n")

@@ -1,6 +1,6 @@
 """TLS, mutual TLS and the retry policy, against real servers: certificates made here with
-trustme; overload and a lost-and-restarted server to retry through."""
-import socket
+trustme; overload to retry through (the README's recipe for a lost server runs in
+tests/python/test_readme.py)."""
 import threading
 import time
 
@@ -128,55 +128,3 @@ def test_overloaded_calls_are_retried_with_backoff_until_they_run():
         channel.close()
     finally:
         assert server.stop() == 0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_readme_recipe_recovers_from_a_lost_server():
-    """The README's "Handling errors" recipe: the server dies and comes back empty; the client
-    retries through UNAVAILABLE, gets SESSION_NOT_FOUND, and opens the session again."""
-    addr = f"127.0.0.1:{free_port()}"
-    server = Server(addr=addr)
-    try:
-        client = layerd.Client(addr, retry=layerd.Retry(attempts=8, initial_backoff=0.1, max_backoff=1.0))
-
-        class Net:
-            """The layers of one session, rebuilt on a new session when the old one is lost."""
-
-            def __init__(self, client):
-                self.client = client
-                self.open()
-
-            def open(self):
-                self.session = self.client.session(idle_timeout=300)
-                self.relu = self.session.layer("relu", layer_id="relu1")
-
-            def step(self, x, dout):
-                for attempt in range(2):
-                    try:
-                        self.relu.forward(x)
-                        return self.relu.backward(dout)
-                    except layerd.NotFound as e:
-                        if e.reason != "SESSION_NOT_FOUND" or attempt:
-                            raise
-                        self.open()  # the replica was lost: a new session, same layers
-
-        net = Net(client)
-        first_session = net.session.id
-        assert net.step(X, np.ones(4, np.float32)).tolist() == [1.0, 0.0, 0.0, 1.0]
-        server.proc.kill()
-        server.proc.wait()
-        # The server comes back empty, on the same address, while the client is retrying.
-        holder = []
-        threading.Timer(0.5, lambda: holder.append(Server(addr=addr))).start()
-        assert net.step(X, np.full(4, 2, np.float32)).tolist() == [2.0, 0.0, 0.0, 2.0]
-        assert net.session.id != first_session
-        net.session.close()
-        client.close()
-        server = holder[0]
-    finally:
-        server.proc.kill() if server.proc.poll() is None else None

@@ -58,23 +58,27 @@ def _typed_errors(method):
 @dataclasses.dataclass(frozen=True)
 class Retry:
     """How unary calls are retried: on UNAVAILABLE only — the server shed the call
-    (reason OVERLOADED), is shutting down, or cannot be reached — with capped
-    exponential backoff and full jitter: attempt n waits a random time in
-    [0, min(max_backoff, initial_backoff * multiplier**(n-1))].
+    (reason OVERLOADED), is shutting down or restarting, or cannot be reached — with
+    capped exponential backoff and jitter: after failed attempt n the client waits a
+    random time between half and all of min(max_backoff, initial_backoff * multiplier**(n-1)).
+    The defaults wait 0.2 s, 0.4 s, 0.8 s, 1.6 s, 3.2 s (each halved at random), about
+    3 to 6 s in all: long enough to ride out a replica restart or a load balancer moving
+    a session's range, short enough to report a server that is gone.
 
     Every other code is raised at once: retrying the same request cannot change
     INVALID_ARGUMENT, NOT_FOUND (recreate the session), FAILED_PRECONDITION,
     RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED. `Retry(attempts=1)` turns retries off.
     Run streams are never retried.
     """
-    attempts: int = 5
-    initial_backoff: float = 0.1
+    attempts: int = 6
+    initial_backoff: float = 0.2
     max_backoff: float = 5.0
     multiplier: float = 2.0
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        return random.uniform(0, min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1)))
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
 
 
 def _pem(value, name):
@@ -123,7 +127,11 @@ class Client:
             target = target[len("http://"):] if target.startswith("http://") else target
             tls = False
         options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+                   ("grpc.max_receive_message_length", max_message_bytes),
+                   # Reconnect within the retry policy's waits, not after grpcio's 1 s+ backoff.
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", int(retry.max_backoff * 1000))]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         pems = (root_certificates, private_key, certificate_chain)
