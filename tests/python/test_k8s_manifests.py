@@ -11,9 +11,12 @@ import pytest
 import yaml
 
 from layerd_server import BINARY, REPO
+from test_memory_budget import budget_mib
 
 K8S = REPO / "deploy" / "k8s"
 VERSION = "1.33.0"
+#: The oldest Kubernetes docs/kubernetes.md promises (preStop's sleep action, on by default).
+MINIMUM = "1.30.0"
 
 
 def documents(path):
@@ -36,10 +39,16 @@ def resources():
     return out
 
 
+@pytest.mark.parametrize("version", [MINIMUM, VERSION])
 @pytest.mark.parametrize("path", resources(), ids=lambda p: str(p.relative_to(K8S)))
-def test_every_manifest_is_valid_kubernetes(path):
+def test_every_manifest_is_valid_kubernetes(path, version):
     for doc in documents(path):
-        kubernetes_validate.validate(doc, VERSION, strict=True)
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_guide_states_the_minimum_version():
+    guide = (REPO / "docs" / "kubernetes.md").read_text()
+    assert f"**Kubernetes {MINIMUM.rsplit('.', 1)[0]} or newer.**" in guide
 
 
 def test_validation_would_catch_a_mistake():
@@ -72,6 +81,12 @@ def test_overlay_patches_and_replica_counts_target_base_objects():
         overlay["images"][0]["name"]
 
 
+def mib(size):
+    """A Kubernetes quantity or a layerd size ("2Gi", "16MiB", "1GiB") in MiB."""
+    number, unit = re.fullmatch(r"(\d+)([MG])iB?", size).groups()
+    return int(number) * (1024 if unit == "G" else 1)
+
+
 def test_deployment_agrees_with_layerd():
     base = by_kind(K8S / "base")
     pod = base[("Deployment", "layerd")]["spec"]["template"]
@@ -90,6 +105,13 @@ def test_deployment_agrees_with_layerd():
     grace = int(env["LAYERD_SHUTDOWN_GRACE"].rstrip("s"))
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["spec"]["terminationGracePeriodSeconds"] > grace + pre_stop
+
+    # The memory formula of docs/kubernetes.md (measured in test_memory_budget.py) fits the limit.
+    need = budget_mib(mib(env["LAYERD_MAX_TOTAL_KEPT_BYTES"]), int(env["LAYERD_MAX_CONCURRENT_CALLS"]),
+                      mib(env["LAYERD_MAX_MESSAGE_BYTES"]), int(env["LAYERD_MAX_CONNECTIONS"]))
+    assert need <= mib(container["resources"]["limits"]["memory"]), need
+    ingress = base[("Ingress", "layerd")]["metadata"]["annotations"]
+    assert int(ingress["nginx.ingress.kubernetes.io/proxy-body-size"].rstrip("m")) > mib(env["LAYERD_MAX_MESSAGE_BYTES"])
 
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
@@ -113,5 +135,10 @@ def test_compose_runs_the_replicas_nginx_routes_to():
     replicas = {name for name in compose["services"] if name.startswith("layerd-")}
     assert replicas == upstreams == {"layerd-0", "layerd-1", "layerd-2"}
     assert "./nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
+    # One image name that docker and podman both resolve to the local build, and the build itself.
+    replica = compose["services"]["layerd-0"]
+    assert replica["image"] == "layerd:0.1.0"
+    build = (REPO / "deploy" / replica["build"]["context"]).resolve()
+    assert build == REPO and (build / replica["build"]["dockerfile"]).exists()
     health = compose["services"]["layerd-0"]["healthcheck"]["test"]
     assert health[1] == "/usr/local/bin/layerd-cli" and health[-1] == "health"
