@@ -11,13 +11,11 @@ generated stubs that tritonclient ships, so it needs nothing outside this reposi
 Needs numpy, grpcio and tritonclient[grpc] (the repo's .venv has them).
 """
 import argparse
-import signal
-import sys
 import threading
-from concurrent import futures
 
 import grpc
 import numpy as np
+from serving import serve
 from tritonclient.grpc import model_config_pb2 as mc, service_pb2 as pb, service_pb2_grpc
 
 
@@ -117,20 +115,7 @@ def main():
     ap.add_argument("--addr", default="127.0.0.1:18101")
     ap.add_argument("--workers", type=int, default=8, help="grpcio's thread pool size")
     args = ap.parse_args()
-    limit = 256 << 20
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers),
-                         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), server)
-    if server.add_insecure_port(args.addr) == 0:
-        sys.exit(f"cannot listen on {args.addr}")
-    server.start()
-    print(f"KServe numpy peer serving on {args.addr}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(5).wait()
-
+    serve(lambda server: service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), server), args.addr, args.workers, "KServe numpy peer")
 
 if __name__ == "__main__":
     main()

@@ -16,11 +16,9 @@ Needs numpy, grpcio and protobuf (the repo's .venv, or `pip install ./clients/py
 import argparse
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -28,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "clients" / "python" / "src"))
 from layerd.v1 import layerd_pb2 as pb, layerd_pb2_grpc  # noqa: E402
+from serving import serve  # noqa: E402
 
 
 class Relu:
@@ -237,20 +236,7 @@ def main():
     ap.add_argument("--addr", default="127.0.0.1:50551")
     ap.add_argument("--workers", type=int, default=16, help="grpcio's thread pool size")
     args = ap.parse_args()
-    limit = 256 << 20
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), interceptors=[Failures()],
-                         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)])
-    layerd_pb2_grpc.add_LayerServiceServicer_to_server(Service(), server)
-    if server.add_insecure_port(args.addr) == 0:
-        sys.exit(f"cannot listen on {args.addr}")
-    server.start()
-    print(f"numpy peer serving on {args.addr}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(5).wait()
-
+    serve(lambda server: layerd_pb2_grpc.add_LayerServiceServicer_to_server(Service(), server), args.addr, args.workers, "numpy peer", interceptors=[Failures()])
 
 if __name__ == "__main__":
     main()

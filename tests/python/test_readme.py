@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 import tritonclient.grpc as tc
 

@@ -105,7 +105,7 @@ def test_overloaded_calls_are_retried_with_backoff_until_they_run():
     server = Server("--max-concurrent-calls", "1")
     try:
         channel = server.channel()
-        from layerd.v1 import layerd_pb2 as pb, layerd_pb2_grpc
+        from layerd.v1 import layerd_pb2_grpc
         stub = layerd_pb2_grpc.LayerServiceStub(channel)
         release = threading.Event()
 
