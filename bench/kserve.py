@@ -137,7 +137,8 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
              "server_us": sum(float(r.get(c) or 0) for c in ("Server Queue", "Server Compute Input",
                                                              "Server Compute Infer", "Server Compute Output")), "pa_cpu_s": pa_cpu, "server_cpu_s": server_cpu,
              # As a reader runs it: no paths of this machine.
-             "command": " ".join([display(cmd[0]), *cmd[1:-1], f"OUT/{out.name}"])} for r in rows]
+             "command": " ".join([display(cmd[0])] + [f"OUT/{out.name}" if a == str(out) else a for a in cmd[1:]])}
+            for r in rows]
 
 
 def median_table(runs):

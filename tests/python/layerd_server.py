@@ -18,12 +18,12 @@ class Server:
     """A layerd process started with extra flags; its address (and, with
     --metrics-addr, its metrics address) read from its log."""
 
-    def __init__(self, *flags, addr="127.0.0.1:0", cpus=None):
+    def __init__(self, *flags, addr="127.0.0.1:0", cpus=None, cwd=None):
         assert BINARY.exists(), f"{BINARY} not built (cargo build)"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
         self.proc = subprocess.Popen(
             [str(BINARY), "--addr", addr, "--log-format", "json", *flags],
-            stderr=subprocess.PIPE, text=True, env=env,
+            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
             # Pinned before it starts, so its runtime sizes itself to these cores.
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.addr = self.metrics_addr = None

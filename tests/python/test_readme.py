@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from conftest import compile_proto
-from layerd_server import REPO, Server
+from layerd_server import BINARY, REPO, Server
 
 README = (REPO / "README.md").read_text()
 DOC_ADDR = "127.0.0.1:50051"
@@ -79,6 +79,39 @@ def test_the_perf_analyzer_commands_run(server):
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
         assert "Throughput" in done.stdout
         assert ("Sequence count" in done.stdout) == ("--sequence-length" in command)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """ca.pem, server.pem and server.key (for localhost), as the README's TLS section names them."""
+    import trustme
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(d / "server.pem")
+    cert.private_key_pem.write_to_path(d / "server.key")
+    return d
+
+
+def test_the_tls_section_runs(pki):
+    """The server, layerd-cli, layerd-bench, the layerd client and tritonclient over TLS."""
+    server_line, *client_lines = [line.split("#")[0].split() for line in block("tls-shell").strip().splitlines()]
+    assert server_line[0] == "layerd"
+    server = Server(*server_line[1:], addr="127.0.0.1:0", cwd=pki)
+    try:
+        port = server.addr.rsplit(":", 1)[1]
+        for line in client_lines:
+            binary = BINARY.parent / line[0]  # the tools built beside the server
+            args = [a.replace("50051", port) for a in line[1:]]
+            done = subprocess.run([str(binary), *args], cwd=pki, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{line}: {done.stdout}{done.stderr}"
+        code = block("tls-python").replace("localhost:50051", f"localhost:{port}")
+        done = run_script(code, cwd=pki)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["[1.", "0.]", "True"]
+    finally:
+        assert server.stop() == 0
 
 
 def free_port():
