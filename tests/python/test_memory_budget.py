@@ -8,6 +8,7 @@ test_k8s_manifests.py checks the Deployment's limit against the same formula."""
 import threading
 import time
 
+import grpc
 import numpy as np
 
 from layerd_server import Server, RssPeak
@@ -24,58 +25,64 @@ def budget_mib(kept_mib, calls, message_mib, connections, stream_window_mib=4):
     return BASELINE_MIB + kept_mib + calls * PER_CALL * message_mib + connections * stream_window_mib
 
 
-def test_peak_memory_stays_within_the_formula():
-    import layerd
+def test_peak_memory_stays_within_the_formula(pb):
+    pb2, pb2_grpc = pb
     calls, message_mib, kept_mib = 8, 8, 128
     connections = 2 * calls + 1  # the callers' and the filler's
     server = Server("--max-concurrent-calls", str(calls), "--max-message-bytes", f"{message_mib}MiB",
                     "--max-total-kept-bytes", f"{kept_mib}MiB", "--max-session-kept-bytes", f"{kept_mib}MiB",
                     "--max-connections", str(connections))
+
+    def tensor(a):
+        return pb2.Tensor(dtype=pb2.DTYPE_FLOAT32, shape=a.shape, data=a.tobytes())
+
+    def session(stub, sid, kind):
+        stub.CreateSession(pb2.CreateSessionRequest(session_id=sid))
+        stub.CreateLayer(pb2.CreateLayerRequest(session_id=sid, layer_id="l", kind=kind))
+
     try:
-        limit = (message_mib + 1) << 20
-        no_retry = layerd.Retry(attempts=1)
-        client = layerd.Client(server.addr, max_message_bytes=limit, retry=no_retry)
+        filler = pb2_grpc.LayerServiceStub(server.channel())
         # Fill the kept budget: sigmoid keeps y, 4 MiB at a time, until the server refuses.
-        kept, chunk = [], np.linspace(-3, 3, 1 << 20, dtype=np.float32)
+        chunk, kept = tensor(np.linspace(-3, 3, 1 << 20, dtype=np.float32)), 0
         while True:
-            s = client.session()
+            session(filler, f"fill-{kept}", "sigmoid")
             try:
-                s.layer("sigmoid").forward(chunk)
-            except layerd.ResourceExhausted as e:
-                assert e.metadata["limit"] == "--max-total-kept-bytes"
+                filler.Forward(pb2.ForwardRequest(session_id=f"fill-{kept}", layer_id="l", x=chunk))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-total-kept-bytes" in e.details()
                 break
-            kept.append(s)
-        assert len(kept) >= kept_mib // 4 - 1
+            kept += 1
+        assert kept >= kept_mib // 4 - 1
 
-        # Twice the concurrent calls, each on its own connection, each a message-size tensor.
-        x = np.linspace(-3, 3, ((message_mib << 20) - 4096) // 4, dtype=np.float32)
-        peak, stop, outcomes = RssPeak(server), time.monotonic() + 4, {"ok": 0, "OVERLOADED": 0}
+        # Twice the concurrent calls, each on its own connection, each a message-size tensor;
+        # no_grad, since the kept budget is full.
+        x = tensor(np.linspace(-3, 3, ((message_mib << 20) - 4096) // 4, dtype=np.float32))
+        peak, stop, outcomes = RssPeak(server), time.monotonic() + 4, {"ok": 0, "shed": 0}
 
-        def caller(kind):
-            c = layerd.Client(server.addr, max_message_bytes=limit, retry=no_retry)
+        def caller(index, kind):
+            stub = pb2_grpc.LayerServiceStub(server.channel())
+            sid = None
             while time.monotonic() < stop:
                 try:
-                    with c.session() as s:
-                        layer = s.layer(kind)
-                        while time.monotonic() < stop:
-                            layer.forward(x, no_grad=True)  # the kept budget is full
-                            outcomes["ok"] += 1
-                except layerd.LayerdError as e:
-                    assert e.reason == "OVERLOADED", e
-                    outcomes["OVERLOADED"] += 1
+                    if sid is None:
+                        session(stub, f"call-{index}", kind)
+                        sid = f"call-{index}"
+                    stub.Forward(pb2.ForwardRequest(session_id=sid, layer_id="l", x=x, no_grad=True))
+                    outcomes["ok"] += 1
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in e.details(), e
+                    outcomes["shed"] += 1
 
-        threads = [threading.Thread(target=caller, args=(kind,)) for kind in ["relu", "sigmoid"] * calls]
+        threads = [threading.Thread(target=caller, args=(i, kind))
+                   for i, kind in enumerate(["relu", "sigmoid"] * calls)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         peak_mib = peak.stop()
-        assert outcomes["ok"] > 0 and outcomes["OVERLOADED"] > 0, outcomes  # it was really overloaded
+        assert outcomes["ok"] > 0 and outcomes["shed"] > 0, outcomes  # it was really overloaded
         bound = budget_mib(kept_mib, calls, message_mib, connections)
         assert peak_mib <= bound, f"peak RSS {peak_mib:.0f} MiB over the formula's {bound} MiB ({outcomes})"
         print(f"peak RSS {peak_mib:.0f} MiB, formula {bound} MiB, {outcomes}")
-        for s in kept:
-            s.close()
-        client.close()
     finally:
         assert server.stop() == 0
