@@ -7,9 +7,14 @@
 //!   [`pb::inference`], from Triton's `proto/inference/`, fenced in.
 //! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
 //!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray.
+//! - [`dtype`]: element types (the wire dtype enum, the element trait), at the
+//!   bottom: it depends on nothing but errors and the generated code.
 //! - [`tensor`]: the only place wire tensors become arrays and back.
 //! - [`session`]: the session store, limits, kept-state accounting, expiry.
-//! - [`service`]: the gRPC handlers of the layer service.
+//! - [`engine`]: the compute path both protocols share: Forward and Backward
+//!   on a layer instance, timeout, tracing and metrics per call, where
+//!   computations run, in-order stream answering.
+//! - [`service`]: the gRPC handlers of the layer service (thin).
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.
 //! - [`auth`]: bearer tokens and the principal each session belongs to.
@@ -28,6 +33,8 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod drain;
+pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod kserve;
 pub mod layers;

@@ -38,8 +38,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tonic::Code;
 
-use crate::layers::Kind;
-
 const CALLS: &str = "layerd_calls_total";
 const CALL_DURATION: &str = "layerd_call_duration_seconds";
 const SESSIONS_OPEN: &str = "layerd_sessions_open";
@@ -156,26 +154,27 @@ pub async fn serve(
 }
 
 tokio::task_local! {
-    /// The layer kind of the call being observed, once the handler knows it.
-    static CALL_KIND: Arc<OnceLock<Kind>>;
+    /// The layer kind's name of the call being observed, once the handler knows it.
+    static CALL_KIND: Arc<OnceLock<&'static str>>;
 }
 
 /// Runs `call`, a whole RPC, so that [`note_kind`] inside it labels its
 /// metrics; returns its output and the kind noted.
-pub async fn with_kind<T>(call: impl Future<Output = T>) -> (T, Option<Kind>) {
+pub async fn with_kind<T>(call: impl Future<Output = T>) -> (T, Option<&'static str>) {
     let kind = Arc::new(OnceLock::new());
     let output = CALL_KIND.scope(kind.clone(), call).await;
     (output, kind.get().copied())
 }
 
-/// Labels the current call's metrics with `kind`.
-pub fn note_kind(kind: Kind) {
+/// Labels the current call's metrics with the layer kind `kind` (its name:
+/// metrics know labels, not layer types).
+pub fn note_kind(kind: &'static str) {
     let _ = CALL_KIND.try_with(|noted| noted.set(kind));
 }
 
-/// One finished call.
-pub fn call(method: &'static str, kind: Option<Kind>, code: Code, elapsed: Duration) {
-    let kind = kind.map_or("", Kind::name);
+/// One finished call; `kind` is the layer kind's name, if the call had one.
+pub fn call(method: &'static str, kind: Option<&'static str>, code: Code, elapsed: Duration) {
+    let kind = kind.unwrap_or("");
     let code = CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown");
     counter!(CALLS, "method" => method, "kind" => kind, "code" => code).increment(1);
     histogram!(CALL_DURATION, "method" => method, "kind" => kind).record(elapsed.as_secs_f64());

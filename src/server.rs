@@ -19,16 +19,30 @@ use tonic_health::ServingStatus;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::drain::EndWatchesLayer;
+use crate::engine::oversize_to_resource_exhausted;
 use crate::kserve::InferenceService;
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
     self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
     layer_service_server::LayerServiceServer,
 };
-use crate::service::{oversize_to_resource_exhausted, LayerService};
+use crate::service::LayerService;
 use crate::session::Store;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `--max-message-bytes` both ways, and gzip-compressed requests accepted
+/// (grpcio's channel option, say; the limit applies to the decompressed size),
+/// on a generated server (each service's server is its own type).
+macro_rules! limited {
+    ($server:expr, $config:expr) => {{
+        let max = usize::try_from($config.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
+        $server
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip)
+    }};
+}
 
 /// Binds `config.addr` and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), BoxError> {
@@ -49,48 +63,18 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let local_addr = listener.local_addr()?;
     // Bound before serving gRPC, so a bad --metrics-addr fails at start.
-    let metrics_task = match config.metrics_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
-            tracing::info!(addr = %listener.local_addr()?, "metrics serving");
-            let handle = crate::metrics::recorder()?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-                listener,
-                handle,
-                std::future::pending(),
-            ))))
-        }
-        None => None,
-    };
+    let metrics_task = start_metrics(&config).await?;
     let authenticator = match &config.auth_tokens {
         Some(path) => Authenticator::from_file(path)?,
         None => Authenticator::open(),
     };
     let store_guard = Store::start(config.limits());
-    let max_message = usize::try_from(config.max_message_bytes.as_u64()).unwrap_or(usize::MAX);
-    let layer_service = LayerServiceServer::new(LayerService::new(
-        store_guard.store(),
-        config.request_timeout,
-        config.max_message_bytes.as_u64(),
-    ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message)
-    // Clients may compress requests (grpcio's channel option, say); the
-    // message limit applies to the decompressed size.
-    .accept_compressed(CompressionEncoding::Gzip);
     let inference = InferenceService::new(
         store_guard.store(),
         config.request_timeout,
         config.max_message_bytes.as_u64(),
         config.default_idle_timeout,
     );
-    let inference_service = GrpcInferenceServiceServer::new(inference.clone())
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message)
-        .accept_compressed(CompressionEncoding::Gzip);
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<LayerServiceServer<LayerService>>()
@@ -98,26 +82,14 @@ pub async fn run(
     health
         .set_serving::<GrpcInferenceServiceServer<InferenceService>>()
         .await;
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let max_message_bytes = config.max_message_bytes.as_u64();
     let (begin_drain, draining) = tokio::sync::watch::channel(false);
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = http2_guarded(tonic::transport::Server::builder(), &config);
     if let Some(tls) = tls_config(&config)? {
         builder = builder.tls_config(tls)?;
     }
+    let max_message_bytes = config.max_message_bytes.as_u64();
     let router = builder
-        // tonic 0.14 leaves these unset, which removes h2's own protections.
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
-        .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
-        .initial_stream_window_size(window(config.initial_stream_window))
-        .initial_connection_window_size(window(config.initial_connection_window))
-        .max_frame_size(window(config.max_frame_size))
-        .http2_adaptive_window(Some(config.http2_adaptive_window))
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(EndWatchesLayer::new(draining))
         .layer(ShedLayer::new(
             config.max_concurrent_calls,
@@ -129,16 +101,23 @@ pub async fn run(
             },
         ))
         .add_routes(Routes::new(InterceptedService::new(
-            layer_service,
+            limited!(
+                LayerServiceServer::new(LayerService::new(
+                    store_guard.store(),
+                    config.request_timeout,
+                    config.max_message_bytes.as_u64(),
+                )),
+                config
+            ),
             authenticator.clone(),
         )))
         .add_service(InterceptedService::new(
-            inference_service,
+            limited!(GrpcInferenceServiceServer::new(inference.clone()), config),
             authenticator.clone(),
         ))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
 
     let incoming = cap_connections(
         TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -149,17 +128,7 @@ pub async fn run(
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = accepting_stopped.await;
     }));
-    let tls = match (&config.tls_cert, &config.tls_client_ca) {
-        (None, _) => "off",
-        (Some(_), None) => "on",
-        (Some(_), Some(_)) => "mutual",
-    };
-    let auth = if authenticator.is_enabled() {
-        "bearer"
-    } else {
-        "off"
-    };
-    tracing::info!(addr = %local_addr, tls, auth, "layerd serving");
+    log_serving(local_addr, &config, &authenticator);
 
     tokio::select! {
         finished = &mut server => return finished?.map_err(Into::into),
@@ -198,7 +167,52 @@ pub async fn run(
     Ok(())
 }
 
-/// The TLS settings the flags ask for: none (plaintext), TLS, or mutual TLS.
+/// The Prometheus endpoint on `--metrics-addr`, if set; stops when dropped.
+async fn start_metrics(config: &Config) -> Result<Option<AbortOnDrop<()>>, BoxError> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics serving");
+    let handle = crate::metrics::recorder()?;
+    Ok(Some(AbortOnDrop(tokio::spawn(async move {
+        if let Err(error) = crate::metrics::serve(listener, handle, std::future::pending()).await {
+            tracing::error!(%error, "metrics endpoint failed");
+        }
+    }))))
+}
+
+/// HTTP/2 settings: tonic 0.14 leaves some unset, which removes h2's own
+/// protections; windows and frames are raised so large tensors stream at speed.
+fn http2_guarded(builder: tonic::transport::Server, config: &Config) -> tonic::transport::Server {
+    builder
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
+        .http2_max_pending_accept_reset_streams(Some(config.max_pending_accept_reset_streams))
+        .initial_stream_window_size(window(config.initial_stream_window))
+        .initial_connection_window_size(window(config.initial_connection_window))
+        .max_frame_size(window(config.max_frame_size))
+        .http2_adaptive_window(Some(config.http2_adaptive_window))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+}
+
+fn log_serving(addr: std::net::SocketAddr, config: &Config, authenticator: &Authenticator) {
+    let tls = match (&config.tls_cert, &config.tls_client_ca) {
+        (None, _) => "off",
+        (Some(_), None) => "on",
+        (Some(_), Some(_)) => "mutual",
+    };
+    let auth = if authenticator.is_enabled() {
+        "bearer"
+    } else {
+        "off"
+    };
+    tracing::info!(%addr, tls, auth, "layerd serving");
+}
+
 fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, BoxError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);

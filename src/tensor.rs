@@ -12,8 +12,8 @@
 use bytes::Bytes;
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, IxDyn};
 
+use crate::dtype::{DType, Element};
 use crate::error::Error;
-use crate::layers::Float;
 use crate::metrics;
 use crate::pb::{self, inference};
 
@@ -24,79 +24,6 @@ compile_error!(
 
 /// The most dimensions a tensor may have.
 pub const MAX_RANK: usize = 8;
-
-/// Element type of a validated tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    F32,
-    F64,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub const fn itemsize(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F64 => 8,
-        }
-    }
-
-    /// The proto enum value name, as clients see it.
-    pub const fn proto_name(self) -> &'static str {
-        match self {
-            DType::F32 => "DTYPE_FLOAT32",
-            DType::F64 => "DTYPE_FLOAT64",
-        }
-    }
-
-    /// The KServe v2 datatype name.
-    pub const fn kserve_name(self) -> &'static str {
-        match self {
-            DType::F32 => "FP32",
-            DType::F64 => "FP64",
-        }
-    }
-
-    fn from_kserve(name: &str, field: &str) -> Result<DType, Error> {
-        match name {
-            "FP32" => Ok(DType::F32),
-            "FP64" => Ok(DType::F64),
-            other => Err(Error::invalid(
-                format!("{field}.datatype"),
-                "FP32 or FP64",
-                format!("{other:?}"),
-                "INVALID_TENSOR",
-            )),
-        }
-    }
-
-    fn from_proto(value: i32, field: &str) -> Result<DType, Error> {
-        match pb::DType::try_from(value) {
-            Ok(pb::DType::DtypeFloat32) => Ok(DType::F32),
-            Ok(pb::DType::DtypeFloat64) => Ok(DType::F64),
-            Ok(pb::DType::DtypeUnspecified) => {
-                Err(bad_dtype(field, "DTYPE_UNSPECIFIED (0)".into()))
-            }
-            Err(_) => Err(bad_dtype(field, format!("unknown value {value}"))),
-        }
-    }
-
-    fn to_proto(self) -> pb::DType {
-        match self {
-            DType::F32 => pb::DType::DtypeFloat32,
-            DType::F64 => pb::DType::DtypeFloat64,
-        }
-    }
-}
-
-fn bad_dtype(field: &str, got: String) -> Error {
-    Error::invalid(
-        format!("{field}.dtype"),
-        "DTYPE_FLOAT32 (1) or DTYPE_FLOAT64 (2)",
-        got,
-        "INVALID_TENSOR",
-    )
-}
 
 /// A validated tensor: `data` holds exactly `len() * dtype.itemsize()` bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,13 +181,13 @@ impl Tensor {
     }
 
     /// Wraps a computed array; no copy when it is in standard layout.
-    pub fn from_array<F: Float>(array: ArrayD<F>) -> Tensor {
+    pub fn from_array<F: Element>(array: ArrayD<F>) -> Tensor {
         Tensor::from_shared(array.into_shared())
     }
 
     /// Wraps a shared array (one also kept for Backward, say) without copying
     /// it when it is in standard layout: the bytes hold a reference to it.
-    pub fn from_shared<F: Float>(array: ArcArray<F, IxDyn>) -> Tensor {
+    pub fn from_shared<F: Element>(array: ArcArray<F, IxDyn>) -> Tensor {
         let array = if array.is_standard_layout() {
             array
         } else {
@@ -305,7 +232,7 @@ impl Tensor {
     ///
     /// # Panics
     /// If `F` is not this tensor's dtype (a caller bug, not an input error).
-    pub fn view<F: Float>(&self) -> CowArray<'_, F, IxDyn> {
+    pub fn view<F: Element>(&self) -> CowArray<'_, F, IxDyn> {
         assert_eq!(F::DTYPE, self.dtype, "viewed a tensor as the wrong dtype");
         let dim = IxDyn(&self.shape);
         match bytemuck::try_cast_slice::<u8, F>(&self.data) {
@@ -388,7 +315,7 @@ fn checked_shape(shape: &[u64], dtype: DType) -> Option<(Vec<usize>, usize)> {
 /// it uncopied.
 struct PodBytes<F>(ArcArray<F, IxDyn>);
 
-impl<F: Float> AsRef<[u8]> for PodBytes<F> {
+impl<F: Element> AsRef<[u8]> for PodBytes<F> {
     fn as_ref(&self) -> &[u8] {
         bytemuck::cast_slice(self.0.as_slice().expect("made from a standard layout"))
     }

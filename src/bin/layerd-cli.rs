@@ -201,8 +201,8 @@ fn show(tensor: Option<pb::Tensor>, field: &str) -> Result<String, Failure> {
     let tensor = Tensor::from_proto(tensor, field)
         .map_err(|e| Failure::Call(format!("the server sent a bad {field}: {e}")))?;
     let values: Vec<String> = match tensor.dtype() {
-        layerd::tensor::DType::F32 => tensor.view::<f32>().iter().map(|v| v.to_string()).collect(),
-        layerd::tensor::DType::F64 => tensor.view::<f64>().iter().map(|v| v.to_string()).collect(),
+        layerd::dtype::DType::F32 => tensor.view::<f32>().iter().map(|v| v.to_string()).collect(),
+        layerd::dtype::DType::F64 => tensor.view::<f64>().iter().map(|v| v.to_string()).collect(),
     };
     Ok(format!("[{}]", values.join(", ")))
 }

@@ -24,9 +24,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
 use crate::auth::{Caller, Principal};
+use crate::engine::{answer_in_order, backward_on, compute, forward_on, observe, Phases, Rpc};
 use crate::error::Error;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use crate::service::{answer_in_order, backward_on, compute, forward_on, observe, Phases, Rpc};
 use crate::session::Store;
 use crate::tensor::Tensor;
 
@@ -130,7 +130,7 @@ impl InferenceService {
         mut request: pb::ModelInferRequest,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
-        crate::metrics::note_kind(model.kind);
+        crate::metrics::note_kind(model.kind.name());
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
         params.check_routing(&caller.metadata)?;

@@ -16,12 +16,12 @@
 
 use std::time::Duration;
 
+use crate::dtype::DType;
 use crate::error::Error;
 use crate::layers::Kind;
 use crate::pb::inference::{
     self, model_config::SchedulingChoice, model_metadata_response::TensorMetadata,
 };
-use crate::tensor::DType;
 
 /// The one version of every model.
 pub const VERSION: &str = "1";

@@ -6,8 +6,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use crate::engine::Phases;
 use crate::pb::inference::{InferStatistics, ModelStatistics, StatisticDuration};
-use crate::service::Phases;
 
 use super::models::{Model, VERSION};
 

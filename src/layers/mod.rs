@@ -14,17 +14,16 @@ use std::{any::Any, fmt};
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
+use crate::dtype::{DType, Element};
 use crate::error::Error;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 pub use identity::Identity;
 pub use relu::Relu;
 pub use sigmoid::Sigmoid;
 
 /// An element type the layers compute in: `f32` or `f64`.
-pub trait Float: num_traits::Float + bytemuck::Pod + Send + Sync + fmt::Debug + 'static {
-    /// The wire dtype of this element type.
-    const DTYPE: DType;
+pub trait Float: Element + num_traits::Float {
     /// The IEEE 754 bits, widened, for bit-exact comparisons in tests.
     fn to_bits_u64(self) -> u64;
     /// `e^self` by [`vexp`], which the compiler can vectorise (within about
@@ -33,7 +32,6 @@ pub trait Float: num_traits::Float + bytemuck::Pod + Send + Sync + fmt::Debug + 
 }
 
 impl Float for f32 {
-    const DTYPE: DType = DType::F32;
     fn to_bits_u64(self) -> u64 {
         self.to_bits().into()
     }
@@ -43,7 +41,6 @@ impl Float for f32 {
 }
 
 impl Float for f64 {
-    const DTYPE: DType = DType::F64;
     fn to_bits_u64(self) -> u64 {
         self.to_bits()
     }

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{builder::TypedValueParser, Args, Parser, Subcommand, ValueEnum};
 
 /// layerd-bench: drive real Forward/Backward traffic at a layerd server (or
 /// anything speaking layerd.v1), verify every answer, and report throughput
@@ -43,22 +43,14 @@ pub enum Mode {
     Stream,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Relu,
-    Sigmoid,
-    Identity,
-}
+/// The server's own list of kinds: a kind added there must get a reference
+/// here (`reference.rs` matches on it exhaustively) before the bench builds.
+pub use layerd::layers::Kind;
 
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Relu => "relu",
-            Kind::Sigmoid => "sigmoid",
-            Kind::Identity => "identity",
-        }
-    }
+/// Parses a kind name; `--help` and errors list the server's kinds.
+fn kind_parser() -> impl clap::builder::TypedValueParser<Value = Kind> {
+    clap::builder::PossibleValuesParser::new(Kind::ALL.map(Kind::name))
+        .map(|name| Kind::from_name(&name).expect("one of the possible values"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -82,12 +74,12 @@ pub struct RunArgs {
     pub mode: Mode,
 
     /// Layer kind(s) to drive; several only with --sweep.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Relu])]
+    #[arg(long, value_parser = kind_parser(), value_delimiter = ',', default_value = "relu")]
     pub kind: Vec<Kind>,
 
     /// Check answers as if the layer were this kind (default: the kind itself).
     /// Only useful to prove that the verifier catches wrong answers.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = kind_parser())]
     pub verify_as: Option<Kind>,
 
     /// Element type.

@@ -282,7 +282,7 @@ fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request<T> {
         let value = MetadataValue::try_from(session_id).expect("session ids are ASCII");
         request
             .metadata_mut()
-            .insert(layerd::service::SESSION_HEADER, value);
+            .insert(layerd::engine::SESSION_HEADER, value);
     }
     request
 }

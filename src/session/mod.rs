@@ -1,0 +1,400 @@
+//! Sessions: their layer instances and kept state, the limits on all of
+//! them, and idle expiry.
+//!
+//! - [`store`]: the map of live sessions, its limit, expiry (a purge task);
+//! - [`budget`]: kept-byte budgets, per session and global;
+//! - [`ids`]: the id rules and server-picked ids;
+//! - this module: a session and its layer instances.
+//!
+//! Each layer instance has its own async mutex, which serialises the calls on
+//! that instance (and only those) across the await of a computation. Kept-state
+//! bytes are reserved against a per-session and a global budget before Forward
+//! computes, and released when the state is dropped (replaced by a later
+//! Forward, or its session closed or expired), so the accounting cannot drift.
+
+mod budget;
+mod ids;
+mod store;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use budget::Budget;
+pub use budget::Charge;
+pub use ids::check_id;
+pub use store::{Store, StoreGuard};
+
+use crate::error::Error;
+use crate::layers::{Kept, Kind};
+
+/// Limits on sessions and the state they keep.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_layers_per_session: usize,
+    pub max_session_kept_bytes: u64,
+    pub max_total_kept_bytes: u64,
+    pub default_idle_timeout: Duration,
+    pub max_idle_timeout: Duration,
+}
+
+/// One client session: its layer instances and its kept-state budget.
+pub struct Session {
+    id: String,
+    idle_timeout: Duration,
+    layers: Mutex<HashMap<String, Arc<LayerInstance>>>,
+    kept: Arc<Budget>,
+    total_kept: Arc<Budget>,
+    max_layers: usize,
+}
+
+/// One layer instance in a session.
+pub struct LayerInstance {
+    pub kind: Kind,
+    /// What the last keeping Forward kept; locked for the whole of each call.
+    pub kept: tokio::sync::Mutex<Option<Arc<KeptEntry>>>,
+}
+
+/// Kept state together with the budget it is charged to.
+pub struct KeptEntry {
+    pub kept: Kept,
+    _charge: Charge,
+}
+
+impl KeptEntry {
+    /// Binds `kept` to the bytes reserved for it; they are released on drop.
+    pub fn new(kept: Kept, charge: Charge) -> KeptEntry {
+        debug_assert_eq!(
+            kept.bytes() as u64,
+            charge.bytes(),
+            "kept bytes were declared exactly"
+        );
+        KeptEntry {
+            kept,
+            _charge: charge,
+        }
+    }
+}
+
+impl Session {
+    fn new(
+        id: String,
+        idle_timeout: Duration,
+        limits: &Limits,
+        total_kept: Arc<Budget>,
+    ) -> Session {
+        Session {
+            id,
+            idle_timeout,
+            layers: Mutex::new(HashMap::new()),
+            kept: Arc::new(Budget::new(
+                limits.max_session_kept_bytes,
+                "--max-session-kept-bytes",
+                false,
+            )),
+            total_kept,
+            max_layers: limits.max_layers_per_session,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Adds a layer instance of `kind` as `layer_id`.
+    pub fn create_layer(&self, layer_id: &str, kind: Kind) -> Result<(), Error> {
+        self.add_layer(layer_id, kind, false).map(drop)
+    }
+
+    /// The layer instance `layer_id`, added as a `kind` if the session has
+    /// none of that name; one of another kind is an error.
+    pub fn layer_or_create(&self, layer_id: &str, kind: Kind) -> Result<Arc<LayerInstance>, Error> {
+        self.add_layer(layer_id, kind, true)
+    }
+
+    fn add_layer(
+        &self,
+        layer_id: &str,
+        kind: Kind,
+        reuse: bool,
+    ) -> Result<Arc<LayerInstance>, Error> {
+        check_id("layer_id", layer_id)?;
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = layers.get(layer_id) {
+            if !reuse {
+                return Err(Error::LayerExists {
+                    session_id: self.id.clone(),
+                    layer_id: layer_id.to_string(),
+                });
+            }
+            self.check_kind(layer_id, existing, kind)?;
+            return Ok(existing.clone());
+        }
+        if layers.len() >= self.max_layers {
+            return Err(Error::LimitExceeded {
+                flag: "--max-layers-per-session",
+                limit: self.max_layers.to_string(),
+                detail: format!("session {:?} has {} layers", self.id, layers.len()),
+            });
+        }
+        let instance = Arc::new(LayerInstance {
+            kind,
+            kept: tokio::sync::Mutex::new(None),
+        });
+        layers.insert(layer_id.to_string(), instance.clone());
+        Ok(instance)
+    }
+
+    /// Fails unless `layer` (this session's `layer_id`) is a `kind` layer.
+    pub fn check_kind(
+        &self,
+        layer_id: &str,
+        layer: &LayerInstance,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        if layer.kind == kind {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "layer_id",
+            format!("a layer of kind {kind} (or a new id)"),
+            format!(
+                "{layer_id:?}, a {} layer in session {:?}",
+                layer.kind, self.id
+            ),
+            "LAYER_KIND_MISMATCH",
+        ))
+    }
+
+    /// The layer instance `layer_id`.
+    pub fn layer(&self, layer_id: &str) -> Result<Arc<LayerInstance>, Error> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .get(layer_id)
+            .cloned()
+            .ok_or_else(|| Error::LayerNotFound {
+                session_id: self.id.clone(),
+                layer_id: layer_id.to_string(),
+            })
+    }
+
+    /// Reserves `bytes` of kept state against this session's budget and the
+    /// global one, or says which limit it would exceed.
+    pub fn reserve(&self, bytes: usize) -> Result<Charge, Error> {
+        let bytes = bytes as u64;
+        let session = self.kept.reserve(bytes)?;
+        let total = self.total_kept.reserve(bytes)?;
+        Ok(Charge {
+            bytes,
+            _reservations: [session, total],
+        })
+    }
+
+    /// Bytes of kept state held by this session.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept.used()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ids::random_id;
+    use super::*;
+    use crate::auth::Principal;
+    use crate::tensor::Tensor;
+
+    fn limits() -> Limits {
+        Limits {
+            max_sessions: 3,
+            max_layers_per_session: 2,
+            max_session_kept_bytes: 1000,
+            max_total_kept_bytes: 1500,
+            default_idle_timeout: Duration::from_secs(60),
+            max_idle_timeout: Duration::from_secs(600),
+        }
+    }
+
+    fn anon() -> Principal {
+        Principal::default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_principal_has_its_own_id_space() {
+        let auth =
+            crate::auth::Authenticator::parse("aaaaaaaaaaaaaaaa alice\nbbbbbbbbbbbbbbbb bob\n")
+                .unwrap();
+        let principal = |token: &str| {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            use tonic::service::Interceptor;
+            Principal::of(auth.clone().call(request).unwrap().extensions()).unwrap()
+        };
+        let (alice, bob) = (principal("aaaaaaaaaaaaaaaa"), principal("bbbbbbbbbbbbbbbb"));
+        let guard = Store::start(limits());
+        let store = guard.store();
+        store.create(&alice, "s", 10).unwrap();
+        store
+            .session(&alice, "s")
+            .unwrap()
+            .create_layer("l", Kind::Relu)
+            .unwrap();
+        for other in [&bob, &anon()] {
+            assert!(matches!(
+                store.session(other, "s"),
+                Err(Error::SessionNotFound { .. })
+            ));
+            assert!(matches!(
+                store.close(other, "s"),
+                Err(Error::SessionNotFound { .. })
+            ));
+        }
+        // Bob's own "s" is another session; Alice's is untouched.
+        store.create(&bob, "s", 10).unwrap();
+        assert!(store.session(&bob, "s").unwrap().layer("l").is_err());
+        assert!(store.session(&alice, "s").unwrap().layer("l").is_ok());
+        store.close(&bob, "s").unwrap();
+        assert!(store.session(&alice, "s").is_ok());
+    }
+
+    fn ones(len: usize) -> Tensor {
+        Tensor::from_array(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[len]), 1.0f32))
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("session_id", "a.B_c:d-9").is_ok());
+        assert!(check_id("session_id", &"x".repeat(128)).is_ok());
+        for bad in ["", "a b", "é", "a/b", &"x".repeat(129)] {
+            let err = check_id("layer_id", bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with("layer_id: expected 1 to 128"),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_sessions_expire_and_calls_keep_them_alive() {
+        let guard = Store::start(limits());
+        let store = guard.store();
+        let (a, granted) = store.create(&anon(), "a", 1).unwrap();
+        assert_eq!(granted, Duration::from_secs(1));
+        store.create(&anon(), "b", 3).unwrap();
+        // Over the maximum is lowered to it; 0 is the default.
+        assert_eq!(
+            store.create(&anon(), "c", 9999).unwrap().1,
+            Duration::from_secs(600)
+        );
+        store.close(&anon(), "c").unwrap();
+        assert_eq!(
+            store.create(&anon(), "", 0).unwrap().1,
+            Duration::from_secs(60)
+        );
+
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        store.session(&anon(), &a).unwrap(); // moves a's deadline to 1.7 s
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            store.session(&anon(), "a").is_ok(),
+            "a call 0.7 s ago keeps it alive"
+        );
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        assert!(matches!(
+            store.session(&anon(), "a"),
+            Err(Error::SessionNotFound { .. })
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The purge task removed b (3 s) without any call touching it.
+        assert_eq!(store.session_count(), 1);
+        assert!(store.session(&anon(), "b").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn session_and_layer_limits() {
+        let guard = Store::start(limits());
+        let store = guard.store();
+        for id in ["s1", "s2", "s3"] {
+            store.create(&anon(), id, 1).unwrap();
+        }
+        let err = store.create(&anon(), "s4", 1).unwrap_err();
+        assert!(err.to_string().contains("--max-sessions"), "{err}");
+        assert!(matches!(
+            store.create(&anon(), "s1", 1),
+            Err(Error::SessionExists { .. })
+        ));
+        // Expired sessions do not count against the limit, even before the purge.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.create(&anon(), "s4", 1).unwrap();
+        store.create(&anon(), "s1", 1).unwrap();
+
+        let session = store.session(&anon(), "s4").unwrap();
+        session.create_layer("l1", Kind::Relu).unwrap();
+        assert!(matches!(
+            session.create_layer("l1", Kind::Relu),
+            Err(Error::LayerExists { .. })
+        ));
+        session.create_layer("l2", Kind::Sigmoid).unwrap();
+        let err = session.create_layer("l3", Kind::Relu).unwrap_err();
+        assert!(
+            err.to_string().contains("--max-layers-per-session"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kept_bytes_are_charged_and_released_exactly() {
+        let guard = Store::start(limits());
+        let store = guard.store();
+        store.create(&anon(), "s1", 10).unwrap();
+        store.create(&anon(), "s2", 10).unwrap();
+        let s1 = store.session(&anon(), "s1").unwrap();
+        let s2 = store.session(&anon(), "s2").unwrap();
+
+        let x = ones(200); // sigmoid keeps 800 bytes of f32
+        let (_, kept) = Kind::Sigmoid.forward(&x);
+        let entry = KeptEntry::new(kept, s1.reserve(800).unwrap());
+        assert_eq!((s1.kept_bytes(), store.kept_bytes()), (800, 800));
+        // 800 + 800 > the session's 1000.
+        let err = s1.reserve(800).err().unwrap();
+        assert!(
+            err.to_string().contains("--max-session-kept-bytes"),
+            "{err}"
+        );
+        // 800 + 800 > the total's 1500, though s2 itself would fit.
+        let err = s2.reserve(800).err().unwrap();
+        assert!(err.to_string().contains("--max-total-kept-bytes"), "{err}");
+        // A failed reservation leaves nothing behind.
+        assert_eq!(
+            (s1.kept_bytes(), s2.kept_bytes(), store.kept_bytes()),
+            (800, 0, 800)
+        );
+
+        drop(entry);
+        assert_eq!(store.kept_bytes(), 0);
+        let held = s2.reserve(700).unwrap();
+        drop(s2);
+        store.close(&anon(), "s2").unwrap();
+        // The charge outlives its session until its holder drops it.
+        assert_eq!(store.kept_bytes(), 700);
+        drop(held);
+        assert_eq!(store.kept_bytes(), 0);
+    }
+
+    #[test]
+    fn random_ids_are_128_bits_of_hex() {
+        let a = random_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, random_id());
+        check_id("session_id", &a).unwrap();
+    }
+}
