@@ -5,9 +5,14 @@
 //! The kind files (`identity.rs`, `relu.rs`, `sigmoid.rs`) are pure ndarray
 //! math; this module is the one bridge from them to validated [`Tensor`]s.
 
+pub mod affine;
 pub mod identity;
+pub mod linalg;
 pub mod relu;
 pub mod sigmoid;
+pub mod softmax_with_loss;
+#[cfg(test)]
+mod testing;
 pub mod vexp;
 
 use std::{any::Any, fmt};

@@ -1,0 +1,102 @@
+//! Affine (fully connected): `y = x · W + b`.
+//!
+//! Shapes: `W` is (in, out), `b` is (out); `x` is (N, ...) and is read as the
+//! (N, in) matrix of its rows (in = the product of the other dimensions), so
+//! `y` is (N, out) and `dx` has `x`'s shape. Backward: `dx = dout · Wᵀ`,
+//! `dW = xᵀ · dout`, `db = Σ_rows dout`.
+//!
+//! Kept for Backward: `x` itself (it is `dW`'s left factor), N·in elements.
+//! `dx` is computed only when asked for: the first layer of a network has
+//! nobody to pass it to.
+//!
+//! Numerics: the products (`linalg`) and the column sum are compared with
+//! numpy within a tolerance; the bias is added after the product, elementwise,
+//! as numpy's `x @ W + b` does.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+
+use super::linalg::matmul;
+use super::Float;
+
+/// `x · W + b` for `x` (N, in), `W` (in, out), `b` (out).
+pub fn forward<F: Float>(
+    x: ArrayView2<'_, F>,
+    w: ArrayView2<'_, F>,
+    b: ArrayView1<'_, F>,
+) -> Array2<F> {
+    let mut y = matmul(x, w);
+    y.zip_mut_with(&b, |y, &b| *y = *y + b);
+    y
+}
+
+/// What one Backward computes: `dx` (when asked for), `dW` and `db`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<F> {
+    pub dx: Option<Array2<F>>,
+    pub dw: Array2<F>,
+    pub db: Array1<F>,
+}
+
+/// The gradients for upstream `dout` (N, out), from the kept `x` (N, in).
+pub fn backward<F: Float>(
+    x: ArrayView2<'_, F>,
+    w: ArrayView2<'_, F>,
+    dout: ArrayView2<'_, F>,
+    want_dx: bool,
+) -> Gradients<F> {
+    Gradients {
+        dx: want_dx.then(|| matmul(dout, w.t())),
+        dw: matmul(x.t(), dout),
+        db: dout.sum_axis(Axis(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::{central_difference, filled, max_relative_error};
+    use ndarray::{array, Array2};
+
+    #[test]
+    fn hand_computed_values() {
+        let x = array![[1.0, 2.0], [-1.0, 0.5]];
+        let w = array![[1.0, 0.0, 2.0], [3.0, -1.0, 1.0]];
+        let b = array![0.5, 1.0, -1.0];
+        assert_eq!(
+            forward(x.view(), w.view(), b.view()),
+            array![[7.5, -1.0, 3.0], [1.0, 0.5, -2.5]]
+        );
+        let dout = array![[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]];
+        let g = backward(x.view(), w.view(), dout.view(), true);
+        assert_eq!(g.dx.unwrap(), array![[3.0, 4.0], [0.0, -2.0]]);
+        assert_eq!(g.dw, array![[1.0, -2.0, 1.0], [2.0, 1.0, 2.0]]);
+        assert_eq!(g.db, array![1.0, 2.0, 1.0]);
+        assert!(backward(x.view(), w.view(), dout.view(), false)
+            .dx
+            .is_none());
+    }
+
+    /// dx, dW and db against central differences of L = Σ y ⊙ r, in float64.
+    #[test]
+    fn gradients_match_central_differences() {
+        let (n, i, o) = (3, 5, 4);
+        let (x, w, b, r) = (
+            filled((n, i), 1),
+            filled((i, o), 2),
+            filled((1, o), 3).row(0).to_owned(),
+            filled((n, o), 4),
+        );
+        let loss = |x: &Array2<f64>, w: &Array2<f64>, b: &Array1<f64>| {
+            (forward(x.view(), w.view(), b.view()) * &r).sum()
+        };
+        let g = backward(x.view(), w.view(), r.view(), true);
+        let dx = central_difference(&x, |x| loss(x, &w, &b));
+        let dw = central_difference(&w, |w| loss(&x, w, &b));
+        let db = central_difference(&b.clone().insert_axis(Axis(0)), |b| {
+            loss(&x, &w, &b.row(0).to_owned())
+        });
+        assert!(max_relative_error(&g.dx.unwrap(), &dx) < 1e-7);
+        assert!(max_relative_error(&g.dw, &dw) < 1e-7);
+        assert!(max_relative_error(&g.db.insert_axis(Axis(0)), &db) < 1e-7);
+    }
+}
