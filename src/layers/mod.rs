@@ -8,6 +8,7 @@
 pub mod affine;
 pub mod identity;
 pub mod linalg;
+pub mod pooling;
 pub mod relu;
 pub mod sigmoid;
 pub mod softmax_with_loss;
