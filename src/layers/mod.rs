@@ -6,6 +6,7 @@
 //! math; this module is the one bridge from them to validated [`Tensor`]s.
 
 pub mod affine;
+pub mod convolution;
 pub mod identity;
 pub mod linalg;
 pub mod pooling;

@@ -61,25 +61,82 @@ impl Winners {
 
 /// `y` and the winners, for `x` (N, C, H, W).
 pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winners) {
+    let x = x.as_standard_layout();
     let (n, c, h, w) = x.dim();
     let (oh, ow) = pool.output_size(h, w).expect("validated: the window fits");
     let mut y = Array4::zeros((n, c, oh, ow));
     let mut positions = Array4::zeros((n, c, oh, ow));
-    for ((ni, ci, r, s), out) in y.indexed_iter_mut() {
-        let (mut best, mut best_at) = (F::neg_infinity(), 0u32);
-        for (at, (row, col)) in pool.window(r, s).enumerate() {
-            let v = inside(row, col, h, w)
-                .map_or(F::neg_infinity(), |(row, col)| x[[ni, ci, row, col]]);
-            // np.argmax: the first maximum; a NaN is maximal, and the first NaN stays.
-            if at == 0 || v > best || (v.is_nan() && !best.is_nan()) {
-                (best, best_at) = (v, at as u32);
+    let xs = x.as_slice().expect("standard layout");
+    let ys = y.as_slice_mut().expect("new arrays are standard layout");
+    let ps = positions
+        .as_slice_mut()
+        .expect("new arrays are standard layout");
+    // Nested loops, not one flat index: a division per output would cost more than its window.
+    for ((plane, y_plane), p_plane) in xs
+        .chunks_exact(h * w)
+        .zip(ys.chunks_exact_mut(oh * ow))
+        .zip(ps.chunks_exact_mut(oh * ow))
+    {
+        for (r, (y_row, p_row)) in y_plane
+            .chunks_exact_mut(ow)
+            .zip(p_plane.chunks_exact_mut(ow))
+            .enumerate()
+        {
+            for (s, (y, at)) in y_row.iter_mut().zip(p_row.iter_mut()).enumerate() {
+                (*y, *at) = window_max(plane, (h, w), pool, r, s);
             }
         }
-        *out = best;
-        positions[[ni, ci, r, s]] = best_at;
     }
     let input = [n, c, h, w];
     (y, Winners { input, positions })
+}
+
+/// Whether `v`, coming later in the window, takes the place of `best`: it is
+/// larger, or it is the first NaN (numpy's argmax treats NaN as the maximum).
+#[inline(always)]
+fn beats<F: Float>(v: F, best: F) -> bool {
+    (v > best) | (v.is_nan() & !best.is_nan())
+}
+
+/// The maximum of output (r, s)'s window in one h × w plane, and its position
+/// in the window: the first maximum in row-major order, NaN being maximal, as
+/// numpy's argmax decides.
+fn window_max<F: Float>(
+    plane: &[F],
+    (h, w): (usize, usize),
+    pool: Pool,
+    r: usize,
+    s: usize,
+) -> (F, u32) {
+    let (top, left) = (r * pool.stride, s * pool.stride);
+    let fits = top >= pool.pad
+        && left >= pool.pad
+        && top + pool.pool_h <= h + pool.pad
+        && left + pool.pool_w <= w + pool.pad;
+    if fits {
+        // No padding in this window: read the plane's rows directly, and
+        // select without branches (random data would mispredict them).
+        let (top, left) = (top - pool.pad, left - pool.pad);
+        let (mut best, mut best_at) = (plane[top * w + left], 0u32);
+        let mut at = 0u32;
+        for i in 0..pool.pool_h {
+            for &v in &plane[(top + i) * w + left..][..pool.pool_w] {
+                let better = beats(v, best);
+                best = if better { v } else { best };
+                best_at = if better { at } else { best_at };
+                at += 1;
+            }
+        }
+        return (best, best_at);
+    }
+    let (mut best, mut best_at) = (F::neg_infinity(), 0u32);
+    for (at, (row, col)) in pool.window(r, s).enumerate() {
+        let v = inside(row, col, h, w).map_or(F::neg_infinity(), |(row, col)| plane[row * w + col]);
+        if at == 0 || beats(v, best) {
+            (best, best_at) = (v, at as u32);
+        }
+    }
+    (best, best_at)
 }
 
 impl Pool {
@@ -102,15 +159,41 @@ fn inside(row: isize, col: isize, h: usize, w: usize) -> Option<(usize, usize)> 
 /// `dx` (the input's shape) for `dout` (the output's shape).
 pub fn backward<F: Float>(winners: &Winners, dout: ArrayView4<'_, F>, pool: Pool) -> Array4<F> {
     let [n, c, h, w] = winners.input;
+    let dout = dout.as_standard_layout();
+    let (_, _, oh, ow) = dout.dim();
     let mut dx = Array4::zeros((n, c, h, w));
-    for ((ni, ci, r, s), &at) in winners.positions.indexed_iter() {
-        let (row, col) = pool
-            .window(r, s)
-            .nth(at as usize)
-            .expect("a position in the window");
-        if let Some((row, col)) = inside(row, col, h, w) {
-            let cell = &mut dx[[ni, ci, row, col]];
-            *cell = *cell + dout[[ni, ci, r, s]];
+    let planes = dx
+        .as_slice_mut()
+        .expect("new arrays are standard layout")
+        .chunks_exact_mut(h * w);
+    let douts = dout
+        .as_slice()
+        .expect("standard layout")
+        .chunks_exact(oh * ow);
+    let winners = winners
+        .positions
+        .as_slice()
+        .expect("made in standard layout")
+        .chunks_exact(oh * ow);
+    // Each window position's (row, column) offset, computed once: no divisions per output.
+    let offsets: Vec<(usize, usize)> = (0..pool.pool_h)
+        .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
+        .collect();
+    for ((plane, dout), winners) in planes.zip(douts).zip(winners) {
+        for (r, (dout, winners)) in dout
+            .chunks_exact(ow)
+            .zip(winners.chunks_exact(ow))
+            .enumerate()
+        {
+            for (s, (&d, &at)) in dout.iter().zip(winners).enumerate() {
+                let (i, j) = offsets[at as usize];
+                let row = (r * pool.stride + i) as isize - pool.pad as isize;
+                let col = (s * pool.stride + j) as isize - pool.pad as isize;
+                if let Some((row, col)) = inside(row, col, h, w) {
+                    let cell = &mut plane[row * w + col];
+                    *cell = *cell + d;
+                }
+            }
         }
     }
     dx

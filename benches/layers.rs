@@ -1,0 +1,70 @@
+//! Forward + Backward of the trainable kernels on the shapes the issue names,
+//! float32, one thread: what they cost before any transport.
+//!
+//! `cargo bench --bench layers` (the numpy side of the comparison is the
+//! reference measured by the Python suite's benchmark).
+
+use std::time::Instant;
+
+use layerd::layers::{affine, convolution, pooling};
+use ndarray::{Array1, Array2, Array4};
+
+fn filled<D: ndarray::Dimension, Sh: ndarray::ShapeBuilder<Dim = D>>(
+    shape: Sh,
+) -> ndarray::Array<f32, D> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    ndarray::Array::from_shape_simple_fn(shape, || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    })
+}
+
+/// Median milliseconds of 15 runs of `f` after 3 warm-up runs.
+fn time(mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut runs: Vec<f64> = (0..15)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+fn main() {
+    let x: Array2<f32> = filled((100, 784));
+    let (w, b): (Array2<f32>, Array1<f32>) = (filled((784, 100)), filled(100));
+    let affine = time(|| {
+        let y = affine::forward(x.view(), w.view(), b.view());
+        std::hint::black_box(affine::backward(x.view(), w.view(), y.view(), true));
+    });
+    println!("affine 784->100, batch 100, forward + backward (dx too): {affine:.3} ms");
+
+    let x: Array4<f32> = filled((100, 1, 28, 28));
+    let (w, b): (Array4<f32>, Array1<f32>) = (filled((30, 1, 5, 5)), filled(30));
+    let g = convolution::Geometry { stride: 1, pad: 0 };
+    let conv = time(|| {
+        let y = convolution::forward(x.view(), w.view(), b.view(), g);
+        std::hint::black_box(convolution::backward(x.view(), w.view(), y.view(), g, true));
+    });
+    println!("convolution 30x1x5x5 on 100x1x28x28, forward + backward (dx too): {conv:.3} ms");
+
+    let x: Array4<f32> = filled((100, 30, 24, 24));
+    let pool = pooling::Pool {
+        pool_h: 2,
+        pool_w: 2,
+        stride: 2,
+        pad: 0,
+    };
+    let pooled = time(|| {
+        let (y, winners) = pooling::forward(x.view(), pool);
+        std::hint::black_box(pooling::backward(&winners, y.view(), pool));
+    });
+    println!("max pooling 2x2 stride 2 on 100x30x24x24, forward + backward: {pooled:.3} ms");
+}

@@ -1,0 +1,308 @@
+//! Convolution (cross-correlation, as the classic layer computes it), by
+//! `im2col` and one matrix product.
+//!
+//! Shapes: `x` (N, C, H, W), `W` (FN, C, FH, FW), `b` (FN) → `y` (N, FN, OH, OW)
+//! with `OH = (H + 2·pad − FH) / stride + 1` (likewise OW), at least 1; the
+//! input reads 0 outside its edges (the padding).
+//!
+//! Forward: `col = im2col(x)` is (N·OH·OW, C·FH·FW) — a row per output
+//! position, columns ordered (C, FH, FW) like `W`'s last three axes — then
+//! `y = col · W2ᵀ + b` with `W2 = W` as (FN, C·FH·FW), laid out as
+//! (N, FN, OH, OW). Backward, with `d2 = dout` as (N·OH·OW, FN):
+//! `db = Σ_rows d2`, `dW = d2ᵀ · col`, `dx = col2im(d2 · W2)`, where `col2im`
+//! adds each column entry back to the input cell it was read from (so cells
+//! that several windows read add up) and drops the padding. The code builds
+//! `col` transposed (a row per kernel cell), so that building it, and adding
+//! it back, runs along contiguous rows; the products take it either way.
+//!
+//! Kept for Backward: `x` (N·C·H·W elements), from which Backward builds
+//! `col` again — 1/(FH·FW) of the memory of keeping `col`.
+//!
+//! Numerics: the products and sums are compared with the reference within a
+//! tolerance; the bias is added after the product, as numpy does.
+
+use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Axis};
+
+use super::linalg::matmul;
+use super::Float;
+
+/// Stride and zero padding; validated by the caller (stride at least 1,
+/// output at least 1×1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Geometry {
+    /// (OH, OW) for an h × w input and an fh × fw kernel, or None when the
+    /// kernel does not fit once.
+    pub fn output_size(
+        &self,
+        (h, w): (usize, usize),
+        (fh, fw): (usize, usize),
+    ) -> Option<(usize, usize)> {
+        let out = |size: usize, k: usize| {
+            (size + 2 * self.pad)
+                .checked_sub(k)
+                .map(|span| span / self.stride + 1)
+        };
+        Some((out(h, fh)?, out(w, fw)?))
+    }
+}
+
+/// Where each column entry of output position (r, s) reads the input: (row,
+/// col) relative to the unpadded input, for kernel cell (i, j).
+#[cfg(test)]
+fn source(g: Geometry, r: usize, s: usize, i: usize, j: usize) -> (isize, isize) {
+    (
+        (r * g.stride + i) as isize - g.pad as isize,
+        (s * g.stride + j) as isize - g.pad as isize,
+    )
+}
+
+#[cfg(test)]
+fn inside(row: isize, col: isize, h: usize, w: usize) -> Option<(usize, usize)> {
+    (row >= 0 && col >= 0 && (row as usize) < h && (col as usize) < w)
+        .then_some((row as usize, col as usize))
+}
+
+/// The outputs `o` in `0..out` whose source `o·stride + k − pad` lies inside
+/// `0..size`, as a range (the rest read padding), for kernel offset `k`.
+fn valid_outputs(out: usize, size: usize, k: usize, g: Geometry) -> std::ops::Range<usize> {
+    // o·stride + k ≥ pad  and  o·stride + k − pad < size
+    let first = g.pad.saturating_sub(k).div_ceil(g.stride);
+    let end = (size + g.pad).saturating_sub(k).div_ceil(g.stride).min(out);
+    first.min(end)..end
+}
+
+/// `im2col` transposed: (C·FH·FW, N·OH·OW), a row per kernel cell (c, i, j)
+/// and a column per output position (n, r, s). Built row by row, so every
+/// write is contiguous and every read strided by `stride` at worst; the
+/// products take it transposed at no cost.
+pub fn im2col_t<F: Float>(
+    x: ArrayView4<'_, F>,
+    (fh, fw): (usize, usize),
+    g: Geometry,
+) -> Array2<F> {
+    let x = x.as_standard_layout();
+    let (n, c, h, w) = x.dim();
+    let (oh, ow) = g
+        .output_size((h, w), (fh, fw))
+        .expect("validated: the kernel fits");
+    let xs = x.as_slice().expect("standard layout");
+    let mut col = Array2::zeros((c * fh * fw, n * oh * ow));
+    for ((ci, i, j), mut row) in (0..c)
+        .flat_map(|ci| (0..fh).flat_map(move |i| (0..fw).map(move |j| (ci, i, j))))
+        .zip(col.outer_iter_mut())
+    {
+        let row = row.as_slice_mut().expect("rows of a standard layout");
+        let (rows, cols) = (valid_outputs(oh, h, i, g), valid_outputs(ow, w, j, g));
+        for ni in 0..n {
+            let plane = &xs[(ni * c + ci) * h * w..][..h * w];
+            for r in rows.clone() {
+                let source = &plane[(r * g.stride + i - g.pad) * w..][..w];
+                let target = &mut row[(ni * oh + r) * ow..][..ow];
+                for s in cols.clone() {
+                    target[s] = source[s * g.stride + j - g.pad];
+                }
+            }
+        }
+    }
+    col
+}
+
+/// The adjoint of [`im2col_t`]: each entry of `col_t` (C·FH·FW, N·OH·OW)
+/// added back to the input cell it was read from (padding dropped), giving
+/// an input of `shape`.
+pub fn col2im_t<F: Float>(
+    col_t: ArrayView2<'_, F>,
+    shape: (usize, usize, usize, usize),
+    (fh, fw): (usize, usize),
+    g: Geometry,
+) -> Array4<F> {
+    let (n, c, h, w) = shape;
+    let (oh, ow) = g
+        .output_size((h, w), (fh, fw))
+        .expect("validated: the kernel fits");
+    let col_t = col_t.as_standard_layout();
+    let mut x = Array4::zeros(shape);
+    let xs = x.as_slice_mut().expect("new arrays are standard layout");
+    for ((ci, i, j), row) in (0..c)
+        .flat_map(|ci| (0..fh).flat_map(move |i| (0..fw).map(move |j| (ci, i, j))))
+        .zip(col_t.outer_iter())
+    {
+        let row = row.to_slice().expect("rows of a standard layout");
+        let (rows, cols) = (valid_outputs(oh, h, i, g), valid_outputs(ow, w, j, g));
+        for ni in 0..n {
+            let plane = &mut xs[(ni * c + ci) * h * w..][..h * w];
+            for r in rows.clone() {
+                let target = &mut plane[(r * g.stride + i - g.pad) * w..][..w];
+                let source = &row[(ni * oh + r) * ow..][..ow];
+                for s in cols.clone() {
+                    let cell = &mut target[s * g.stride + j - g.pad];
+                    *cell = *cell + source[s];
+                }
+            }
+        }
+    }
+    x
+}
+
+/// `W` (FN, C, FH, FW) as the (FN, C·FH·FW) matrix `W2`.
+fn flat<F: Float>(w: ArrayView4<'_, F>) -> ArrayView2<'_, F> {
+    let (fn_, c, fh, fw) = w.dim();
+    w.into_shape_with_order((fn_, c * fh * fw))
+        .expect("W is in standard layout (validated)")
+}
+
+/// `y` (N, FN, OH, OW) for `x` (N, C, H, W): `z = W2 · colᵀ` is (FN, N·OH·OW),
+/// whose (FN, N) blocks of OH·OW are `y`'s planes in another order.
+pub fn forward<F: Float>(
+    x: ArrayView4<'_, F>,
+    w: ArrayView4<'_, F>,
+    b: ArrayView1<'_, F>,
+    g: Geometry,
+) -> Array4<F> {
+    let (n, _, h, wd) = x.dim();
+    let (fn_, _, fh, fw) = w.dim();
+    let (oh, ow) = g
+        .output_size((h, wd), (fh, fw))
+        .expect("validated: the kernel fits");
+    let z = matmul(flat(w), im2col_t(x, (fh, fw), g).view());
+    let z = z
+        .into_shape_with_order((fn_, n, oh * ow))
+        .expect("FN × N·OH·OW");
+    let mut y = Array4::zeros((n, fn_, oh, ow));
+    for ((ni, f), mut plane) in (0..n).flat_map(|ni| (0..fn_).map(move |f| (ni, f))).zip(
+        y.view_mut()
+            .into_shape_with_order((n * fn_, oh * ow))
+            .expect("standard")
+            .outer_iter_mut(),
+    ) {
+        let bias = b[f];
+        plane.zip_mut_with(&z.slice(ndarray::s![f, ni, ..]), |y, &z| *y = z + bias);
+    }
+    y
+}
+
+/// What one Backward computes: `dx` (when asked for), `dW` and `db`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<F> {
+    pub dx: Option<Array4<F>>,
+    pub dw: Array4<F>,
+    pub db: Array1<F>,
+}
+
+/// The gradients for `dout` (N, FN, OH, OW), from the kept `x`: with
+/// `d = dout` as (FN, N·OH·OW), `db = Σ_columns d`, `dW2 = d · col`,
+/// `dx = col2im(W2ᵀ · d)`.
+pub fn backward<F: Float>(
+    x: ArrayView4<'_, F>,
+    w: ArrayView4<'_, F>,
+    dout: ArrayView4<'_, F>,
+    g: Geometry,
+    want_dx: bool,
+) -> Gradients<F> {
+    let (fn_, c, fh, fw) = w.dim();
+    let (n, _, oh, ow) = dout.dim();
+    let d = dout
+        .permuted_axes([1, 0, 2, 3])
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((fn_, n * oh * ow))
+        .expect("FN × N·OH·OW");
+    let col_t = im2col_t(x, (fh, fw), g);
+    let dw = matmul(d.view(), col_t.t())
+        .into_shape_with_order((fn_, c, fh, fw))
+        .expect("FN × C·FH·FW");
+    let dx = want_dx.then(|| col2im_t(matmul(flat(w).t(), d.view()).view(), x.dim(), (fh, fw), g));
+    Gradients {
+        dx,
+        dw,
+        db: d.sum_axis(Axis(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::{central_difference, filled, max_relative_error};
+    use ndarray::{Array1, Array4};
+
+    /// The definition, by nested loops, in f64.
+    fn naive(x: &Array4<f64>, w: &Array4<f64>, b: &Array1<f64>, g: Geometry) -> Array4<f64> {
+        let (n, c, h, wd) = x.dim();
+        let (fn_, _, fh, fw) = w.dim();
+        let (oh, ow) = g.output_size((h, wd), (fh, fw)).unwrap();
+        Array4::from_shape_fn((n, fn_, oh, ow), |(ni, f, r, s)| {
+            let mut sum = 0.0;
+            for ci in 0..c {
+                for i in 0..fh {
+                    for j in 0..fw {
+                        let (row, col) = source(g, r, s, i, j);
+                        if let Some((row, col)) = inside(row, col, h, wd) {
+                            sum += x[[ni, ci, row, col]] * w[[f, ci, i, j]];
+                        }
+                    }
+                }
+            }
+            sum + b[f]
+        })
+    }
+
+    #[test]
+    fn forward_is_the_definition() {
+        for (g, x_shape, w_shape) in [
+            (Geometry { stride: 1, pad: 0 }, (2, 3, 6, 5), (4, 3, 3, 2)),
+            (Geometry { stride: 2, pad: 1 }, (1, 2, 7, 6), (3, 2, 3, 3)),
+            (Geometry { stride: 3, pad: 2 }, (3, 1, 4, 4), (2, 1, 5, 5)),
+            (Geometry { stride: 1, pad: 0 }, (1, 1, 3, 3), (1, 1, 3, 3)), // output 1×1
+        ] {
+            let (x, w) = (filled(x_shape, 1), filled(w_shape, 2));
+            let b = filled(w_shape.0, 3);
+            let got = forward(x.view(), w.view(), b.view(), g);
+            assert!(
+                max_relative_error(&got, &naive(&x, &w, &b, g)) < 1e-14,
+                "{g:?} {x_shape:?} {w_shape:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn col2im_is_the_adjoint_of_im2col() {
+        // <im2col(x), c> = <x, col2im(c)> for every x and c.
+        let g = Geometry { stride: 2, pad: 1 };
+        let x = filled((2, 3, 5, 4), 1);
+        let col = im2col_t(x.view(), (3, 2), g);
+        let c = filled(col.raw_dim(), 2);
+        let back = col2im_t(c.view(), x.dim(), (3, 2), g);
+        assert!(((&col * &c).sum() - (&x * &back).sum()).abs() < 1e-12);
+    }
+
+    /// dx, dW and db against central differences of L = Σ y ⊙ r, in float64,
+    /// with stride and padding (the reference's own self-check case).
+    #[test]
+    fn gradients_match_central_differences() {
+        let g = Geometry { stride: 2, pad: 1 };
+        let (x, w, b) = (
+            filled((2, 2, 7, 6), 1),
+            filled((4, 2, 3, 3), 2),
+            filled(4, 3),
+        );
+        let r = filled(forward(x.view(), w.view(), b.view(), g).raw_dim(), 4);
+        let loss = |x: &Array4<f64>, w: &Array4<f64>, b: &Array1<f64>| {
+            (forward(x.view(), w.view(), b.view(), g) * &r).sum()
+        };
+        let grads = backward(x.view(), w.view(), r.view(), g, true);
+        let dx = central_difference(&x, |x| loss(x, &w, &b));
+        let dw = central_difference(&w, |w| loss(&x, w, &b));
+        let db = central_difference(&b, |b| loss(&x, &w, b));
+        assert!(max_relative_error(&grads.dx.unwrap(), &dx) < 1e-7);
+        assert!(max_relative_error(&grads.dw, &dw) < 1e-7);
+        assert!(max_relative_error(&grads.db, &db) < 1e-7);
+        assert!(backward(x.view(), w.view(), r.view(), g, false)
+            .dx
+            .is_none());
+    }
+}
