@@ -6,11 +6,14 @@
 //! math; this module is the one bridge from them to validated [`Tensor`]s.
 
 pub mod affine;
+pub mod batch_norm;
 pub mod convolution;
+pub mod dropout;
 pub mod identity;
 pub mod linalg;
 pub mod pooling;
 pub mod relu;
+pub mod rng;
 pub mod sigmoid;
 pub mod softmax_with_loss;
 #[cfg(test)]

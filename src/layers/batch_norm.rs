@@ -1,0 +1,306 @@
+//! Batch normalization, per feature (2-D input) or per channel (4-D input).
+//!
+//! `x` (N, D) is normalized per column; `x` (N, C, H, W) per channel, with
+//! statistics over N, H and W (as ONNX and PyTorch do), by viewing it as the
+//! (N·H·W, C) matrix [`to_rows`] makes. With `eps` inside the square root:
+//!
+//! - training: `μ = mean(x)`, `xc = x − μ`, `var = mean(xc²)`,
+//!   `std = sqrt(var + eps)`, `xn = xc / std`; the running statistics become
+//!   `m·running + (1 − m)·batch` (scalars rounded to the dtype first);
+//! - evaluation: `xn = (x − running_mean) / sqrt(running_var + eps)`;
+//! - `y = γ · xn + β`.
+//!
+//! Backward (training), numpy's order: `dβ = Σ d`, `dγ = Σ xn·d`,
+//! `dxn = γ·d`, `dxc = dxn / std`, `dstd = −Σ (dxn·xc) / (std·std)`,
+//! `dvar = 0.5·dstd / std`, `dxc += (2/n)·xc·dvar`, `dμ = Σ dxc`,
+//! `dx = dxc − dμ / n`. In evaluation `dx = dxn / std`.
+//!
+//! Kept for Backward: training `xc`, `xn` (2 × N·D elements) and `std` (D);
+//! evaluation `xn` and `std`. Means and sums are compared with the reference
+//! within a tolerance; the elementwise steps follow its order.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, IxDyn};
+
+use super::Float;
+
+/// Momentum and epsilon, as configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub momentum: f64,
+    pub epsilon: f64,
+}
+
+/// What a Forward keeps for Backward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kept<F> {
+    /// `x − μ`; None in evaluation mode, whose Backward does not need it.
+    xc: Option<Array2<F>>,
+    xn: Array2<F>,
+    std: Array1<F>,
+}
+
+impl<F: Float> Kept<F> {
+    /// Elements kept for `rows` × `features` in training or evaluation mode.
+    pub const fn elements_for(rows: usize, features: usize, eval: bool) -> usize {
+        rows * features * if eval { 1 } else { 2 } + features
+    }
+}
+
+/// `x` (N, D) or (N, C, H, W) as the matrix of feature rows (N, D) or (N·H·W, C).
+pub fn to_rows<F: Float>(x: ArrayViewD<'_, F>) -> Array2<F> {
+    match *x.shape() {
+        [n, c, h, w] => x
+            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((n * h * w, c))
+            .expect("N·H·W × C"),
+        [n, d] => x.into_shape_with_order((n, d)).expect("2-D").to_owned(),
+        _ => panic!("batch_norm takes 2-D or 4-D input (validated by the caller)"),
+    }
+}
+
+/// The inverse of [`to_rows`] for an input of `shape`.
+pub fn from_rows<F: Float>(rows: Array2<F>, shape: &[usize]) -> ndarray::ArrayD<F> {
+    match *shape {
+        [n, c, h, w] => rows
+            .into_shape_with_order(IxDyn(&[n, h, w, c]))
+            .expect("N·H·W × C")
+            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+            .as_standard_layout()
+            .into_owned(),
+        _ => rows.into_dyn(),
+    }
+}
+
+/// New running (mean, variance).
+pub type Statistics<F> = (Array1<F>, Array1<F>);
+
+fn scalar<F: Float>(v: f64) -> F {
+    F::from(v).expect("a float")
+}
+
+/// Training Forward on feature rows: `y`, what Backward needs, and the new
+/// running mean and variance.
+pub fn forward_train<F: Float>(
+    x: ArrayView2<'_, F>,
+    gamma: ArrayView1<'_, F>,
+    beta: ArrayView1<'_, F>,
+    running: (ArrayView1<'_, F>, ArrayView1<'_, F>),
+    s: Settings,
+) -> (Array2<F>, Kept<F>, Statistics<F>) {
+    let n = scalar::<F>(x.nrows() as f64);
+    let mu = x.sum_axis(Axis(0)).mapv(|v| v / n);
+    let xc = &x - &mu;
+    let var = xc.mapv(|v| v * v).sum_axis(Axis(0)).mapv(|v| v / n);
+    let eps = scalar::<F>(s.epsilon);
+    let std = var.mapv(|v| (v + eps).sqrt());
+    let xn = &xc / &std;
+    let (m, one_m) = (scalar::<F>(s.momentum), scalar::<F>(1.0 - s.momentum));
+    let new_mean = ndarray::Zip::from(&running.0)
+        .and(&mu)
+        .map_collect(|&r, &b| m * r + one_m * b);
+    let new_var = ndarray::Zip::from(&running.1)
+        .and(&var)
+        .map_collect(|&r, &b| m * r + one_m * b);
+    let y = affine(&xn, gamma, beta);
+    (
+        y,
+        Kept {
+            xc: Some(xc),
+            xn,
+            std,
+        },
+        (new_mean, new_var),
+    )
+}
+
+/// Evaluation Forward on feature rows, from the running statistics.
+pub fn forward_eval<F: Float>(
+    x: ArrayView2<'_, F>,
+    gamma: ArrayView1<'_, F>,
+    beta: ArrayView1<'_, F>,
+    running: (ArrayView1<'_, F>, ArrayView1<'_, F>),
+    s: Settings,
+) -> (Array2<F>, Kept<F>) {
+    let eps = scalar::<F>(s.epsilon);
+    let xc = &x - &running.0;
+    let std = running.1.mapv(|v| (v + eps).sqrt());
+    let xn = &xc / &std;
+    let y = affine(&xn, gamma, beta);
+    (y, Kept { xc: None, xn, std })
+}
+
+/// `γ · xn + β`, in that order.
+fn affine<F: Float>(
+    xn: &Array2<F>,
+    gamma: ArrayView1<'_, F>,
+    beta: ArrayView1<'_, F>,
+) -> Array2<F> {
+    let mut y = xn.clone();
+    for mut row in y.rows_mut() {
+        ndarray::Zip::from(&mut row)
+            .and(&gamma)
+            .and(&beta)
+            .for_each(|y, &g, &b| *y = g * *y + b);
+    }
+    y
+}
+
+/// What one Backward computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<F> {
+    pub dx: Array2<F>,
+    pub dgamma: Array1<F>,
+    pub dbeta: Array1<F>,
+}
+
+/// Backward on feature rows for `d` (the rows of `dout`).
+pub fn backward<F: Float>(
+    kept: &Kept<F>,
+    gamma: ArrayView1<'_, F>,
+    d: ArrayView2<'_, F>,
+) -> Gradients<F> {
+    let dbeta = d.sum_axis(Axis(0));
+    let dgamma = (&kept.xn * &d).sum_axis(Axis(0));
+    let dxn = &d * &gamma;
+    let dx = match &kept.xc {
+        None => &dxn / &kept.std,
+        Some(xc) => {
+            let n = scalar::<F>(d.nrows() as f64);
+            let dxc = &dxn / &kept.std;
+            let std_sq = kept.std.mapv(|s| s * s);
+            let dstd = (&(&dxn * xc) / &std_sq).sum_axis(Axis(0)).mapv(|v| -v);
+            let dvar = ndarray::Zip::from(&dstd)
+                .and(&kept.std)
+                .map_collect(|&d, &s| scalar::<F>(0.5) * d / s);
+            let two_over_n = scalar::<F>(2.0) / n;
+            let mut dxc = dxc;
+            ndarray::Zip::from(&mut dxc)
+                .and(xc)
+                .and_broadcast(&dvar)
+                .for_each(|dxc, &xc, &dvar| {
+                    *dxc = *dxc + two_over_n * xc * dvar;
+                });
+            let dmu = dxc.sum_axis(Axis(0));
+            dxc - &dmu.mapv(|v| v / n)
+        }
+    };
+    Gradients { dx, dgamma, dbeta }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::testing::{central_difference, filled, max_relative_error};
+    use ndarray::Array1;
+
+    const SETTINGS: Settings = Settings {
+        momentum: 0.9,
+        epsilon: 1e-6,
+    };
+
+    fn zeros(d: usize) -> Array1<f64> {
+        Array1::zeros(d)
+    }
+
+    #[test]
+    fn normalizes_each_feature_and_updates_running_statistics() {
+        let x = filled((50, 3), 1) * 4.0 + 2.0;
+        let (gamma, beta) = (Array1::ones(3), zeros(3));
+        let (y, _, (mean, var)) = forward_train(
+            x.view(),
+            gamma.view(),
+            beta.view(),
+            (zeros(3).view(), zeros(3).view()),
+            SETTINGS,
+        );
+        for column in y.columns() {
+            assert!(column.mean().unwrap().abs() < 1e-12);
+            assert!((column.mapv(|v| v * v).mean().unwrap() - 1.0).abs() < 1e-5);
+        }
+        let batch_mean = x.mean_axis(Axis(0)).unwrap();
+        assert!(max_relative_error(&mean, &(batch_mean * 0.1)) < 1e-12);
+        assert!(var.iter().all(|&v| v > 0.0));
+    }
+
+    #[test]
+    fn four_d_input_is_normalized_per_channel() {
+        let x = filled((2, 3, 4, 5), 2).into_dyn();
+        let rows = to_rows(x.view());
+        assert_eq!(rows.dim(), (40, 3));
+        assert_eq!(rows[[7, 2]], x[[0, 2, 1, 2]]); // row 7 = (n 0, h 1, w 2)
+        assert_eq!(from_rows(rows, x.shape()), x);
+    }
+
+    /// dx, dγ and dβ against central differences in training mode (the batch
+    /// statistics depend on x) and in evaluation mode, in float64.
+    #[test]
+    fn gradients_match_central_differences() {
+        let (x, gamma, beta, r) = (
+            filled((6, 4), 1),
+            filled(4, 2),
+            filled(4, 3),
+            filled((6, 4), 4),
+        );
+        let running = (filled(4, 5), filled(4, 6).mapv(|v| v.abs() + 0.5));
+        let train = |x: &Array2<f64>, g: &Array1<f64>, b: &Array1<f64>| {
+            (forward_train(
+                x.view(),
+                g.view(),
+                b.view(),
+                (running.0.view(), running.1.view()),
+                SETTINGS,
+            )
+            .0 * &r)
+                .sum()
+        };
+        let (_, kept, _) = forward_train(
+            x.view(),
+            gamma.view(),
+            beta.view(),
+            (running.0.view(), running.1.view()),
+            SETTINGS,
+        );
+        let g = backward(&kept, gamma.view(), r.view());
+        assert!(
+            max_relative_error(&g.dx, &central_difference(&x, |x| train(x, &gamma, &beta))) < 1e-6
+        );
+        assert!(
+            max_relative_error(
+                &g.dgamma,
+                &central_difference(&gamma, |gm| train(&x, gm, &beta))
+            ) < 1e-7
+        );
+        assert!(
+            max_relative_error(
+                &g.dbeta,
+                &central_difference(&beta, |b| train(&x, &gamma, b))
+            ) < 1e-7
+        );
+        let eval = |x: &Array2<f64>| {
+            (forward_eval(
+                x.view(),
+                gamma.view(),
+                beta.view(),
+                (running.0.view(), running.1.view()),
+                SETTINGS,
+            )
+            .0 * &r)
+                .sum()
+        };
+        let (_, kept) = forward_eval(
+            x.view(),
+            gamma.view(),
+            beta.view(),
+            (running.0.view(), running.1.view()),
+            SETTINGS,
+        );
+        assert!(
+            max_relative_error(
+                &backward(&kept, gamma.view(), r.view()).dx,
+                &central_difference(&x, eval)
+            ) < 1e-7
+        );
+    }
+}
