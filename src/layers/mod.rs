@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod convolution;
 pub mod dropout;
 pub mod identity;
+pub mod init;
 pub mod linalg;
 pub mod pooling;
 pub mod relu;
