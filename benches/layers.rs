@@ -54,6 +54,57 @@ fn main() {
         std::hint::black_box(convolution::backward(x.view(), w.view(), y.view(), g, true));
     });
     println!("convolution 30x1x5x5 on 100x1x28x28, forward + backward (dx too): {conv:.3} ms");
+    if std::env::var_os("LAYERD_BENCH_BREAKDOWN").is_some() {
+        let col = convolution::im2col_t(x.view(), (5, 5), g);
+        println!(
+            "  im2col_t {:.3} ms",
+            time(|| {
+                std::hint::black_box(convolution::im2col_t(x.view(), (5, 5), g));
+            })
+        );
+        let w2 = w.view().into_shape_with_order((30, 25)).unwrap();
+        println!(
+            "  W2·colT {:.3} ms",
+            time(|| {
+                std::hint::black_box(layerd::layers::linalg::matmul(w2, col.view()));
+            })
+        );
+        let y = convolution::forward(x.view(), w.view(), b.view(), g);
+        println!(
+            "  forward {:.3} ms",
+            time(|| {
+                std::hint::black_box(convolution::forward(x.view(), w.view(), b.view(), g));
+            })
+        );
+        println!(
+            "  backward no dx {:.3} ms",
+            time(|| {
+                std::hint::black_box(convolution::backward(
+                    x.view(),
+                    w.view(),
+                    y.view(),
+                    g,
+                    false,
+                ));
+            })
+        );
+        println!(
+            "  backward {:.3} ms",
+            time(|| {
+                std::hint::black_box(convolution::backward(x.view(), w.view(), y.view(), g, true));
+            })
+        );
+        let d = layerd::layers::linalg::matmul(
+            w2.t(),
+            layerd::layers::linalg::matmul(w2, col.view()).view(),
+        );
+        println!(
+            "  col2im_t {:.3} ms",
+            time(|| {
+                std::hint::black_box(convolution::col2im_t(d.view(), (100, 1, 28, 28), (5, 5), g));
+            })
+        );
+    }
 
     let x: Array4<f32> = filled((100, 30, 24, 24));
     let pool = pooling::Pool {
@@ -67,4 +118,19 @@ fn main() {
         std::hint::black_box(pooling::backward(&winners, y.view(), pool));
     });
     println!("max pooling 2x2 stride 2 on 100x30x24x24, forward + backward: {pooled:.3} ms");
+    if std::env::var_os("LAYERD_BENCH_BREAKDOWN").is_some() {
+        let (y, winners) = pooling::forward(x.view(), pool);
+        println!(
+            "  forward {:.3} ms",
+            time(|| {
+                std::hint::black_box(pooling::forward(x.view(), pool));
+            })
+        );
+        println!(
+            "  backward {:.3} ms",
+            time(|| {
+                std::hint::black_box(pooling::backward(&winners, y.view(), pool));
+            })
+        );
+    }
 }

@@ -6,7 +6,10 @@
 //! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto` and, in
 //!   [`pb::inference`], from Triton's `proto/inference/`, fenced in.
 //! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
-//!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray.
+//!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray. The
+//!   trainable kernels (`affine.rs`, `convolution.rs`, `pooling.rs`,
+//!   `batch_norm.rs`, `dropout.rs`, `softmax_with_loss.rs`, with `linalg.rs`,
+//!   `rng.rs` and `init.rs`) are tested math, not yet served.
 //! - [`dtype`]: element types (the wire dtype enum, the element trait), at the
 //!   bottom: it depends on nothing but errors and the generated code.
 //! - [`tensor`]: the only place wire tensors become arrays and back.
