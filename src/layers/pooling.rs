@@ -71,19 +71,44 @@ pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winner
     let ps = positions
         .as_slice_mut()
         .expect("new arrays are standard layout");
-    // Nested loops, not one flat index: a division per output would cost more than its window.
+    // For each output row, the window's cells are the outer loop and the row's
+    // outputs the inner one: every output keeps its own running maximum, so the
+    // comparisons of neighbouring outputs do not wait on each other.
     for ((plane, y_plane), p_plane) in xs
         .chunks_exact(h * w)
         .zip(ys.chunks_exact_mut(oh * ow))
         .zip(ps.chunks_exact_mut(oh * ow))
     {
-        for (r, (y_row, p_row)) in y_plane
+        for (r, (best, best_at)) in y_plane
             .chunks_exact_mut(ow)
             .zip(p_plane.chunks_exact_mut(ow))
             .enumerate()
         {
-            for (s, (y, at)) in y_row.iter_mut().zip(p_row.iter_mut()).enumerate() {
-                (*y, *at) = window_max(plane, (h, w), pool, r, s);
+            for (at, (i, j)) in (0..pool.pool_h)
+                .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
+                .enumerate()
+            {
+                let source_row = (r * pool.stride + i)
+                    .checked_sub(pool.pad)
+                    .filter(|&row| row < h);
+                let cols = match source_row {
+                    Some(_) => valid_outputs(ow, w, j, pool),
+                    None => 0..0,
+                };
+                let mut take = |s: usize, v: F| {
+                    if at == 0 || beats(v, best[s]) {
+                        (best[s], best_at[s]) = (v, at as u32);
+                    }
+                };
+                for s in (0..cols.start).chain(cols.end..ow) {
+                    take(s, F::neg_infinity());
+                }
+                if let Some(row) = source_row {
+                    let source = &plane[row * w..][..w];
+                    for s in cols {
+                        take(s, source[s * pool.stride + j - pool.pad]);
+                    }
+                }
             }
         }
     }
@@ -98,56 +123,15 @@ fn beats<F: Float>(v: F, best: F) -> bool {
     (v > best) | (v.is_nan() & !best.is_nan())
 }
 
-/// The maximum of output (r, s)'s window in one h × w plane, and its position
-/// in the window: the first maximum in row-major order, NaN being maximal, as
-/// numpy's argmax decides.
-fn window_max<F: Float>(
-    plane: &[F],
-    (h, w): (usize, usize),
-    pool: Pool,
-    r: usize,
-    s: usize,
-) -> (F, u32) {
-    let (top, left) = (r * pool.stride, s * pool.stride);
-    let fits = top >= pool.pad
-        && left >= pool.pad
-        && top + pool.pool_h <= h + pool.pad
-        && left + pool.pool_w <= w + pool.pad;
-    if fits {
-        // No padding in this window: read the plane's rows directly, and
-        // select without branches (random data would mispredict them).
-        let (top, left) = (top - pool.pad, left - pool.pad);
-        let (mut best, mut best_at) = (plane[top * w + left], 0u32);
-        let mut at = 0u32;
-        for i in 0..pool.pool_h {
-            for &v in &plane[(top + i) * w + left..][..pool.pool_w] {
-                let better = beats(v, best);
-                best = if better { v } else { best };
-                best_at = if better { at } else { best_at };
-                at += 1;
-            }
-        }
-        return (best, best_at);
-    }
-    let (mut best, mut best_at) = (F::neg_infinity(), 0u32);
-    for (at, (row, col)) in pool.window(r, s).enumerate() {
-        let v = inside(row, col, h, w).map_or(F::neg_infinity(), |(row, col)| plane[row * w + col]);
-        if at == 0 || beats(v, best) {
-            (best, best_at) = (v, at as u32);
-        }
-    }
-    (best, best_at)
-}
-
-impl Pool {
-    /// The (row, column) of each cell of output (r, s)'s window, row-major,
-    /// relative to the unpadded input (so padding is negative or past the end).
-    fn window(&self, r: usize, s: usize) -> impl Iterator<Item = (isize, isize)> + '_ {
-        let top = (r * self.stride) as isize - self.pad as isize;
-        let left = (s * self.stride) as isize - self.pad as isize;
-        (0..self.pool_h)
-            .flat_map(move |i| (0..self.pool_w).map(move |j| (top + i as isize, left + j as isize)))
-    }
+/// The outputs `o` in `0..out` whose window cell at offset `k` reads inside
+/// `0..size` (`o·stride + k − pad`), as a range; the others read padding.
+fn valid_outputs(out: usize, size: usize, k: usize, pool: Pool) -> std::ops::Range<usize> {
+    let first = pool.pad.saturating_sub(k).div_ceil(pool.stride);
+    let end = (size + pool.pad)
+        .saturating_sub(k)
+        .div_ceil(pool.stride)
+        .min(out);
+    first.min(end)..end
 }
 
 /// The cell's index if (row, col) is inside an h × w input, None in the padding.
