@@ -3,7 +3,8 @@
 //! same inputs in one run (interleaved), checked against the others.
 //!
 //! Candidates: ndarray's `dot` (the `matrixmultiply` crate, already in the
-//! tree), and the `gemm` crate (pure Rust, run-time dispatch up to AVX-512).
+//! tree), and the `gemm` crate (pure Rust, run-time dispatch up to AVX-512)
+//! through `layers::linalg`, the wrapper the layers use.
 //! BLAS (OpenBLAS) is measured through numpy by `bench/matmul.py`, which runs
 //! this and prints one table.
 //!
@@ -40,38 +41,9 @@ struct Gemm;
 
 impl Candidate for Gemm {
     const NAME: &'static str = "gemm crate";
-    fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, mut c: ArrayViewMut2<'_, f32>) {
-        let (m, k) = a.dim();
-        let n = b.dim().1;
-        let stride = |s: &[isize]| (s[1], s[0]);
-        let (a_cs, a_rs) = stride(a.strides());
-        let (b_cs, b_rs) = stride(b.strides());
-        let (c_cs, c_rs) = stride(c.strides());
-        // SAFETY: the pointers and strides describe the three views, which are
-        // alive, of the given shapes, and `c` does not alias `a` or `b`.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                c_cs,
-                c_rs,
-                false,
-                a.as_ptr(),
-                a_cs,
-                a_rs,
-                b.as_ptr(),
-                b_cs,
-                b_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+    fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
+        // The layers' own wrapper, so this measures exactly what they run.
+        layerd::layers::linalg::matmul_into(a, b, c, false);
     }
 }
 
