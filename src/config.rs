@@ -74,17 +74,23 @@ pub struct Config {
     #[arg(long, env = "LAYERD_MAX_LAYERS_PER_SESSION", default_value_t = 1_024)]
     pub max_layers_per_session: usize,
 
-    /// Most bytes of state kept for Backward by one session (ReLU: 1 bit per element; Sigmoid: y).
+    /// Most bytes one session holds: state kept for Backward (ReLU: 1 bit per element; Sigmoid:
+    /// y), and its layers' parameters, gradients and buffers.
     #[arg(long, env = "LAYERD_MAX_SESSION_KEPT_BYTES", default_value = "1GiB")]
     pub max_session_kept_bytes: ByteSize,
 
-    /// Most bytes of state kept for Backward by all sessions together.
+    /// Most bytes all sessions together hold (kept state, parameters, gradients, buffers).
     #[arg(long, env = "LAYERD_MAX_TOTAL_KEPT_BYTES", default_value = "4GiB")]
     pub max_total_kept_bytes: ByteSize,
 
     /// Largest gRPC message accepted or sent (a tensor's bytes plus a few bytes of framing).
     #[arg(long, env = "LAYERD_MAX_MESSAGE_BYTES", default_value = "64MiB")]
     pub max_message_bytes: ByteSize,
+
+    /// Largest array one call may build: a layer's output inside a sequential, or a
+    /// convolution's im2col scratch (its input unrolled, kernel_h·kernel_w times its size).
+    #[arg(long, env = "LAYERD_MAX_WORK_BYTES", default_value = "1GiB")]
+    pub max_work_bytes: ByteSize,
 
     /// Server-side limit on the time one call (or one Run step) may take.
     #[arg(long, env = "LAYERD_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -195,6 +201,7 @@ impl Config {
             max_layers_per_session: self.max_layers_per_session,
             max_session_kept_bytes: self.max_session_kept_bytes.as_u64(),
             max_total_kept_bytes: self.max_total_kept_bytes.as_u64(),
+            max_work_bytes: self.max_work_bytes.as_u64(),
             default_idle_timeout: self.default_idle_timeout,
             max_idle_timeout: self.max_idle_timeout,
         }

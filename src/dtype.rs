@@ -54,6 +54,10 @@ impl DType {
         match pb::DType::try_from(value) {
             Ok(pb::DType::DtypeFloat32) => Ok(DType::F32),
             Ok(pb::DType::DtypeFloat64) => Ok(DType::F64),
+            Ok(pb::DType::DtypeInt64) => Err(bad_dtype(
+                field,
+                "DTYPE_INT64 (3), which only a loss target t accepts".into(),
+            )),
             Ok(pb::DType::DtypeUnspecified) => {
                 Err(bad_dtype(field, "DTYPE_UNSPECIFIED (0)".into()))
             }

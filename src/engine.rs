@@ -9,6 +9,7 @@
 //! or cancelled call leaves the session as it was.
 
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
@@ -20,9 +21,10 @@ use tonic::{metadata::MetadataMap, Code, Status, Streaming};
 use tracing::{field, Instrument, Span};
 
 use crate::error::Error;
+use crate::layers::Chain;
 use crate::metrics;
 use crate::session::{KeptEntry, LayerInstance, Session};
-use crate::tensor::Tensor;
+use crate::tensor::{Target, Tensor};
 
 /// The metadata key load balancers hash on to route a session to its replica.
 pub const SESSION_HEADER: &str = "x-session-id";
@@ -108,52 +110,147 @@ pub struct Phases {
     pub compute: Duration,
 }
 
-/// Forward on one layer instance. Unless `no_grad`, reserves the bytes to
-/// keep before computing and replaces the kept state only once the
+/// A Forward's options besides `x`.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// The target of a loss.
+    pub t: Option<Target>,
+    pub eval: bool,
+    pub no_grad: bool,
+}
+
+/// Forward on one layer instance. Checks everything first (dtype, shapes,
+/// target, sizes); unless `no_grad`, reserves the bytes to keep before
+/// computing; commits kept state, buffers and generators only once the
 /// computation succeeded.
 pub async fn forward_on(
     session: &Session,
     layer: &LayerInstance,
     x: Tensor,
-    no_grad: bool,
+    options: ForwardOptions,
     phases: &mut Phases,
 ) -> Result<Tensor, Error> {
-    let kind = layer.kind;
+    let ForwardOptions { t, eval, no_grad } = options;
+    let chain = layer.chain.clone();
+    let plan = chain.plan(&x, t.as_ref(), eval)?;
+    session.check_work(plan.work_bytes)?;
+    let keep = !no_grad;
     let queued = Instant::now();
-    let mut kept = layer.kept.lock().await;
+    let mut state = layer.state.lock().await;
     let computing = Instant::now();
     phases.queue = computing - queued;
-    let y = if no_grad {
-        compute(x.len(), move || kind.forward_no_grad(&x)).await?
-    } else {
-        // Reserved before computing; both old and new state exist until the commit.
-        let charge = session.reserve(kind.kept_bytes(x.dtype(), x.len()))?;
-        let (y, state) = compute(x.len(), move || kind.forward(&x)).await?;
-        *kept = Some(Arc::new(KeptEntry::new(state, charge)));
-        y
-    };
+    // Reserved before computing; both old and new state exist until the commit.
+    let charge = keep.then(|| session.reserve(plan.kept_bytes)).transpose()?;
+    let members = state.members.clone();
+    let cost = cost(&chain, x.len(), plan.work_bytes);
+    let out = compute(cost, move || {
+        chain.forward(&members, &x, t.as_ref(), &plan, eval, keep)
+    })
+    .await?;
+    for (member, (buffers, rng)) in state.members.iter_mut().zip(out.updates) {
+        let first_buffer = member.values.len() - buffers.len();
+        for (slot, value) in member.values[first_buffer..].iter_mut().zip(buffers) {
+            *slot = value;
+        }
+        member.rng = rng;
+    }
+    if let (Some(kept), Some(charge)) = (out.kept, charge) {
+        state.kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+    }
     phases.compute = computing.elapsed();
-    Ok(y)
+    Ok(out.y)
 }
 
-/// Backward on one layer instance, from what its last Forward kept.
+/// What a Backward answers: `dx`, and the parameter gradients by name when
+/// asked for.
+pub struct BackwardAnswer {
+    pub dx: Tensor,
+    pub grads: Vec<(String, Tensor)>,
+}
+
+/// Backward on one layer instance, from what its last keeping Forward kept.
+/// Stores the parameter gradients (replacing earlier ones) once computed;
+/// the kept state stays, so Backward may be repeated.
 pub async fn backward_on(
     layer: &LayerInstance,
     layer_id: &str,
-    dout: Tensor,
+    dout: Option<Tensor>,
+    return_grads: bool,
     phases: &mut Phases,
-) -> Result<Tensor, Error> {
+) -> Result<BackwardAnswer, Error> {
     let queued = Instant::now();
-    let kept = layer.kept.lock().await;
+    let mut state = layer.state.lock().await;
     let computing = Instant::now();
     phases.queue = computing - queued;
-    let entry = kept.clone().ok_or_else(|| Error::NothingKept {
+    let entry = state.kept.clone().ok_or_else(|| Error::NothingKept {
         layer_id: layer_id.to_string(),
     })?;
-    let dx = compute(dout.len(), move || entry.kept.backward(&dout)).await??;
-    drop(kept);
+    let chain = layer.chain.clone();
+    chain.check_dout(&entry.kept, dout.as_ref())?;
+    let members = state.members.clone();
+    let elements = dout.as_ref().map_or(1, Tensor::len);
+    let cost = cost(&chain, elements, entry.kept.bytes());
+    let out = compute(cost, move || {
+        chain.backward(&members, &entry.kept, dout.as_ref())
+    })
+    .await?;
+    let grads = if return_grads {
+        layer
+            .chain
+            .named_param_grads(out.grads.iter().map(Option::as_ref))
+    } else {
+        Vec::new()
+    };
+    for (member, grads) in state.members.iter_mut().zip(out.grads) {
+        if grads.is_some() {
+            member.grads = grads;
+        }
+    }
     phases.compute = computing.elapsed();
-    Ok(dx)
+    Ok(BackwardAnswer { dx: out.dx, grads })
+}
+
+/// A layer's values: parameters, buffers, and (if asked) its gradients.
+pub struct Values {
+    pub params: Vec<(String, Tensor)>,
+    pub buffers: Vec<(String, Tensor)>,
+    pub grads: Vec<(String, Tensor)>,
+}
+
+/// The layer's parameters and buffers, and its stored gradients if asked.
+pub async fn values_of(layer: &LayerInstance, include_grads: bool) -> Values {
+    let state = layer.state.lock().await;
+    let (params, buffers) = layer.chain.named_values(&state.members);
+    let grads = if include_grads {
+        layer.chain.named_grads(&state.members)
+    } else {
+        Vec::new()
+    };
+    Values {
+        params,
+        buffers,
+        grads,
+    }
+}
+
+/// Replaces named parameters or buffers, all or nothing (checked before
+/// anything changes); drops the kept state and the gradients.
+pub async fn set_values(
+    layer: &LayerInstance,
+    values: HashMap<String, Tensor>,
+) -> Result<(), Error> {
+    layer.chain.check_values(&values, "values")?;
+    let mut state = layer.state.lock().await;
+    state.members = layer.chain.with_values(&state.members, values);
+    state.kept = None;
+    Ok(())
+}
+
+/// Roughly the elements a computation's time scales with, for [`compute`]:
+/// its tensor's, its largest array's, and its parameters'.
+fn cost(chain: &Chain, elements: usize, bytes: u64) -> usize {
+    let arrays = bytes.max(chain.held_bytes() / 2) / 4;
+    elements.max(usize::try_from(arrays).unwrap_or(usize::MAX))
 }
 
 /// Answers the requests of a bidirectional stream one at a time, in order,

@@ -47,6 +47,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod signal;
+pub mod spec;
 pub mod telemetry;
 pub mod tensor;
 

@@ -11,14 +11,16 @@ use tracing::Span;
 
 use crate::auth::{Caller, Principal};
 use crate::engine::{
-    answer_in_order, backward_on, check_routing, forward_on, observe, rpc_span, Phases, Rpc,
+    answer_in_order, backward_on, check_routing, forward_on, observe, rpc_span, set_values,
+    values_of, ForwardOptions, Phases, Rpc,
 };
 use crate::error::Error;
 use crate::layers::Kind;
 use crate::metrics;
 use crate::pb::{self, layer_service_server};
 use crate::session::{check_id, LayerInstance, Session, Store};
-use crate::tensor::Tensor;
+use crate::spec;
+use crate::tensor::{Target, Tensor};
 
 /// The layer service; cheap to clone.
 #[derive(Clone)]
@@ -46,26 +48,23 @@ impl LayerService {
         observe(self.request_timeout, rpc, call).await
     }
 
-    /// Validates a Forward or Backward request completely, then finds its
-    /// session and layer instance.
+    /// Checks a request's routing header and ids, then finds its session and
+    /// layer instance (the request's tensors are validated before this).
     fn target(
         &self,
         caller: &Caller,
         session_id: &str,
         layer_id: &str,
-        tensor: Option<pb::Tensor>,
-        field: &str,
-    ) -> Result<(Arc<Session>, Arc<LayerInstance>, Tensor), Error> {
+    ) -> Result<(Arc<Session>, Arc<LayerInstance>), Error> {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("layer_id", layer_id)?;
-        let tensor = Tensor::from_proto(tensor, field)?;
-        Span::current().record("elements", tensor.len());
         let session = self.store.session(&caller.principal, session_id)?;
         let layer = session.layer(layer_id)?;
-        Span::current().record("kind", layer.kind.name());
-        metrics::note_kind(layer.kind.name());
-        Ok((session, layer, tensor))
+        let kind = layer.chain.kind().name();
+        Span::current().record("kind", kind);
+        metrics::note_kind(kind);
+        Ok((session, layer))
     }
 
     async fn forward_step(
@@ -73,14 +72,16 @@ impl LayerService {
         caller: &Caller,
         request: pb::ForwardRequest,
     ) -> Result<pb::ForwardResponse, Error> {
-        let (session, layer, x) = self.target(
-            caller,
-            &request.session_id,
-            &request.layer_id,
-            request.x,
-            "x",
-        )?;
-        let y = forward_on(&session, &layer, x, request.no_grad, &mut Phases::default()).await?;
+        let x = Tensor::from_proto(request.x, "x")?;
+        let t = Target::from_proto(request.t, "t")?;
+        Span::current().record("elements", x.len());
+        let (session, layer) = self.target(caller, &request.session_id, &request.layer_id)?;
+        let options = ForwardOptions {
+            t,
+            eval: request.eval,
+            no_grad: request.no_grad,
+        };
+        let y = forward_on(&session, &layer, x, options, &mut Phases::default()).await?;
         Ok(pb::ForwardResponse {
             y: Some(y.into_proto()),
         })
@@ -91,17 +92,24 @@ impl LayerService {
         caller: &Caller,
         request: pb::BackwardRequest,
     ) -> Result<pb::BackwardResponse, Error> {
-        let (_session, layer, dout) = self.target(
-            caller,
-            &request.session_id,
+        // Absent only after a loss; the layer's kept state decides.
+        let dout = match request.dout {
+            None => None,
+            dout => Some(Tensor::from_proto(dout, "dout")?),
+        };
+        Span::current().record("elements", dout.as_ref().map_or(0, Tensor::len));
+        let (_session, layer) = self.target(caller, &request.session_id, &request.layer_id)?;
+        let answer = backward_on(
+            &layer,
             &request.layer_id,
-            request.dout,
-            "dout",
-        )?;
-
-        let dx = backward_on(&layer, &request.layer_id, dout, &mut Phases::default()).await?;
+            dout,
+            request.return_grads,
+            &mut Phases::default(),
+        )
+        .await?;
         Ok(pb::BackwardResponse {
-            dx: Some(dx.into_proto()),
+            dx: Some(answer.dx.into_proto()),
+            grads: to_proto_map(answer.grads),
         })
     }
 
@@ -194,19 +202,13 @@ impl layer_service_server::LayerService for LayerService {
             check_routing(request.metadata(), &message.session_id)?;
             check_id("session_id", &message.session_id)?;
             check_id("layer_id", &message.layer_id)?;
-            let kind = Kind::from_name(&message.kind).ok_or_else(|| {
-                Error::invalid(
-                    "kind",
-                    format!("one of {}", Kind::names()),
-                    format!("{:?}", message.kind),
-                    "UNKNOWN_KIND",
-                )
-            })?;
-            Span::current().record("kind", kind.name());
-            metrics::note_kind(kind.name());
+            let layer = spec::new_layer(message)?;
+            let kind = layer.chain.kind().name();
+            Span::current().record("kind", kind);
+            metrics::note_kind(kind);
             self.store
                 .session(&Principal::of(request.extensions())?, &message.session_id)?
-                .create_layer(&message.layer_id, kind)?;
+                .create_layer(&message.layer_id, layer.chain, layer.params)?;
             Ok(pb::CreateLayerResponse {})
         });
         Ok(Response::new(response.await?))
@@ -271,4 +273,54 @@ impl layer_service_server::LayerService for LayerService {
             .collect();
         Ok(Response::new(pb::ListLayerKindsResponse { kinds }))
     }
+
+    async fn get_params(
+        &self,
+        request: Request<pb::GetParamsRequest>,
+    ) -> ServiceResult<pb::GetParamsResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("GetParams", &message.session_id, &message.layer_id);
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            let values = values_of(&layer, message.include_grads).await;
+            Ok(pb::GetParamsResponse {
+                params: to_proto_map(values.params),
+                buffers: to_proto_map(values.buffers),
+                grads: to_proto_map(values.grads),
+            })
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn set_params(
+        &self,
+        request: Request<pb::SetParamsRequest>,
+    ) -> ServiceResult<pb::SetParamsResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("SetParams", &message.session_id, &message.layer_id);
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            let values = message
+                .values
+                .into_iter()
+                .map(|(name, t)| {
+                    let tensor = Tensor::from_proto(Some(t), &format!("values[{name:?}]"))?;
+                    Ok((name, tensor))
+                })
+                .collect::<Result<_, Error>>()?;
+            let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            set_values(&layer, values).await?;
+            Ok(pb::SetParamsResponse {})
+        });
+        Ok(Response::new(response.await?))
+    }
+}
+
+/// Named tensors as a proto map.
+fn to_proto_map(tensors: Vec<(String, Tensor)>) -> std::collections::HashMap<String, pb::Tensor> {
+    tensors
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.into_proto()))
+        .collect()
 }

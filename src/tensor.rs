@@ -10,7 +10,7 @@
 //! received before anything is allocated from the declared shape.
 
 use bytes::Bytes;
-use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, IxDyn};
+use ndarray::{ArcArray, ArcArray1, ArrayD, ArrayViewD, CowArray, IxDyn};
 
 use crate::dtype::{DType, Element};
 use crate::error::Error;
@@ -46,7 +46,8 @@ impl Tensor {
             ));
         };
         let dtype = DType::from_proto(tensor.dtype, field)?;
-        let (shape, len) = validated_shape(&tensor.shape, dtype, dtype.proto_name(), field)?;
+        let (shape, len) =
+            validated_shape(&tensor.shape, dtype.itemsize(), dtype.proto_name(), field)?;
         Tensor::with_data(
             dtype,
             shape,
@@ -81,7 +82,7 @@ impl Tensor {
                     "INVALID_TENSOR",
                 )
             })?;
-        let (shape, len) = validated_shape(&dims, dtype, dtype.kserve_name(), field)?;
+        let (shape, len) = validated_shape(&dims, dtype.itemsize(), dtype.kserve_name(), field)?;
         let contents = input.contents.unwrap_or_default();
         let typed = typed_lengths(&contents);
         let contents_field = format!("{field}.contents");
@@ -248,6 +249,53 @@ impl Tensor {
     }
 }
 
+/// A validated loss target (`ForwardRequest.t`): int64 class ids, or
+/// probabilities in a float dtype. Checked against the scores (shape, dtype,
+/// id range) by the layer chain, which knows them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Classes(ArcArray1<i64>),
+    Probabilities(Tensor),
+}
+
+impl Target {
+    /// Validates a wire target named `field`; `None` when not set.
+    pub fn from_proto(tensor: Option<pb::Tensor>, field: &str) -> Result<Option<Target>, Error> {
+        let Some(tensor) = tensor else {
+            return Ok(None);
+        };
+        if tensor.dtype != pb::DType::DtypeInt64 as i32 {
+            return Tensor::from_proto(Some(tensor), field).map(|t| Some(Target::Probabilities(t)));
+        }
+        let itemsize = std::mem::size_of::<i64>();
+        let (shape, len) = validated_shape(&tensor.shape, itemsize, "DTYPE_INT64", field)?;
+        if shape.len() != 1 {
+            return Err(Error::invalid(
+                format!("{field}.shape"),
+                "(N,): one class id per row of scores",
+                format!("{shape:?}"),
+                "INVALID_TARGET",
+            ));
+        }
+        metrics::tensor_bytes(metrics::Direction::In, tensor.data.len());
+        if tensor.data.len() != len * itemsize {
+            return Err(Error::invalid(
+                format!("{field}.data"),
+                format!("{} bytes ({len} int64 class ids)", len * itemsize),
+                format!("{} bytes", tensor.data.len()),
+                "INVALID_TENSOR",
+            ));
+        }
+        let ids = bytemuck::pod_collect_to_vec::<u8, i64>(&tensor.data);
+        Ok(Some(Target::Classes(ArcArray1::from_vec(ids))))
+    }
+
+    /// Whether the target is class ids.
+    pub fn is_classes(&self) -> bool {
+        matches!(self, Target::Classes(_))
+    }
+}
+
 /// The element count of each typed list of KServe contents, by field name.
 fn typed_lengths(contents: &inference::InferTensorContents) -> [(&'static str, usize); 8] {
     [
@@ -266,7 +314,7 @@ fn typed_lengths(contents: &inference::InferTensorContents) -> [(&'static str, u
 /// `usize`s with its element count.
 fn validated_shape(
     shape: &[u64],
-    dtype: DType,
+    itemsize: usize,
     dtype_name: &str,
     field: &str,
 ) -> Result<(Vec<usize>, usize), Error> {
@@ -278,7 +326,7 @@ fn validated_shape(
             "INVALID_TENSOR",
         ));
     }
-    checked_shape(shape, dtype).ok_or_else(|| {
+    checked_shape(shape, itemsize).ok_or_else(|| {
         Error::invalid(
             format!("{field}.shape"),
             format!(
@@ -294,7 +342,7 @@ fn validated_shape(
 /// The shape as `usize`s and its element count, or `None` when the element
 /// count or byte size cannot be addressed. Like ndarray, the product of the
 /// non-zero dimensions must fit, even when another dimension is 0.
-fn checked_shape(shape: &[u64], dtype: DType) -> Option<(Vec<usize>, usize)> {
+fn checked_shape(shape: &[u64], itemsize: usize) -> Option<(Vec<usize>, usize)> {
     let dims: Vec<usize> = shape
         .iter()
         .map(|&d| usize::try_from(d).ok())
@@ -303,7 +351,7 @@ fn checked_shape(shape: &[u64], dtype: DType) -> Option<(Vec<usize>, usize)> {
         .iter()
         .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
-    let bytes = nonzero.checked_mul(dtype.itemsize())?;
+    let bytes = nonzero.checked_mul(itemsize)?;
     if bytes > isize::MAX as usize {
         return None;
     }

@@ -57,8 +57,22 @@ async fn lists_the_kinds() {
         .into_inner()
         .kinds;
     let names: Vec<&str> = kinds.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(names, ["identity", "relu", "sigmoid"]);
-    assert!(kinds[1].description.contains("x <= 0"));
+    assert_eq!(
+        names,
+        [
+            "affine",
+            "batch_norm",
+            "convolution",
+            "dropout",
+            "identity",
+            "pooling",
+            "relu",
+            "sequential",
+            "sigmoid",
+            "softmax_with_loss"
+        ]
+    );
+    assert!(kinds[6].description.contains("x <= 0"));
     server.stop().await;
 }
 
@@ -238,6 +252,7 @@ async fn a_two_layer_chain_matches_the_composition() {
             session_id: "net".into(),
             layer_id: "l2".into(),
             kind: "sigmoid".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -132,6 +132,7 @@ async fn another_principal_gets_not_found_on_every_rpc_and_changes_nothing() {
             session_id: session_id.into(),
             layer_id: "l".into(),
             kind: "relu".into(),
+            ..Default::default()
         };
         layers.create_layer(with_token(alice, layer)).await.unwrap();
         let forward = forward_request(session_id, &[-1.0, 2.0]);
@@ -166,6 +167,7 @@ async fn another_principal_gets_not_found_on_every_rpc_and_changes_nothing() {
                 session_id: session_id.into(),
                 layer_id: "l2".into(),
                 kind: "relu".into(),
+                ..Default::default()
             };
             tally(layers.create_layer(with_token(bob, layer)).await.map(drop));
             let forward = forward_request(session_id, &[5.0, 5.0]);
@@ -252,6 +254,7 @@ fn forward_request(session_id: &str, x: &[f64]) -> pb::ForwardRequest {
         layer_id: "l".into(),
         x: Some(f64_tensor(&[x.len() as u64], x)),
         no_grad: false,
+        ..Default::default()
     }
 }
 
@@ -260,5 +263,6 @@ fn backward_request(session_id: &str, dout: &[f64]) -> pb::BackwardRequest {
         session_id: session_id.into(),
         layer_id: "l".into(),
         dout: Some(f64_tensor(&[dout.len() as u64], dout)),
+        ..Default::default()
     }
 }

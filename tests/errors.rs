@@ -55,6 +55,7 @@ async fn not_found_for_unknown_closed_sessions_and_unknown_layers() {
             session_id: "nope".into(),
             layer_id: "l".into(),
             kind: "relu".into(),
+            ..Default::default()
         })
         .await;
     assert_status(layer, Code::NotFound, "SESSION_NOT_FOUND", &["nope"]);
@@ -108,6 +109,7 @@ async fn already_exists_leaves_the_existing_one_untouched() {
             session_id: "s".into(),
             layer_id: "l".into(),
             kind: "sigmoid".into(),
+            ..Default::default()
         })
         .await;
     assert_status(layer, Code::AlreadyExists, "LAYER_EXISTS", &["\"l\""]);
@@ -148,6 +150,7 @@ async fn invalid_ids_and_kinds() {
             session_id: "s".into(),
             layer_id: "".into(),
             kind: "relu".into(),
+            ..Default::default()
         })
         .await;
     assert_status(
@@ -161,13 +164,14 @@ async fn invalid_ids_and_kinds() {
             session_id: "s".into(),
             layer_id: "l".into(),
             kind: "tanh".into(),
+            ..Default::default()
         })
         .await;
     assert_status(
         r,
         Code::InvalidArgument,
         "UNKNOWN_KIND",
-        &["kind", "identity, relu, sigmoid", "\"tanh\""],
+        &["kind", "identity, pooling, relu, sequential", "\"tanh\""],
     );
     let r = forward(&mut c, "s", "bad id", f32_tensor(&[1], &[1.0]), false).await;
     assert_status(r, Code::InvalidArgument, "INVALID_ID", &["layer_id"]);
@@ -208,6 +212,7 @@ async fn every_tensor_defect_is_invalid_argument_and_changes_nothing() {
             layer_id: "l".into(),
             x,
             no_grad: false,
+            ..Default::default()
         };
         let reason = if words[1] == "a tensor" {
             "MISSING_TENSOR"
@@ -234,6 +239,7 @@ async fn every_tensor_defect_is_invalid_argument_and_changes_nothing() {
             session_id: "s".into(),
             layer_id: "l".into(),
             dout: None,
+            ..Default::default()
         })
         .await;
     assert_status(missing, Code::InvalidArgument, "MISSING_TENSOR", &["dout"]);
@@ -291,6 +297,7 @@ async fn a_routing_header_must_name_the_session() {
         layer_id: "l".into(),
         x: Some(f32_tensor(&[1], &[1.0])),
         no_grad: false,
+        ..Default::default()
     });
     request
         .metadata_mut()
@@ -321,6 +328,7 @@ async fn a_routing_header_must_name_the_session() {
         session_id: "s".into(),
         layer_id: "m".into(),
         kind: "relu".into(),
+        ..Default::default()
     });
     request
         .metadata_mut()

@@ -93,6 +93,7 @@ async fn a_sequence_is_a_native_session_named_after_its_id() {
             session_id: "seq:18446744073709551615".into(),
             layer_id: "relu".into(),
             dout: Some(f64_tensor(&[2], &[5.0, 5.0])),
+            ..Default::default()
         })
         .await
         .unwrap()

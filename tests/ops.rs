@@ -101,6 +101,7 @@ fn step(v: f32) -> pb::RunRequest {
             layer_id: "r".into(),
             x: Some(f32_tensor(&[1], &[v])),
             no_grad: false,
+            ..Default::default()
         })),
     }
 }

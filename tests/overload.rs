@@ -20,6 +20,7 @@ fn forward_request(session_id: &str) -> pb::ForwardRequest {
         layer_id: "l".into(),
         x: Some(f32_tensor(&[2], &[-1.0, 2.0])),
         no_grad: false,
+        ..Default::default()
     }
 }
 
@@ -69,6 +70,7 @@ async fn calls_beyond_the_limit_are_shed_and_streams_hold_their_slot() {
                 session_id: "s".into(),
                 layer_id: "l".into(),
                 dout: Some(f32_tensor(&[2], &[3.0, 3.0])),
+                ..Default::default()
             })),
         })
         .await

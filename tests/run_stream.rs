@@ -14,6 +14,7 @@ fn fwd(layer: &str, x: pb::Tensor) -> pb::RunRequest {
             layer_id: layer.into(),
             x: Some(x),
             no_grad: false,
+            ..Default::default()
         })),
     }
 }
@@ -24,6 +25,7 @@ fn bwd(layer: &str, dout: pb::Tensor) -> pb::RunRequest {
             session_id: "s".into(),
             layer_id: layer.into(),
             dout: Some(dout),
+            ..Default::default()
         })),
     }
 }
@@ -125,6 +127,7 @@ async fn every_step_must_match_the_routing_header() {
             layer_id: "r".into(),
             x: Some(f32_tensor(&[1], &[1.0])),
             no_grad: false,
+            ..Default::default()
         })),
     };
     let mut request = Request::new(tokio_stream::iter(vec![

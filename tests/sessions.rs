@@ -28,6 +28,7 @@ async fn an_idle_session_expires_after_one_second_and_calls_extend_it() {
         session_id: "ttl".into(),
         layer_id: "l".into(),
         kind: "relu".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -82,6 +83,7 @@ async fn session_and_layer_count_limits() {
             session_id: "a".into(),
             layer_id: "m".into(),
             kind: "relu".into(),
+            ..Default::default()
         })
         .await;
     assert_status(
@@ -118,6 +120,7 @@ async fn kept_bytes_limits_per_session_and_in_total() {
         session_id: "a".into(),
         layer_id: "relu".into(),
         kind: "relu".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -186,6 +189,7 @@ async fn oversize_messages_are_resource_exhausted_on_unary_and_stream() {
             layer_id: "l".into(),
             x: Some(big),
             no_grad: false,
+            ..Default::default()
         })),
     };
     let mut answers = c
@@ -225,6 +229,7 @@ async fn sixteen_sessions_in_parallel_get_their_own_results() {
                 session_id: sid.clone(),
                 layer_id: "sig".into(),
                 kind: "sigmoid".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -93,6 +93,7 @@ async fn round_trip(channel: Channel) -> Result<Vec<f32>, tonic::Status> {
             layer_id: "relu".into(),
             x: Some(f32_tensor(&[3], &[1.0, -2.0, 3.5])),
             no_grad: false,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -107,6 +108,7 @@ async fn session_layer(client: &mut Client, sid: &str) -> Result<(), tonic::Stat
             session_id: sid.into(),
             layer_id: "relu".into(),
             kind: "relu".into(),
+            ..Default::default()
         })
         .await
         .map(drop)

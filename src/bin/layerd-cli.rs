@@ -229,6 +229,7 @@ async fn try_layer(
                 session_id: session_id.clone(),
                 layer_id: "try".into(),
                 kind: kind.into(),
+                ..Default::default()
             })
             .await
             .map_err(failed)?;
@@ -238,6 +239,7 @@ async fn try_layer(
                 layer_id: "try".into(),
                 x: Some(to_tensor(&x, dtype)),
                 no_grad: false,
+                ..Default::default()
             })
             .await
             .map_err(failed)?
@@ -248,6 +250,7 @@ async fn try_layer(
                 session_id: session_id.clone(),
                 layer_id: "try".into(),
                 dout: Some(to_tensor(&vec![1.0; x.len()], dtype)),
+                ..Default::default()
             })
             .await
             .map_err(failed)?

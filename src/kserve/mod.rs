@@ -24,8 +24,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
 use crate::auth::{Caller, Principal};
-use crate::engine::{answer_in_order, backward_on, compute, forward_on, observe, Phases, Rpc};
+use crate::engine::{
+    answer_in_order, backward_on, compute, forward_on, observe, ForwardOptions, Phases, Rpc,
+};
 use crate::error::Error;
+use crate::layers::MemberState;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::session::Store;
 use crate::tensor::Tensor;
@@ -166,8 +169,15 @@ impl InferenceService {
             }
             (None, Direction::Forward | Direction::NoGrad) => {
                 let computing = Instant::now();
-                let kind = model.kind;
-                let y = compute(input.len(), move || kind.forward_no_grad(&input)).await?;
+                let chain = model.chain();
+                let plan = chain.plan(&input, None, false)?;
+                let y = compute(input.len(), move || {
+                    let stateless = [MemberState::default()];
+                    chain
+                        .forward(&stateless, &input, None, &plan, false, false)
+                        .y
+                })
+                .await?;
                 stages.layer.compute = computing.elapsed();
                 y
             }
@@ -223,8 +233,8 @@ impl InferenceService {
         let session = store.session(owner, &session_id)?;
         let output = match model.direction {
             Direction::Forward => {
-                let layer = session.layer_or_create(layer_id, model.kind)?;
-                forward_on(&session, &layer, input, false, phases).await?
+                let layer = session.layer_or_create(layer_id, model.chain())?;
+                forward_on(&session, &layer, input, ForwardOptions::default(), phases).await?
             }
             Direction::NoGrad => {
                 // infer_model rejects sequences on stateless models first.
@@ -235,8 +245,10 @@ impl InferenceService {
                     layer_id: layer_id.to_string(),
                 };
                 let layer = session.layer(layer_id).map_err(|_| nothing_kept())?;
-                session.check_kind(layer_id, &layer, model.kind)?;
-                backward_on(&layer, layer_id, input, phases).await?
+                session.check_kind(layer_id, &layer, &model.chain())?;
+                backward_on(&layer, layer_id, Some(input), false, phases)
+                    .await?
+                    .dx
             }
         };
         if params.end {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::layers::Kind;
+use crate::layers::{Chain, Kind, Spec};
 use crate::pb::inference::{
     self, model_config::SchedulingChoice, model_metadata_response::TensorMetadata,
 };
@@ -68,7 +68,7 @@ impl Model {
     /// Every model: Forward, Backward, then no-grad ones, in kind order.
     pub fn all() -> impl Iterator<Item = Model> {
         Direction::ALL.into_iter().flat_map(|direction| {
-            Kind::ALL
+            Kind::ELEMENTWISE
                 .into_iter()
                 .map(move |kind| Model { kind, direction })
         })
@@ -78,12 +78,18 @@ impl Model {
     pub fn index(self) -> usize {
         let position = |found: Option<usize>| found.unwrap_or(0);
         let direction = position(Direction::ALL.iter().position(|&d| d == self.direction));
-        let kind = position(Kind::ALL.iter().position(|&k| k == self.kind));
-        direction * Kind::ALL.len() + kind
+        let kind = position(Kind::ELEMENTWISE.iter().position(|&k| k == self.kind));
+        direction * Kind::ELEMENTWISE.len() + kind
+    }
+
+    /// The layer a model computes (one without parameters).
+    pub fn chain(self) -> Chain {
+        let spec = Spec::unconfigured(self.kind).expect("models are of elementwise kinds");
+        Chain::single(spec, None)
     }
 
     pub fn count() -> usize {
-        Direction::ALL.len() * Kind::ALL.len()
+        Direction::ALL.len() * Kind::ELEMENTWISE.len()
     }
 
     /// The model `name` at `version` ("" is the latest, "1").

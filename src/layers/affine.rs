@@ -13,10 +13,109 @@
 //! numpy within a tolerance; the bias is added after the product, elementwise,
 //! as numpy's `x @ W + b` does.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix1, Ix2};
 
 use super::linalg::matmul;
-use super::Float;
+use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+
+/// The affine kind, configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub init: Init,
+}
+
+/// What Forward keeps: `x` as the (N, in) matrix, and its own shape for `dx`.
+pub struct Kept<F> {
+    x: Array2<F>,
+    shape: Vec<usize>,
+}
+
+impl Layer for Affine {
+    const NAME: &'static str = "affine";
+    const DESCRIPTION: &'static str = "Affine: y = x·W + b, x (N, ...) read as (N, in); W (in, out), b (out); dx = dout·Wᵀ, dW = xᵀ·dout, db = Σ_rows dout. Keeps x.";
+    type Kept<F: Float> = Kept<F>;
+
+    fn slots(&self) -> Vec<Slot> {
+        let weights = Fill::Weights {
+            fan_in: self.in_features,
+            init: self.init,
+        };
+        vec![
+            Slot::param("W", vec![self.in_features, self.out_features], weights),
+            Slot::param("b", vec![self.out_features], Fill::Zeros),
+        ]
+    }
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        let features = x.iter().skip(1).product::<usize>();
+        match x.first() {
+            Some(&n) if features == self.in_features => Ok(vec![n, self.out_features]),
+            _ => Err(format!(
+                "(N, ...) with {} features per row (the product of the dimensions after the first)",
+                self.in_features
+            )),
+        }
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept<F>> {
+        let shape = step.x.shape().to_vec();
+        let x = step.x.as_standard_layout();
+        let x = rows(x.view(), self.in_features);
+        let (w, b) = (param2(&step.values[0]), param1(&step.values[1]));
+        let y = forward(x.view(), w, b).into_dyn().into_shared();
+        let kept = step.keep.then(|| Kept {
+            x: x.to_owned(),
+            shape,
+        });
+        Forwarded::new(y, kept)
+    }
+
+    fn backward<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        kept: &Kept<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let dout = dout.as_standard_layout();
+        let dout = rows(dout.view(), self.out_features);
+        let g = backward(kept.x.view(), param2(&values[0]), dout, true);
+        let dx =
+            g.dx.expect("asked for")
+                .into_shape_with_order(kept.shape.clone())
+                .expect("x's element count");
+        Backwarded {
+            dx,
+            grads: vec![g.dw.into_dyn(), g.db.into_dyn()],
+        }
+    }
+}
+
+/// A standard-layout tensor as the (N, features) matrix of its rows.
+fn rows<'a, F: Float>(x: ArrayViewD<'a, F>, features: usize) -> ArrayView2<'a, F> {
+    let n = x.shape().first().copied().unwrap_or(1);
+    x.into_shape_with_order((n, features))
+        .expect("validated shape, standard layout")
+}
+
+/// A 2-D parameter (its shape validated when it was stored).
+pub(crate) fn param2<'a, F: Float>(p: &'a ArrayViewD<'_, F>) -> ArrayView2<'a, F> {
+    p.view()
+        .into_dimensionality::<Ix2>()
+        .expect("a 2-D parameter")
+}
+
+/// A 1-D parameter.
+pub(crate) fn param1<'a, F: Float>(p: &'a ArrayViewD<'_, F>) -> ArrayView1<'a, F> {
+    p.view()
+        .into_dimensionality::<Ix1>()
+        .expect("a 1-D parameter")
+}
 
 /// `x · W + b` for `x` (N, in), `W` (in, out), `b` (out).
 pub fn forward<F: Float>(

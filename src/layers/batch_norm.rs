@@ -21,7 +21,88 @@
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, IxDyn};
 
-use super::Float;
+use super::affine::param1;
+use super::{Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+
+/// The batch_norm kind, configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNorm {
+    pub features: usize,
+    pub settings: Settings,
+}
+
+/// What Forward keeps, with the input's shape.
+pub struct KeptInput<F> {
+    kept: Kept<F>,
+    shape: Vec<usize>,
+}
+
+impl Layer for BatchNorm {
+    const NAME: &'static str = "batch_norm";
+    const DESCRIPTION: &'static str = "Batch normalization per feature of x (N, F), or per channel of x (N, F, H, W): y = gamma·(x - mean)/sqrt(var + eps) + beta with the batch's statistics in training (running_mean, running_var += (1 - momentum)·(batch - running)) and the running ones in evaluation. Parameters gamma, beta; buffers running_mean, running_var. Keeps x - mean, the normalized x and std (training), or the normalized x and std (evaluation).";
+    type Kept<F: Float> = KeptInput<F>;
+
+    fn slots(&self) -> Vec<Slot> {
+        let f = vec![self.features];
+        vec![
+            Slot::param("gamma", f.clone(), Fill::Ones),
+            Slot::param("beta", f.clone(), Fill::Zeros),
+            Slot::buffer("running_mean", f.clone(), Fill::Zeros),
+            Slot::buffer("running_var", f, Fill::Zeros),
+        ]
+    }
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        match *x {
+            [_, f] | [_, f, _, _] if f == self.features => Ok(x.to_vec()),
+            _ => Err(format!("(N, {0}) or (N, {0}, H, W)", self.features)),
+        }
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        let rows = plan.x.iter().product::<usize>() / self.features.max(1);
+        Kept::<f64>::elements_for(rows, self.features, plan.eval) * plan.itemsize
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, KeptInput<F>> {
+        let shape = step.x.shape().to_vec();
+        let rows = to_rows(step.x);
+        let [gamma, beta, mean, var] = [0, 1, 2, 3].map(|i| param1(&step.values[i]));
+        let (y, kept, buffers) = if step.eval {
+            let (y, kept) = forward_eval(rows.view(), gamma, beta, (mean, var), self.settings);
+            (y, kept, Vec::new())
+        } else {
+            let (y, kept, (mean, var)) =
+                forward_train(rows.view(), gamma, beta, (mean, var), self.settings);
+            // Running statistics change only on a keeping training Forward.
+            let buffers = if step.keep {
+                vec![mean.into_dyn(), var.into_dyn()]
+            } else {
+                Vec::new()
+            };
+            (y, kept, buffers)
+        };
+        Forwarded {
+            y: from_rows(y, &shape).into_shared(),
+            kept: step.keep.then_some(KeptInput { kept, shape }),
+            buffers,
+        }
+    }
+
+    fn backward<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        kept: &KeptInput<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let d = to_rows(dout);
+        let g = backward(&kept.kept, param1(&values[0]), d.view());
+        Backwarded {
+            dx: from_rows(g.dx, &kept.shape),
+            grads: vec![g.dgamma.into_dyn(), g.dbeta.into_dyn()],
+        }
+    }
+}
 
 /// Momentum and epsilon, as configured.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -21,10 +21,117 @@
 //! Numerics: the products and sums are compared with the reference within a
 //! tolerance; the bias is added after the product, as numpy does.
 
-use ndarray::{Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, Axis};
+use ndarray::{
+    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, Ix1, Ix4,
+};
 
 use super::linalg::matmul;
-use super::Float;
+use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+
+/// The convolution kind, configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Convolution {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: (usize, usize),
+    pub geometry: Geometry,
+    pub init: Init,
+}
+
+impl Layer for Convolution {
+    const NAME: &'static str = "convolution";
+    const DESCRIPTION: &'static str = "Convolution (cross-correlation by im2col): x (N, C, H, W), W (FN, C, FH, FW), b (FN) -> y (N, FN, OH, OW), OH = (H + 2·pad - FH) / stride + 1; zero padding. Keeps x.";
+    type Kept<F: Float> = Array4<F>;
+
+    fn slots(&self) -> Vec<Slot> {
+        let (fh, fw) = self.kernel;
+        let weights = Fill::Weights {
+            fan_in: self.in_channels.saturating_mul(fh).saturating_mul(fw),
+            init: self.init,
+        };
+        vec![
+            Slot::param(
+                "W",
+                vec![self.out_channels, self.in_channels, fh, fw],
+                weights,
+            ),
+            Slot::param("b", vec![self.out_channels], Fill::Zeros),
+        ]
+    }
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        let expected = || {
+            format!(
+                "(N, {}, H, W) with H + 2·{pad} ≥ {} and W + 2·{pad} ≥ {} (an output of at least 1×1)",
+                self.in_channels,
+                self.kernel.0,
+                self.kernel.1,
+                pad = self.geometry.pad
+            )
+        };
+        match *x {
+            [n, c, h, w] if c == self.in_channels => {
+                let (oh, ow) = self
+                    .geometry
+                    .output_size((h, w), self.kernel)
+                    .ok_or_else(expected)?;
+                Ok(vec![n, self.out_channels, oh, ow])
+            }
+            _ => Err(expected()),
+        }
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn scratch_elements(&self, x: &[usize]) -> u64 {
+        let Ok(y) = self.output_shape(x) else {
+            return 0;
+        };
+        let (fh, fw) = self.kernel;
+        [x[0], y[2], y[3], self.in_channels, fh, fw]
+            .iter()
+            .fold(1u64, |n, &d| n.saturating_mul(d as u64))
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Array4<F>> {
+        let x = step
+            .x
+            .into_dimensionality::<Ix4>()
+            .expect("validated (N, C, H, W)");
+        let w = step.values[0]
+            .view()
+            .into_dimensionality::<Ix4>()
+            .expect("4-D W");
+        let b = step.values[1]
+            .view()
+            .into_dimensionality::<Ix1>()
+            .expect("1-D b");
+        let y = forward(x, w, b, self.geometry).into_dyn().into_shared();
+        Forwarded::new(y, step.keep.then(|| x.to_owned()))
+    }
+
+    fn backward<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        x: &Array4<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let w = values[0]
+            .view()
+            .into_dimensionality::<Ix4>()
+            .expect("4-D W");
+        let dout = dout
+            .into_dimensionality::<Ix4>()
+            .expect("the output's shape");
+        let g = backward(x.view(), w, dout, self.geometry, true);
+        Backwarded {
+            dx: g.dx.expect("asked for").into_dyn(),
+            grads: vec![g.dw.into_dyn(), g.db.into_dyn()],
+        }
+    }
+}
 
 /// Stride and zero padding; validated by the caller (stride at least 1,
 /// output at least 1×1).
@@ -43,7 +150,9 @@ impl Geometry {
         (fh, fw): (usize, usize),
     ) -> Option<(usize, usize)> {
         let out = |size: usize, k: usize| {
-            (size + 2 * self.pad)
+            self.pad
+                .checked_mul(2)?
+                .checked_add(size)?
                 .checked_sub(k)
                 .map(|span| span / self.stride + 1)
         };

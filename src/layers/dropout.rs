@@ -14,7 +14,66 @@
 use ndarray::{ArrayD, ArrayViewD};
 
 use super::rng::Rng;
-use super::Float;
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+
+/// The dropout kind, configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// In [0, 1).
+    pub ratio: f64,
+    /// The generator's seed (already chosen when the client asked for a random one).
+    pub seed: u64,
+}
+
+/// What Forward keeps: the mask in training, nothing in evaluation.
+pub enum Kept {
+    Train(Mask),
+    Eval,
+}
+
+impl Layer for Dropout {
+    const NAME: &'static str = "dropout";
+    const DESCRIPTION: &'static str = "Dropout (not inverted): training y = x * mask, mask = u > ratio with u uniform [0, 1) from the layer's seeded generator, dx = dout * mask; evaluation y = x * (1 - ratio), dx = dout * (1 - ratio). Keeps the mask as a bitset (training).";
+    type Kept<F: Float> = Kept;
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(x.to_vec())
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        if plan.eval {
+            0
+        } else {
+            Mask::bytes_for(plan.x.iter().product())
+        }
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept> {
+        if step.eval {
+            let y = scale(step.x, self.ratio).into_shared();
+            return Forwarded::new(y, step.keep.then_some(Kept::Eval));
+        }
+        let rng = step.rng.expect("a dropout layer has a generator");
+        let (y, mask) = forward_train(step.x, self.ratio, rng);
+        Forwarded::new(y.into_shared(), step.keep.then_some(Kept::Train(mask)))
+    }
+
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        kept: &Kept,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let dx = match kept {
+            Kept::Train(mask) => backward_train(mask, dout),
+            Kept::Eval => scale(dout, self.ratio),
+        };
+        Backwarded {
+            dx,
+            grads: Vec::new(),
+        }
+    }
+}
 
 /// Bit i set where element i (row-major) was kept (`u > ratio`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,11 +7,12 @@
 //! that benchmarks compare the real kinds against: what a call costs in
 //! transport, decoding and session bookkeeping alone.
 
-use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
+use ndarray::ArrayViewD;
 
-use super::{Float, Layer};
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
 
 /// The identity kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Identity;
 
 impl Layer for Identity {
@@ -20,37 +21,45 @@ impl Layer for Identity {
         "Identity: y = x; dx = dout. Keeps only the shape and dtype (the no-compute baseline).";
     type Kept<F: Float> = ();
 
-    fn kept_bytes<F: Float>(_len: usize) -> usize {
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(x.to_vec())
+    }
+
+    fn kept_bytes(&self, _plan: Plan<'_>) -> usize {
         0
     }
 
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, ()) {
-        (Self::forward_no_grad(x).into_shared(), ())
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, ()> {
+        let y = step.x.as_standard_layout().into_owned().into_shared();
+        Forwarded::new(y, step.keep.then_some(()))
     }
 
-    fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
-        x.as_standard_layout().into_owned()
-    }
-
-    fn backward<F: Float>(_kept: &(), dout: ArrayViewD<'_, F>) -> ArrayD<F> {
-        dout.as_standard_layout().into_owned()
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        _kept: &(),
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        Backwarded {
+            dx: dout.as_standard_layout().into_owned(),
+            grads: Vec::new(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::arr2;
+    use ndarray::{arr2, ArrayD};
 
     #[test]
     fn passes_every_bit_through_both_ways() {
         let x = arr2(&[[f32::NAN, -0.0], [f32::NEG_INFINITY, 1e-45]]).into_dyn();
-        let (y, ()) = Identity::forward(x.view());
-        let dx = Identity::backward(&(), x.t());
+        let y = crate::layers::testing::forward(&Identity, x.view(), true).y;
+        let dx = Identity.backward(&[], &(), x.t()).dx;
         let bits = |a: &ArrayD<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y.to_owned()), bits(&x.to_owned()));
         // A transposed (non-contiguous) view comes back in its logical order.
         assert_eq!(bits(&dx), bits(&x.t().to_owned()));
-        assert_eq!(Identity::kept_bytes::<f64>(1 << 20), 0);
     }
 }

@@ -19,6 +19,14 @@ pub enum Method {
     Normal(f64),
 }
 
+/// A configured initialization: the method and the generator's seed (already
+/// chosen when the client asked for a random one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Init {
+    pub method: Method,
+    pub seed: u64,
+}
+
 impl Method {
     pub fn std(self, fan_in: usize) -> f64 {
         match self {

@@ -18,9 +18,62 @@
 //! Kept for Backward: the winner's position in its window, one `u32` per
 //! output element, and the input's shape.
 
-use ndarray::{Array4, ArrayView4};
+use ndarray::{Array4, ArrayView4, ArrayViewD, Ix4};
 
-use super::Float;
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+
+impl Layer for Pool {
+    const NAME: &'static str = "pooling";
+    const DESCRIPTION: &'static str = "Max pooling: x (N, C, H, W) -> y (N, C, OH, OW), each output the maximum of its pool_h × pool_w window, OH = (H + 2·pad - pool_h) / stride + 1; -inf padding; ties to the first maximum, NaN wins (numpy's argmax); dx adds dout to each window's winner. Keeps each winner's position (4 bytes per output).";
+    type Kept<F: Float> = Winners;
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        let expected = || {
+            format!(
+                "(N, C, H, W) with H + 2·{pad} ≥ {} and W + 2·{pad} ≥ {} (an output of at least 1×1)",
+                self.pool_h,
+                self.pool_w,
+                pad = self.pad
+            )
+        };
+        match *x {
+            [n, c, h, w] => {
+                let (oh, ow) = self.output_size(h, w).ok_or_else(expected)?;
+                Ok(vec![n, c, oh, ow])
+            }
+            _ => Err(expected()),
+        }
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        let y = self.output_shape(plan.x).expect("validated");
+        Winners::bytes_for(y.iter().product())
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Winners> {
+        let x = step
+            .x
+            .into_dimensionality::<Ix4>()
+            .expect("validated (N, C, H, W)");
+        let (y, winners) = forward(x, *self);
+        Forwarded::new(y.into_dyn().into_shared(), step.keep.then_some(winners))
+    }
+
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        winners: &Winners,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let dout = dout
+            .into_dimensionality::<Ix4>()
+            .expect("the output's shape");
+        Backwarded {
+            dx: backward(winners, dout, *self).into_dyn(),
+            grads: Vec::new(),
+        }
+    }
+}
 
 /// Window size, stride and padding; validated by the caller (sizes and stride
 /// at least 1, output at least 1×1).
@@ -37,7 +90,9 @@ impl Pool {
     /// None when a window does not fit once (output smaller than 1×1).
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
         let out = |size: usize, k: usize| {
-            (size + 2 * self.pad)
+            self.pad
+                .checked_mul(2)?
+                .checked_add(size)?
                 .checked_sub(k)
                 .map(|span| span / self.stride + 1)
         };

@@ -10,9 +10,10 @@
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
-use super::{Float, Layer};
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
 
 /// The ReLU kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Relu;
 
 /// Bit `i` is set where element `i` (row-major) of the Forward input was `<= 0`.
@@ -45,17 +46,9 @@ fn masked<F: Float>(x: F) -> bool {
     x <= F::zero()
 }
 
-impl Layer for Relu {
-    const NAME: &'static str = "relu";
-    const DESCRIPTION: &'static str =
-        "ReLU: y = x where x > 0, else +0; dx = dout where x > 0, else +0. Keeps the mask x <= 0 as a bitset.";
-    type Kept<F: Float> = Mask;
-
-    fn kept_bytes<F: Float>(len: usize) -> usize {
-        Mask::bytes_for(len)
-    }
-
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Mask) {
+impl Relu {
+    /// `y` and the mask, for a keeping Forward.
+    pub fn keep<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Mask) {
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
         let mut y = vec![F::zero(); xs.len()];
@@ -68,17 +61,55 @@ impl Layer for Relu {
         (into_shape(x.raw_dim(), y).into_shared(), mask)
     }
 
-    fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
+    /// `y` alone, for `no_grad`.
+    pub fn no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
         x.mapv(|xi| if masked(xi) { F::zero() } else { xi })
     }
 
-    fn backward<F: Float>(mask: &Mask, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
+    /// `dx` from the kept mask.
+    pub fn backward_with<F: Float>(mask: &Mask, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
         let ds = dout.as_slice().expect("standard layout is contiguous");
         assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
         let mut dx = vec![F::zero(); ds.len()];
         backward_kernel(ds, &mask.words, &mut dx);
         into_shape(dout.raw_dim(), dx)
+    }
+}
+
+impl Layer for Relu {
+    const NAME: &'static str = "relu";
+    const DESCRIPTION: &'static str =
+        "ReLU: y = x where x > 0, else +0; dx = dout where x > 0, else +0. Keeps the mask x <= 0 as a bitset.";
+    type Kept<F: Float> = Mask;
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(x.to_vec())
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        Mask::bytes_for(plan.x.iter().product())
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Mask> {
+        if step.keep {
+            let (y, mask) = Relu::keep(step.x);
+            Forwarded::new(y, Some(mask))
+        } else {
+            Forwarded::new(Relu::no_grad(step.x).into_shared(), None)
+        }
+    }
+
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        mask: &Mask,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        Backwarded {
+            dx: Relu::backward_with(mask, dout),
+            grads: Vec::new(),
+        }
     }
 }
 
@@ -124,7 +155,7 @@ mod tests {
     #[test]
     fn forward_passes_positives_and_zeroes_the_rest() {
         let x = arr1(&[1.5f32, -2.0, 0.0, 3.25, -1e-30]).into_dyn();
-        let (y, mask) = Relu::forward(x.view());
+        let (y, mask) = Relu::keep(x.view());
         assert_eq!(y, arr1(&[1.5f32, 0.0, 0.0, 3.25, 0.0]).into_dyn());
         let masked: Vec<bool> = (0..5).map(|i| mask.is_masked(i)).collect();
         assert_eq!(masked, [false, true, true, false, true]);
@@ -143,7 +174,7 @@ mod tests {
             -5e-324,
         ])
         .into_dyn();
-        let (y, mask) = Relu::forward(x.view());
+        let (y, mask) = Relu::keep(x.view());
         assert!(y[0].is_nan());
         assert_eq!(y[1], f64::INFINITY);
         // Masked positions are +0.0 exactly, never -0.0.
@@ -160,7 +191,7 @@ mod tests {
     fn nan_payload_passes_bit_for_bit() {
         let quiet_nan_with_payload = f32::from_bits(0x7fc0_1234);
         let x = arr1(&[quiet_nan_with_payload]).into_dyn();
-        let (y, _) = Relu::forward(x.view());
+        let (y, _) = Relu::keep(x.view());
         assert_eq!(y[0].to_bits(), 0x7fc0_1234);
     }
 
@@ -168,9 +199,9 @@ mod tests {
     fn backward_zeroes_the_kept_positions_of_a_real_gradient() {
         // x = [[2, -1, 0], [NaN, -0.0, 7]] -> mask = [[F, T, T], [F, T, F]]
         let x = arr2(&[[2.0f32, -1.0, 0.0], [f32::NAN, -0.0, 7.0]]).into_dyn();
-        let (_, mask) = Relu::forward(x.view());
+        let (_, mask) = Relu::keep(x.view());
         let dout = arr2(&[[0.5f32, -3.0, 4.0], [-0.25, 9.0, -0.0]]).into_dyn();
-        let dx = Relu::backward(&mask, dout.view());
+        let dx = Relu::backward_with(&mask, dout.view());
         // dx keeps dout where the mask is clear: 0.5, -0.25 and -0.0 (sign kept).
         let want = arr2(&[[0.5f32, 0.0, 0.0], [-0.25, 0.0, -0.0]]).into_dyn();
         assert_eq!(bits(&dx), bits(&want));
@@ -187,15 +218,15 @@ mod tests {
                 k as f32
             }
         });
-        let (y, mask) = Relu::forward(x.view());
+        let (y, mask) = Relu::keep(x.view());
         assert_eq!(mask.heap_bytes(), 3 * 8);
-        assert_eq!(Relu::kept_bytes::<f32>(130), mask.heap_bytes());
+        assert_eq!(Mask::bytes_for(130), mask.heap_bytes());
         for k in 0..130 {
             // k = 0 is -0.0 <= 0, masked; so is every multiple of 3.
             assert_eq!(mask.is_masked(k), k.is_multiple_of(3), "element {k}");
         }
         let dout = ArrayD::from_elem(IxDyn(&[2, 65]), 2.5f32);
-        let dx = Relu::backward(&mask, dout.view());
+        let dx = Relu::backward_with(&mask, dout.view());
         for (k, (&yk, &dk)) in y.iter().zip(dx.iter()).enumerate() {
             let want = if k.is_multiple_of(3) { 0.0 } else { 2.5 };
             assert_eq!(dk, want, "dx element {k}");
@@ -207,23 +238,23 @@ mod tests {
     fn no_grad_forward_equals_keeping_forward() {
         let x = arr1(&[f64::NAN, -0.0, 3.0, -7.0, 88.8, -710.0]).into_dyn();
         assert_eq!(
-            bits(&Relu::forward_no_grad(x.view())),
-            bits(&Relu::forward(x.view()).0.to_owned())
+            bits(&Relu::no_grad(x.view())),
+            bits(&Relu::keep(x.view()).0.to_owned())
         );
     }
 
     #[test]
     fn scalars_and_empty_tensors() {
         let scalar = ArrayD::from_elem(IxDyn(&[]), -4.0f64);
-        let (y, mask) = Relu::forward(scalar.view());
+        let (y, mask) = Relu::keep(scalar.view());
         assert_eq!(y.shape(), &[] as &[usize]);
         assert_eq!(y[IxDyn(&[])].to_bits(), 0);
         assert!(mask.is_masked(0));
 
         let empty = ArrayD::<f32>::zeros(IxDyn(&[3, 0, 2]));
-        let (y, mask) = Relu::forward(empty.view());
+        let (y, mask) = Relu::keep(empty.view());
         assert_eq!(y.shape(), &[3, 0, 2]);
         assert_eq!(mask.heap_bytes(), 0);
-        assert_eq!(Relu::backward(&mask, empty.view()).shape(), &[3, 0, 2]);
+        assert_eq!(Relu::backward_with(&mask, empty.view()).shape(), &[3, 0, 2]);
     }
 }

@@ -13,32 +13,19 @@
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
-use super::{Float, Layer};
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
 
 /// The sigmoid kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sigmoid;
 
 fn sigmoid<F: Float>(x: F) -> F {
     F::one() / (F::one() + (-x).vexp())
 }
 
-impl Layer for Sigmoid {
-    const NAME: &'static str = "sigmoid";
-    const DESCRIPTION: &'static str =
-        "Sigmoid: y = 1 / (1 + exp(-x)); dx = dout * (1 - y) * y. Keeps y.";
-    type Kept<F: Float> = ArcArray<F, IxDyn>;
-
-    fn kept_bytes<F: Float>(len: usize) -> usize {
-        len * std::mem::size_of::<F>()
-    }
-
-    fn forward<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, ArcArray<F, IxDyn>) {
-        // The answer and the kept state are one buffer.
-        let y = Self::forward_no_grad(x).into_shared();
-        (y.clone(), y)
-    }
-
-    fn forward_no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
+impl Sigmoid {
+    /// `y = 1 / (1 + exp(-x))`.
+    pub fn y<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
         let x = x.as_standard_layout();
         let mut y = ArrayD::zeros(x.raw_dim());
         forward_kernel(
@@ -48,7 +35,8 @@ impl Layer for Sigmoid {
         y
     }
 
-    fn backward<F: Float>(y: &ArcArray<F, IxDyn>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
+    /// `dx` from the kept `y`.
+    pub fn backward_with<F: Float>(y: &ArcArray<F, IxDyn>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
         let mut dx = ArrayD::zeros(dout.raw_dim());
         backward_kernel(
@@ -57,6 +45,40 @@ impl Layer for Sigmoid {
             dx.as_slice_mut().expect("new arrays are contiguous"),
         );
         dx
+    }
+}
+
+impl Layer for Sigmoid {
+    const NAME: &'static str = "sigmoid";
+    const DESCRIPTION: &'static str =
+        "Sigmoid: y = 1 / (1 + exp(-x)); dx = dout * (1 - y) * y. Keeps y.";
+    type Kept<F: Float> = ArcArray<F, IxDyn>;
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        Ok(x.to_vec())
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, ArcArray<F, IxDyn>> {
+        // The answer and the kept state are one buffer.
+        let y = Sigmoid::y(step.x).into_shared();
+        let kept = step.keep.then(|| y.clone());
+        Forwarded::new(y, kept)
+    }
+
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        y: &ArcArray<F, IxDyn>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        Backwarded {
+            dx: Sigmoid::backward_with(y, dout),
+            grads: Vec::new(),
+        }
     }
 }
 
@@ -87,9 +109,7 @@ mod tests {
     use ndarray::{arr1, ArrayD};
 
     fn fwd<F: Float>(values: &[F]) -> ArrayD<F> {
-        Sigmoid::forward(arr1(values).into_dyn().view())
-            .0
-            .to_owned()
+        Sigmoid::y(arr1(values).into_dyn().view())
     }
 
     #[test]
@@ -146,9 +166,10 @@ mod tests {
     #[test]
     fn backward_multiplies_in_numpy_order() {
         let x = arr1(&[0.3f32, -1.7, 2.9, 0.0]).into_dyn();
-        let (y, kept) = Sigmoid::forward(x.view());
+        let y = Sigmoid::y(x.view()).into_shared();
+        let kept = y.clone();
         let dout = arr1(&[1.25f32, -0.5, 3.0, -2.0]).into_dyn();
-        let dx = Sigmoid::backward(&kept, dout.view());
+        let dx = Sigmoid::backward_with(&kept, dout.view());
         for i in 0..4 {
             let want = (dout[i] * (1.0 - y[i])) * y[i];
             assert_eq!(dx[i].to_bits(), want.to_bits(), "element {i}");
@@ -164,8 +185,8 @@ mod tests {
         let xs: [f64; 7] = [-6.0, -2.5, -0.7, 0.0, 0.4, 1.9, 5.5];
         let dout: [f64; 7] = [0.3, -1.2, 2.0, 1.0, -0.75, 4.0, -2.5];
         let x = arr1(&xs).into_dyn();
-        let (_, kept) = Sigmoid::forward(x.view());
-        let dx = Sigmoid::backward(&kept, arr1(&dout).into_dyn().view());
+        let kept = Sigmoid::y(x.view()).into_shared();
+        let dx = Sigmoid::backward_with(&kept, arr1(&dout).into_dyn().view());
         for i in 0..xs.len() {
             let numeric = (sigmoid(xs[i] + h) - sigmoid(xs[i] - h)) / (2.0 * h) * dout[i];
             assert!(
@@ -180,10 +201,17 @@ mod tests {
 
     #[test]
     fn keeps_y_at_its_dtype_size() {
-        assert_eq!(Sigmoid::kept_bytes::<f32>(1000), 4000);
-        assert_eq!(Sigmoid::kept_bytes::<f64>(1000), 8000);
+        let plan = |itemsize| Plan {
+            x: &[10, 100],
+            itemsize,
+            eval: false,
+            classes: false,
+        };
+        assert_eq!(Sigmoid.kept_bytes(plan(4)), 4000);
+        assert_eq!(Sigmoid.kept_bytes(plan(8)), 8000);
         let x = ArrayD::<f64>::zeros(ndarray::IxDyn(&[2, 3, 0]));
-        let (y, kept) = Sigmoid::forward(x.view());
+        let y = Sigmoid::y(x.view()).into_shared();
+        let kept = y.clone();
         assert_eq!((y.shape(), kept.len()), (&[2, 3, 0][..], 0));
     }
 }

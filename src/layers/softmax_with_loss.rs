@@ -17,9 +17,92 @@
 //! whole row of `y` NaN; `−inf` scores get probability 0; a row of all `−inf`
 //! is NaN (`−inf − −inf`).
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{arr0, Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix2};
 
-use super::Float;
+use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+
+/// The softmax_with_loss kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SoftmaxWithLoss;
+
+/// A target the layer keeps (its own copy).
+pub enum OwnedTarget<F> {
+    Classes(Array1<i64>),
+    Probabilities(Array2<F>),
+}
+
+impl<F: Float> OwnedTarget<F> {
+    fn view(&self) -> Target<'_, F> {
+        match self {
+            OwnedTarget::Classes(c) => Target::Classes(c.view()),
+            OwnedTarget::Probabilities(p) => Target::Probabilities(p.view()),
+        }
+    }
+}
+
+/// What Forward keeps: the softmax output and the target.
+pub struct Kept<F> {
+    y: Array2<F>,
+    t: OwnedTarget<F>,
+}
+
+impl Layer for SoftmaxWithLoss {
+    const NAME: &'static str = "softmax_with_loss";
+    const DESCRIPTION: &'static str = "SoftmaxWithLoss: y = softmax(x) row by row, loss = mean cross-entropy -Σ log(y[t] + 1e-7) / N against t (INT64 class ids (N,) or probabilities (N, C)); y answered is the loss []; dx = (y - onehot(t)) * dout / N, dout = 1 when absent. Keeps y and t.";
+    type Kept<F: Float> = Kept<F>;
+
+    fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
+        match x {
+            [n, c] if *n >= 1 && *c >= 1 => Ok(vec![]),
+            _ => Err("(N, C) scores with N ≥ 1 and C ≥ 1".into()),
+        }
+    }
+
+    fn kept_bytes(&self, plan: Plan<'_>) -> usize {
+        let (n, c) = (plan.x[0], plan.x[1]);
+        let target = if plan.classes {
+            n * std::mem::size_of::<i64>()
+        } else {
+            n * c * plan.itemsize
+        };
+        n * c * plan.itemsize + target
+    }
+
+    fn is_loss(&self) -> bool {
+        true
+    }
+
+    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept<F>> {
+        let x = step
+            .x
+            .into_dimensionality::<Ix2>()
+            .expect("validated (N, C)");
+        let t = step.target.expect("validated: a loss has a target");
+        let y = softmax(x);
+        let loss = arr0(loss(y.view(), t)).into_dyn().into_shared();
+        let kept = step.keep.then(|| Kept {
+            t: match t {
+                Target::Classes(c) => OwnedTarget::Classes(c.to_owned()),
+                Target::Probabilities(p) => OwnedTarget::Probabilities(p.to_owned()),
+            },
+            y,
+        });
+        Forwarded::new(loss, kept)
+    }
+
+    fn backward<F: Float>(
+        &self,
+        _values: &[ArrayViewD<'_, F>],
+        kept: &Kept<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Backwarded<F> {
+        let dout = *dout.iter().next().expect("a scalar dout");
+        Backwarded {
+            dx: backward(kept.y.view(), kept.t.view(), dout).into_dyn(),
+            grads: Vec::new(),
+        }
+    }
+}
 
 /// numpy's `np.log(y + 1e-7)` guard.
 pub const LOG_EPS: f64 = 1e-7;

@@ -44,3 +44,19 @@ pub fn max_relative_error<D: Dimension>(got: &Array<f64, D>, want: &Array<f64, D
         .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
         / scale
 }
+
+/// A Forward of a layer without slots, target or generator, in training mode.
+pub fn forward<L: super::Layer, F: super::Float>(
+    layer: &L,
+    x: ndarray::ArrayViewD<'_, F>,
+    keep: bool,
+) -> super::Forwarded<F, L::Kept<F>> {
+    layer.forward(super::Step {
+        x,
+        values: &[],
+        target: None,
+        eval: false,
+        keep,
+        rng: None,
+    })
+}

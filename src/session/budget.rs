@@ -56,7 +56,7 @@ impl Budget {
                 flag: self.flag,
                 limit: ByteSize(self.limit).to_string(),
                 detail: format!(
-                    "keeping {} more would make {} (in use: {})",
+                    "holding {} more would make {} (in use: {})",
                     ByteSize(bytes),
                     ByteSize(used.saturating_add(bytes)),
                     ByteSize(used)

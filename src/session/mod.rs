@@ -7,10 +7,13 @@
 //! - this module: a session and its layer instances.
 //!
 //! Each layer instance has its own async mutex, which serialises the calls on
-//! that instance (and only those) across the await of a computation. Kept-state
-//! bytes are reserved against a per-session and a global budget before Forward
-//! computes, and released when the state is dropped (replaced by a later
-//! Forward, or its session closed or expired), so the accounting cannot drift.
+//! that instance (and only those) across the await of a computation. Memory is
+//! reserved against a per-session and a global budget before it is allocated,
+//! and released when its holder drops, so the accounting cannot drift: a
+//! layer's parameters, gradients and buffers at CreateLayer (held until the
+//! layer goes with its session), kept state before Forward computes (held
+//! until a later Forward replaces it, SetParams drops it, or the session
+//! closes or expires).
 
 mod budget;
 mod ids;
@@ -28,7 +31,8 @@ pub use ids::check_id;
 pub use store::{Store, StoreGuard};
 
 use crate::error::Error;
-use crate::layers::{Kept, Kind};
+use crate::layers::{Chain, Kept, MemberState};
+use crate::tensor::Tensor;
 
 /// Limits on sessions and the state they keep.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct Limits {
     pub max_layers_per_session: usize,
     pub max_session_kept_bytes: u64,
     pub max_total_kept_bytes: u64,
+    /// The largest array one call may build (an output or a scratch array).
+    pub max_work_bytes: u64,
     pub default_idle_timeout: Duration,
     pub max_idle_timeout: Duration,
 }
@@ -49,13 +55,25 @@ pub struct Session {
     kept: Arc<Budget>,
     total_kept: Arc<Budget>,
     max_layers: usize,
+    max_work_bytes: u64,
 }
 
 /// One layer instance in a session.
 pub struct LayerInstance {
-    pub kind: Kind,
-    /// What the last keeping Forward kept; locked for the whole of each call.
-    pub kept: tokio::sync::Mutex<Option<Arc<KeptEntry>>>,
+    /// Its math (kind, config, dtype), fixed at creation.
+    pub chain: Arc<Chain>,
+    /// Its values and kept state; locked for the whole of each call.
+    pub state: tokio::sync::Mutex<InstanceState>,
+    /// The bytes of its parameters, gradients and buffers.
+    _held: Charge,
+}
+
+/// What a layer instance holds, changed only by a call's commit.
+pub struct InstanceState {
+    /// Per member of the chain: parameters, buffers, gradients, generator.
+    pub members: Vec<MemberState>,
+    /// What the last keeping Forward kept.
+    pub kept: Option<Arc<KeptEntry>>,
 }
 
 /// Kept state together with the budget it is charged to.
@@ -68,7 +86,7 @@ impl KeptEntry {
     /// Binds `kept` to the bytes reserved for it; they are released on drop.
     pub fn new(kept: Kept, charge: Charge) -> KeptEntry {
         debug_assert_eq!(
-            kept.bytes() as u64,
+            kept.bytes(),
             charge.bytes(),
             "kept bytes were declared exactly"
         );
@@ -97,6 +115,7 @@ impl Session {
             )),
             total_kept,
             max_layers: limits.max_layers_per_session,
+            max_work_bytes: limits.max_work_bytes,
         }
     }
 
@@ -108,34 +127,58 @@ impl Session {
         self.idle_timeout
     }
 
-    /// Adds a layer instance of `kind` as `layer_id`.
-    pub fn create_layer(&self, layer_id: &str, kind: Kind) -> Result<(), Error> {
-        self.add_layer(layer_id, kind, false).map(drop)
-    }
-
-    /// The layer instance `layer_id`, added as a `kind` if the session has
-    /// none of that name; one of another kind is an error.
-    pub fn layer_or_create(&self, layer_id: &str, kind: Kind) -> Result<Arc<LayerInstance>, Error> {
-        self.add_layer(layer_id, kind, true)
-    }
-
-    fn add_layer(
+    /// Adds a layer instance `layer_id` of `chain` with client-given
+    /// `values` (checked by [`Chain::check_values`]). Its parameters,
+    /// gradients and buffers are charged to the budgets before any is
+    /// allocated.
+    pub fn create_layer(
         &self,
         layer_id: &str,
-        kind: Kind,
-        reuse: bool,
+        chain: Chain,
+        values: HashMap<String, Tensor>,
+    ) -> Result<(), Error> {
+        check_id("layer_id", layer_id)?;
+        self.check_room(layer_id)?;
+        let held = self.reserve(chain.held_bytes())?;
+        let members = chain.initial_state(values);
+        self.insert(layer_id, chain, members, held).map(drop)
+    }
+
+    /// The layer instance `layer_id`, added as `chain` (one without
+    /// parameters) if the session has none of that name; one of another kind
+    /// is an error.
+    pub fn layer_or_create(
+        &self,
+        layer_id: &str,
+        chain: Chain,
     ) -> Result<Arc<LayerInstance>, Error> {
         check_id("layer_id", layer_id)?;
-        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = layers.get(layer_id) {
-            if !reuse {
-                return Err(Error::LayerExists {
-                    session_id: self.id.clone(),
-                    layer_id: layer_id.to_string(),
-                });
+        if let Ok(existing) = self.layer(layer_id) {
+            self.check_kind(layer_id, &existing, &chain)?;
+            return Ok(existing);
+        }
+        self.check_room(layer_id)?;
+        let held = self.reserve(chain.held_bytes())?;
+        let members = chain.initial_state(HashMap::new());
+        match self.insert(layer_id, chain.clone(), members, held) {
+            // Another call created it meanwhile.
+            Err(Error::LayerExists { .. }) => {
+                let existing = self.layer(layer_id)?;
+                self.check_kind(layer_id, &existing, &chain)?;
+                Ok(existing)
             }
-            self.check_kind(layer_id, existing, kind)?;
-            return Ok(existing.clone());
+            result => result,
+        }
+    }
+
+    /// Fails if `layer_id` exists or the session is full.
+    fn check_room(&self, layer_id: &str) -> Result<(), Error> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        if layers.contains_key(layer_id) {
+            return Err(Error::LayerExists {
+                session_id: self.id.clone(),
+                layer_id: layer_id.to_string(),
+            });
         }
         if layers.len() >= self.max_layers {
             return Err(Error::LimitExceeded {
@@ -144,22 +187,41 @@ impl Session {
                 detail: format!("session {:?} has {} layers", self.id, layers.len()),
             });
         }
+        Ok(())
+    }
+
+    /// Inserts a built instance, checking again what may have changed while
+    /// it was built without the lock.
+    fn insert(
+        &self,
+        layer_id: &str,
+        chain: Chain,
+        members: Vec<MemberState>,
+        held: Charge,
+    ) -> Result<Arc<LayerInstance>, Error> {
+        self.check_room(layer_id)?;
         let instance = Arc::new(LayerInstance {
-            kind,
-            kept: tokio::sync::Mutex::new(None),
+            chain: Arc::new(chain),
+            state: tokio::sync::Mutex::new(InstanceState {
+                members,
+                kept: None,
+            }),
+            _held: held,
         });
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
         layers.insert(layer_id.to_string(), instance.clone());
         Ok(instance)
     }
 
-    /// Fails unless `layer` (this session's `layer_id`) is a `kind` layer.
+    /// Fails unless `layer` (this session's `layer_id`) has `chain`'s kind.
     pub fn check_kind(
         &self,
         layer_id: &str,
         layer: &LayerInstance,
-        kind: Kind,
+        chain: &Chain,
     ) -> Result<(), Error> {
-        if layer.kind == kind {
+        let kind = chain.kind();
+        if layer.chain.kind() == kind {
             return Ok(());
         }
         Err(Error::invalid(
@@ -167,10 +229,26 @@ impl Session {
             format!("a layer of kind {kind} (or a new id)"),
             format!(
                 "{layer_id:?}, a {} layer in session {:?}",
-                layer.kind, self.id
+                layer.chain.kind(),
+                self.id
             ),
             "LAYER_KIND_MISMATCH",
         ))
+    }
+
+    /// Fails if a call would build an array of more than `--max-work-bytes`.
+    pub fn check_work(&self, bytes: u64) -> Result<(), Error> {
+        if bytes <= self.max_work_bytes {
+            return Ok(());
+        }
+        Err(Error::LimitExceeded {
+            flag: "--max-work-bytes",
+            limit: bytesize::ByteSize(self.max_work_bytes).to_string(),
+            detail: format!(
+                "the call would build an array of {}",
+                bytesize::ByteSize(bytes)
+            ),
+        })
     }
 
     /// The layer instance `layer_id`.
@@ -185,10 +263,10 @@ impl Session {
             })
     }
 
-    /// Reserves `bytes` of kept state against this session's budget and the
-    /// global one, or says which limit it would exceed.
-    pub fn reserve(&self, bytes: usize) -> Result<Charge, Error> {
-        let bytes = bytes as u64;
+    /// Reserves `bytes` (kept state, or a layer's values) against this
+    /// session's budget and the global one, or says which limit it would
+    /// exceed.
+    pub fn reserve(&self, bytes: u64) -> Result<Charge, Error> {
         let session = self.kept.reserve(bytes)?;
         let total = self.total_kept.reserve(bytes)?;
         Ok(Charge {
@@ -197,7 +275,7 @@ impl Session {
         })
     }
 
-    /// Bytes of kept state held by this session.
+    /// Bytes held by this session (kept state, parameters, gradients, buffers).
     pub fn kept_bytes(&self) -> u64 {
         self.kept.used()
     }
@@ -208,7 +286,7 @@ mod tests {
     use super::ids::random_id;
     use super::*;
     use crate::auth::Principal;
-    use crate::tensor::Tensor;
+    use crate::layers::Kind;
 
     fn limits() -> Limits {
         Limits {
@@ -216,9 +294,18 @@ mod tests {
             max_layers_per_session: 2,
             max_session_kept_bytes: 1000,
             max_total_kept_bytes: 1500,
+            max_work_bytes: 1 << 20,
             default_idle_timeout: Duration::from_secs(60),
             max_idle_timeout: Duration::from_secs(600),
         }
+    }
+
+    fn plain(kind: crate::layers::Kind) -> Chain {
+        Chain::single(crate::layers::Spec::unconfigured(kind).unwrap(), None)
+    }
+
+    fn add(session: &Session, id: &str, kind: crate::layers::Kind) -> Result<(), Error> {
+        session.create_layer(id, plain(kind), HashMap::new())
     }
 
     fn anon() -> Principal {
@@ -242,11 +329,7 @@ mod tests {
         let guard = Store::start(limits());
         let store = guard.store();
         store.create(&alice, "s", 10).unwrap();
-        store
-            .session(&alice, "s")
-            .unwrap()
-            .create_layer("l", Kind::Relu)
-            .unwrap();
+        add(&store.session(&alice, "s").unwrap(), "l", Kind::Relu).unwrap();
         for other in [&bob, &anon()] {
             assert!(matches!(
                 store.session(other, "s"),
@@ -337,13 +420,13 @@ mod tests {
         store.create(&anon(), "s1", 1).unwrap();
 
         let session = store.session(&anon(), "s4").unwrap();
-        session.create_layer("l1", Kind::Relu).unwrap();
+        add(&session, "l1", Kind::Relu).unwrap();
         assert!(matches!(
-            session.create_layer("l1", Kind::Relu),
+            add(&session, "l1", Kind::Relu),
             Err(Error::LayerExists { .. })
         ));
-        session.create_layer("l2", Kind::Sigmoid).unwrap();
-        let err = session.create_layer("l3", Kind::Relu).unwrap_err();
+        add(&session, "l2", Kind::Sigmoid).unwrap();
+        let err = add(&session, "l3", Kind::Relu).unwrap_err();
         assert!(
             err.to_string().contains("--max-layers-per-session"),
             "{err}"
@@ -360,7 +443,13 @@ mod tests {
         let s2 = store.session(&anon(), "s2").unwrap();
 
         let x = ones(200); // sigmoid keeps 800 bytes of f32
-        let (_, kept) = Kind::Sigmoid.forward(&x);
+        let chain = plain(Kind::Sigmoid);
+        let plan = chain.plan(&x, None, false).unwrap();
+        let state = [MemberState::default()];
+        let kept = chain
+            .forward(&state, &x, None, &plan, false, true)
+            .kept
+            .unwrap();
         let entry = KeptEntry::new(kept, s1.reserve(800).unwrap());
         assert_eq!((s1.kept_bytes(), store.kept_bytes()), (800, 800));
         // 800 + 800 > the session's 1000.

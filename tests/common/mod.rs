@@ -147,6 +147,7 @@ pub async fn session_with_layer(client: &mut Client, session_id: &str, layer_id:
             session_id: session_id.into(),
             layer_id: layer_id.into(),
             kind: kind.into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -164,6 +165,7 @@ pub async fn forward(
         layer_id: layer_id.into(),
         x: Some(x),
         no_grad,
+        ..Default::default()
     };
     Ok(client
         .forward(request)
@@ -183,6 +185,7 @@ pub async fn backward(
         session_id: session_id.into(),
         layer_id: layer_id.into(),
         dout: Some(dout),
+        ..Default::default()
     };
     Ok(client
         .backward(request)

@@ -97,7 +97,7 @@ def test_invalid_ids_and_kind(api):
     expect(lambda: stub.CreateLayer(pb2.CreateLayerRequest(session_id="err", layer_id="a/b", kind="relu")),
            INVALID, "INVALID_ID", "layer_id")
     expect(lambda: stub.CreateLayer(pb2.CreateLayerRequest(session_id="err", layer_id="t", kind="tanh")),
-           INVALID, "UNKNOWN_KIND", "identity, relu, sigmoid", "tanh")
+           INVALID, "UNKNOWN_KIND", "identity, pooling, relu, sequential", "tanh")
 
 
 @pytest.mark.parametrize("case", [

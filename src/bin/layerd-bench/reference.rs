@@ -139,6 +139,7 @@ fn build<F: Element>(kind: Kind, shape: &[u64]) -> Reference {
             dout: dout.clone(),
             pinned: OnceLock::new(),
         }),
+        other => unreachable!("{other}: --kind offers the elementwise kinds only"),
     };
     Reference {
         x: tensor(shape, &x),

@@ -264,6 +264,7 @@ async fn open_sessions(
                 session_id: target.session_id.clone(),
                 layer_id: target.layer_id.clone(),
                 kind: kind.name().into(),
+                ..Default::default()
             },
         );
         client
@@ -415,6 +416,7 @@ impl Worker {
                     layer_id: self.target.layer_id.clone(),
                     x: Some(reference.x.clone()),
                     no_grad: false,
+                    ..Default::default()
                 };
                 let answer = self
                     .client
@@ -427,6 +429,7 @@ impl Worker {
                     session_id: self.target.session_id.clone(),
                     layer_id: self.target.layer_id.clone(),
                     dout: Some(reference.dout.clone()),
+                    ..Default::default()
                 };
                 let answer = self
                     .client
@@ -500,11 +503,13 @@ impl Worker {
                 layer_id: self.target.layer_id.clone(),
                 x: Some(reference.x.clone()),
                 no_grad: false,
+                ..Default::default()
             }),
             Op::Backward => pb::run_request::Step::Backward(pb::BackwardRequest {
                 session_id: self.target.session_id.clone(),
                 layer_id: self.target.layer_id.clone(),
                 dout: Some(reference.dout.clone()),
+                ..Default::default()
             }),
         };
         let (steps, answers) = self.stream.as_mut().expect("opened above");

@@ -1,0 +1,525 @@
+//! Layer specifications from the wire: a `CreateLayerRequest`'s kind, config,
+//! dtype and initial values become a validated [`Chain`] and its values, or an
+//! INVALID_ARGUMENT naming the field (`config.convolution.kernel_h`,
+//! `config.sequential.layers[2].name`, `params["W"]`).
+//!
+//! Nothing is allocated from the config here: the caller checks the bytes the
+//! chain will hold against the budgets first ([`Chain::held_bytes`]).
+
+use std::collections::HashMap;
+
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::layers::{
+    batch_norm, convolution, init, Affine, BatchNorm, Chain, Convolution, Dropout, Kind, Member,
+    Pool, Spec,
+};
+use crate::pb::{self, layer_config::Config};
+use crate::tensor::Tensor;
+
+/// A layer to create: its math and the values the client gave.
+#[derive(Debug)]
+pub struct NewLayer {
+    pub chain: Chain,
+    pub params: HashMap<String, Tensor>,
+}
+
+/// Validates everything a CreateLayerRequest says about the layer.
+pub fn new_layer(request: &pb::CreateLayerRequest) -> Result<NewLayer, Error> {
+    let kind = Kind::from_name(&request.kind).ok_or_else(|| {
+        Error::invalid(
+            "kind",
+            format!("one of {}", Kind::names()),
+            format!("{:?}", request.kind),
+            "UNKNOWN_KIND",
+        )
+    })?;
+    let mut params = tensors(&request.params, "params", "")?;
+    let dtype = requested_dtype(request.dtype)?;
+    let config = request.config.as_ref().and_then(|c| c.config.as_ref());
+    let chain_members = if kind == Kind::Sequential {
+        let Some(Config::Sequential(sequential)) = config else {
+            return Err(wrong_config(kind, config, "config.sequential"));
+        };
+        Some(members(sequential, &mut params)?)
+    } else {
+        None
+    };
+    let dtype = values_dtype(dtype, &params)?;
+    let chain = match chain_members {
+        Some(members) => Chain::sequential(members, dtype),
+        None => Chain::single(spec(kind, config, "config")?, dtype),
+    };
+    chain.check_values(&params, "params")?;
+    Ok(NewLayer { chain, params })
+}
+
+/// Wire tensors by name, validated; member values are prefixed `prefix`.
+fn tensors(
+    map: &HashMap<String, pb::Tensor>,
+    field: &str,
+    prefix: &str,
+) -> Result<HashMap<String, Tensor>, Error> {
+    map.iter()
+        .map(|(name, t)| {
+            let tensor = Tensor::from_proto(Some(t.clone()), &format!("{field}[{name:?}]"))?;
+            Ok((format!("{prefix}{name}"), tensor))
+        })
+        .collect()
+}
+
+/// The request's `dtype`: None for UNSPECIFIED.
+fn requested_dtype(value: i32) -> Result<Option<DType>, Error> {
+    match pb::DType::try_from(value) {
+        Ok(pb::DType::DtypeUnspecified) => Ok(None),
+        Ok(pb::DType::DtypeFloat32) => Ok(Some(DType::F32)),
+        Ok(pb::DType::DtypeFloat64) => Ok(Some(DType::F64)),
+        _ => Err(Error::invalid(
+            "dtype",
+            "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2) or DTYPE_UNSPECIFIED (0)",
+            format!("{value}"),
+            "INVALID_CONFIG",
+        )),
+    }
+}
+
+/// The layer's dtype: the requested one, else that of the given values; all
+/// given values must have it.
+fn values_dtype(
+    requested: Option<DType>,
+    params: &HashMap<String, Tensor>,
+) -> Result<Option<DType>, Error> {
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    let mut dtype = requested;
+    for name in names {
+        let got = params[name].dtype();
+        match dtype {
+            None => dtype = Some(got),
+            Some(want) if want != got => {
+                let why = if requested.is_some() {
+                    "the request's dtype"
+                } else {
+                    "the dtype of the other params"
+                };
+                return Err(Error::invalid(
+                    format!("params[{name:?}].dtype"),
+                    format!("{} ({why})", want.proto_name()),
+                    got.proto_name(),
+                    "PARAM_MISMATCH",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(dtype)
+}
+
+/// A sequential's members; their `params` join `params` as `<name>.<param>`.
+fn members(
+    config: &pb::SequentialConfig,
+    params: &mut HashMap<String, Tensor>,
+) -> Result<Vec<Member>, Error> {
+    if config.layers.is_empty() {
+        return Err(Error::invalid(
+            "config.sequential.layers",
+            "at least one member",
+            "none",
+            "INVALID_CONFIG",
+        ));
+    }
+    let mut out: Vec<Member> = Vec::new();
+    for (i, layer) in config.layers.iter().enumerate() {
+        let field = format!("config.sequential.layers[{i}]");
+        let valid_name = (1..=64).contains(&layer.name.len())
+            && layer
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                "1 to 64 characters of [A-Za-z0-9_-]",
+                format!("{:?}", layer.name),
+                "INVALID_CONFIG",
+            ));
+        }
+        if out.iter().any(|m| m.name == layer.name) {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                "a name unique in the sequential",
+                format!("{:?}, already a member", layer.name),
+                "INVALID_CONFIG",
+            ));
+        }
+        let kind = Kind::from_name(&layer.kind).ok_or_else(|| {
+            Error::invalid(
+                format!("{field}.kind"),
+                format!("one of {}", Kind::names()),
+                format!("{:?}", layer.kind),
+                "UNKNOWN_KIND",
+            )
+        })?;
+        if kind == Kind::Sequential {
+            return Err(Error::invalid(
+                format!("{field}.kind"),
+                "a kind other than sequential (no sequential inside a sequential)",
+                "\"sequential\"",
+                "INVALID_CONFIG",
+            ));
+        }
+        if let Some(last) = out.last() {
+            if last.spec.is_loss() {
+                return Err(Error::invalid(
+                    field.to_string(),
+                    format!("no member after the loss layer {:?}", last.name),
+                    format!("member {:?}", layer.name),
+                    "INVALID_CONFIG",
+                ));
+            }
+        }
+        let config = layer.config.as_ref().and_then(|c| c.config.as_ref());
+        let spec = spec(kind, config, &format!("{field}.config"))?;
+        for (name, value) in tensors(&layer.params, &format!("{field}.params"), "")? {
+            let full = format!("{}.{name}", layer.name);
+            if params.insert(full.clone(), value).is_some() {
+                return Err(Error::invalid(
+                    format!("params[{full:?}]"),
+                    "each value given once",
+                    format!("a value here and in {field}.params"),
+                    "INVALID_CONFIG",
+                ));
+            }
+        }
+        out.push(Member {
+            name: layer.name.clone(),
+            spec,
+        });
+    }
+    Ok(out)
+}
+
+/// The config member `kind` needs, as a [`Spec`]; `field` names the config.
+fn spec(kind: Kind, config: Option<&Config>, field: &str) -> Result<Spec, Error> {
+    if let Some(spec) = Spec::unconfigured(kind) {
+        return match config {
+            None => Ok(spec),
+            Some(config) => Err(Error::invalid(
+                format!("{field}.{}", member_name(config)),
+                format!("no config: a {kind} layer has no hyperparameters"),
+                "a config",
+                "INVALID_CONFIG",
+            )),
+        };
+    }
+    let positive = |value: u64, name: &str| -> Result<usize, Error> {
+        match usize::try_from(value) {
+            Ok(v) if v >= 1 => Ok(v),
+            _ => Err(Error::invalid(
+                format!("{field}.{}.{name}", kind.name()),
+                "≥ 1",
+                format!("{value}"),
+                "INVALID_CONFIG",
+            )),
+        }
+    };
+    let size = |value: u64, name: &str| -> Result<usize, Error> {
+        usize::try_from(value).map_err(|_| {
+            Error::invalid(
+                format!("{field}.{}.{name}", kind.name()),
+                "an addressable size",
+                format!("{value}"),
+                "INVALID_CONFIG",
+            )
+        })
+    };
+    let here = |name: &str| format!("{field}.{}.{name}", kind.name());
+    Ok(match (kind, config) {
+        (Kind::Affine, Some(Config::Affine(c))) => Spec::Affine(Affine {
+            in_features: positive(c.in_features, "in_features")?,
+            out_features: positive(c.out_features, "out_features")?,
+            init: weights_init(c.init.as_ref(), &here("init"))?,
+        }),
+        (Kind::Convolution, Some(Config::Convolution(c))) => Spec::Convolution(Convolution {
+            in_channels: positive(c.in_channels, "in_channels")?,
+            out_channels: positive(c.out_channels, "out_channels")?,
+            kernel: (
+                positive(c.kernel_h, "kernel_h")?,
+                positive(c.kernel_w, "kernel_w")?,
+            ),
+            geometry: convolution::Geometry {
+                stride: positive(c.stride.max(1), "stride")?,
+                pad: size(c.pad, "pad")?,
+            },
+            init: weights_init(c.init.as_ref(), &here("init"))?,
+        }),
+        (Kind::Pooling, Some(Config::Pooling(c))) => {
+            let pool_h = positive(c.pool_h, "pool_h")?;
+            let pool_w = positive(c.pool_w, "pool_w")?;
+            let stride = if c.stride == 0 {
+                pool_h
+            } else {
+                positive(c.stride, "stride")?
+            };
+            let pad = size(c.pad, "pad")?;
+            if pad >= pool_h.min(pool_w) {
+                return Err(Error::invalid(
+                    here("pad"),
+                    format!(
+                        "< pool_h and pool_w ({pool_h}, {pool_w}): a window of padding alone has no input to win"
+                    ),
+                    format!("{pad}"),
+                    "INVALID_CONFIG",
+                ));
+            }
+            Spec::Pooling(Pool {
+                pool_h,
+                pool_w,
+                stride,
+                pad,
+            })
+        }
+        (Kind::BatchNorm, Some(Config::BatchNorm(c))) => {
+            let momentum = c.momentum.unwrap_or(0.9);
+            let epsilon = c.epsilon.unwrap_or(1e-6);
+            if !momentum.is_finite() {
+                return Err(Error::invalid(
+                    here("momentum"),
+                    "a finite number",
+                    format!("{momentum}"),
+                    "INVALID_CONFIG",
+                ));
+            }
+            if !(epsilon.is_finite() && epsilon >= 0.0) {
+                return Err(Error::invalid(
+                    here("epsilon"),
+                    "a finite number ≥ 0",
+                    format!("{epsilon}"),
+                    "INVALID_CONFIG",
+                ));
+            }
+            Spec::BatchNorm(BatchNorm {
+                features: positive(c.num_features, "num_features")?,
+                settings: batch_norm::Settings { momentum, epsilon },
+            })
+        }
+        (Kind::Dropout, Some(Config::Dropout(c))) => {
+            let ratio = c.ratio.unwrap_or(0.5);
+            if !(0.0..1.0).contains(&ratio) {
+                return Err(Error::invalid(
+                    here("ratio"),
+                    "a ratio in [0, 1)",
+                    format!("{ratio}"),
+                    "INVALID_CONFIG",
+                ));
+            }
+            Spec::Dropout(Dropout {
+                ratio,
+                seed: seed_or_random(c.seed),
+            })
+        }
+        (kind, config) => {
+            return Err(wrong_config(
+                kind,
+                config,
+                &format!("{field}.{}", kind.name()),
+            ))
+        }
+    })
+}
+
+/// The error for a config member that is not the kind's (or is missing).
+fn wrong_config(kind: Kind, config: Option<&Config>, field: &str) -> Error {
+    let got = match config {
+        None => "none (field not set)".to_string(),
+        Some(config) => format!("config.{}", member_name(config)),
+    };
+    let wanted = field.rsplit('.').next().unwrap_or(field);
+    Error::invalid(
+        field,
+        format!("the {wanted} config of a {kind} layer"),
+        got,
+        "INVALID_CONFIG",
+    )
+}
+
+fn member_name(config: &Config) -> &'static str {
+    match config {
+        Config::Affine(_) => "affine",
+        Config::Dropout(_) => "dropout",
+        Config::BatchNorm(_) => "batch_norm",
+        Config::Convolution(_) => "convolution",
+        Config::Pooling(_) => "pooling",
+        Config::Sequential(_) => "sequential",
+    }
+}
+
+fn weights_init(init: Option<&pb::Init>, field: &str) -> Result<init::Init, Error> {
+    use pb::init::Method as Wire;
+    let default = pb::Init::default();
+    let init = init.unwrap_or(&default);
+    let method = match Wire::try_from(init.method) {
+        Ok(Wire::Unspecified | Wire::He) => init::Method::He,
+        Ok(Wire::Xavier) => init::Method::Xavier,
+        Ok(Wire::Normal) => {
+            if !(init.std.is_finite() && init.std > 0.0) {
+                return Err(Error::invalid(
+                    format!("{field}.std"),
+                    "a finite standard deviation > 0 for NORMAL",
+                    format!("{}", init.std),
+                    "INVALID_CONFIG",
+                ));
+            }
+            init::Method::Normal(init.std)
+        }
+        Err(_) => {
+            return Err(Error::invalid(
+                format!("{field}.method"),
+                "HE (1), XAVIER (2), NORMAL (3) or METHOD_UNSPECIFIED (0)",
+                format!("{}", init.method),
+                "INVALID_CONFIG",
+            ))
+        }
+    };
+    Ok(init::Init {
+        method,
+        seed: seed_or_random(init.seed),
+    })
+}
+
+/// A client's seed, or one from the operating system for 0.
+fn seed_or_random(seed: u64) -> u64 {
+    if seed != 0 {
+        return seed;
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
+    u64::from_le_bytes(bytes).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kind: &str, config: Option<Config>) -> pb::CreateLayerRequest {
+        pb::CreateLayerRequest {
+            session_id: "s".into(),
+            layer_id: "l".into(),
+            kind: kind.into(),
+            config: config.map(|c| pb::LayerConfig { config: Some(c) }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(result: Result<NewLayer, Error>) -> String {
+        match result.unwrap_err() {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("not an invalid argument: {other}"),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_their_field() {
+        let conv = |kernel_h| {
+            Config::Convolution(pb::ConvolutionConfig {
+                in_channels: 1,
+                out_channels: 2,
+                kernel_h,
+                kernel_w: 3,
+                ..Default::default()
+            })
+        };
+        assert!(new_layer(&request("convolution", Some(conv(3)))).is_ok());
+        assert_eq!(
+            field_of(new_layer(&request("convolution", Some(conv(0))))),
+            "config.convolution.kernel_h"
+        );
+        assert_eq!(
+            field_of(new_layer(&request("affine", None))),
+            "config.affine"
+        );
+        assert_eq!(
+            field_of(new_layer(&request("relu", Some(conv(3))))),
+            "config.convolution"
+        );
+        let dropout = Config::Dropout(pb::DropoutConfig {
+            ratio: Some(1.0),
+            seed: 1,
+        });
+        assert_eq!(
+            field_of(new_layer(&request("dropout", Some(dropout)))),
+            "config.dropout.ratio"
+        );
+        let pooling = Config::Pooling(pb::PoolingConfig {
+            pool_h: 2,
+            pool_w: 2,
+            stride: 0,
+            pad: 2,
+        });
+        assert_eq!(
+            field_of(new_layer(&request("pooling", Some(pooling)))),
+            "config.pooling.pad"
+        );
+    }
+
+    #[test]
+    fn sequential_members_are_checked() {
+        let member = |name: &str, kind: &str| pb::LayerSpec {
+            name: name.into(),
+            kind: kind.into(),
+            ..Default::default()
+        };
+        let sequential = |layers| {
+            request(
+                "sequential",
+                Some(Config::Sequential(pb::SequentialConfig { layers })),
+            )
+        };
+        assert!(new_layer(&sequential(vec![
+            member("a", "relu"),
+            member("b", "softmax_with_loss")
+        ]))
+        .is_ok());
+        assert_eq!(
+            field_of(new_layer(&sequential(vec![
+                member("a", "relu"),
+                member("a", "relu")
+            ]))),
+            "config.sequential.layers[1].name"
+        );
+        assert_eq!(
+            field_of(new_layer(&sequential(vec![member("a", "sequential")]))),
+            "config.sequential.layers[0].kind"
+        );
+        assert_eq!(
+            field_of(new_layer(&sequential(vec![
+                member("l", "softmax_with_loss"),
+                member("r", "relu")
+            ]))),
+            "config.sequential.layers[1]"
+        );
+        assert_eq!(
+            field_of(new_layer(&sequential(vec![member("a b", "relu")]))),
+            "config.sequential.layers[0].name"
+        );
+        assert_eq!(
+            field_of(new_layer(&sequential(vec![]))),
+            "config.sequential.layers"
+        );
+    }
+
+    #[test]
+    fn a_huge_affine_is_described_without_allocating() {
+        let affine = Config::Affine(pb::AffineConfig {
+            in_features: 1_000_000,
+            out_features: 1_000_000,
+            init: None,
+        });
+        let layer = new_layer(&request("affine", Some(affine))).unwrap();
+        // W, its gradient, b and its gradient, in float32.
+        assert_eq!(
+            layer.chain.held_bytes(),
+            (1_000_000_000_000 + 1_000_000) * 4 * 2
+        );
+    }
+}
