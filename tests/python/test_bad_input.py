@@ -22,13 +22,19 @@ INVALID, NOT_FOUND, FAILED, EXHAUSTED, EXISTS = (
 @pytest.fixture(scope="module")
 def target(pb):
     pb2, pb2_grpc = pb
-    server = Server("--max-message-bytes", "1MiB")
+    server = Server("--max-message-bytes", "1MiB", "--max-work-bytes", "1MiB")
     channel = server.channel()
     stub, kstub = pb2_grpc.LayerServiceStub(channel), kpb_grpc.GRPCInferenceServiceStub(channel)
     stub.CreateSession(pb2.CreateSessionRequest(session_id="bad"))
     stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id="r", kind="relu"))
     stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id="fresh", kind="relu"))
     stub.Forward(pb2.ForwardRequest(session_id="bad", layer_id="r", x=f32(pb2)))  # "r" keeps a mask of 4
+    # "aff": affine 4 -> 2 in float64; "sm": a loss; "conv": a 30x30 kernel
+    stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id="aff", kind="affine", dtype=pb2.DTYPE_FLOAT64,
+                                            config=pb2.LayerConfig(affine=pb2.AffineConfig(in_features=4, out_features=2))))
+    stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id="sm", kind="softmax_with_loss"))
+    stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id="conv", kind="convolution", config=pb2.LayerConfig(
+        convolution=pb2.ConvolutionConfig(in_channels=1, out_channels=1, kernel_h=30, kernel_w=30))))
     yield pb2, stub, kstub, server
     channel.close()
     assert server.stop() == 0
@@ -48,6 +54,75 @@ def kreq(model="relu", name="x", datatype="FP32", shape=(4,), raw=(b"\0" * 16,),
     for k, v in (params or {}).items():
         setattr(r.parameters[k], v[0], v[1])
     return r
+
+
+def f64(pb2, shape, values=None):
+    a = np.zeros(shape, "<f8") if values is None else np.asarray(values, "<f8").reshape(shape)
+    return pb2.Tensor(dtype=pb2.DTYPE_FLOAT64, shape=list(shape), data=a.tobytes())
+
+
+def i64(pb2, values):
+    return pb2.Tensor(dtype=pb2.DTYPE_INT64, shape=[len(values)], data=np.asarray(values, "<i8").tobytes())
+
+
+def training_cases(pb2, stub):
+    """(class, call, code, reason, field) for the trainable layers."""
+    def create(kind, layer_id="new", **kw):
+        return lambda: stub.CreateLayer(pb2.CreateLayerRequest(session_id="bad", layer_id=layer_id, kind=kind, **kw))
+    cfg = pb2.LayerConfig
+    affine = cfg(affine=pb2.AffineConfig(in_features=4, out_features=2))
+    member = lambda name, kind: pb2.LayerSpec(name=name, kind=kind)  # noqa: E731
+    sequential = lambda *m: cfg(sequential=pb2.SequentialConfig(layers=list(m)))  # noqa: E731
+    fwd = lambda layer_id, **kw: lambda: stub.Forward(pb2.ForwardRequest(session_id="bad", layer_id=layer_id, **kw))  # noqa: E731
+    scores = f64(pb2, (2, 3))
+    setp = lambda values: lambda: stub.SetParams(pb2.SetParamsRequest(session_id="bad", layer_id="aff", values=values))  # noqa: E731
+    return [
+        ("config of another kind", create("affine", config=cfg(dropout=pb2.DropoutConfig())), INVALID,
+         "INVALID_CONFIG", "config.affine"),
+        ("config missing", create("convolution"), INVALID, "INVALID_CONFIG", "config.convolution"),
+        ("config for a kind without hyperparameters", create("relu", config=affine), INVALID, "INVALID_CONFIG",
+         "config.affine"),
+        ("config value out of range", create("convolution", config=cfg(convolution=pb2.ConvolutionConfig(
+            in_channels=1, out_channels=1, kernel_h=0, kernel_w=3))), INVALID, "INVALID_CONFIG",
+         "config.convolution.kernel_h"),
+        ("dropout ratio outside [0, 1)", create("dropout", config=cfg(dropout=pb2.DropoutConfig(ratio=1.0))), INVALID,
+         "INVALID_CONFIG", "config.dropout.ratio"),
+        ("pooling padding as large as the window", create("pooling", config=cfg(pooling=pb2.PoolingConfig(
+            pool_h=2, pool_w=2, pad=2))), INVALID, "INVALID_CONFIG", "config.pooling.pad"),
+        ("nested sequential", create("sequential", config=sequential(member("a", "sequential"))), INVALID,
+         "INVALID_CONFIG", "config.sequential.layers[0].kind"),
+        ("duplicate member names", create("sequential", config=sequential(member("a", "relu"), member("a", "relu"))),
+         INVALID, "INVALID_CONFIG", "config.sequential.layers[1].name"),
+        ("unknown param name", create("affine", config=affine, params={"V": f64(pb2, (4, 2))}), INVALID,
+         "UNKNOWN_PARAM", 'params["V"]'),
+        ("param of another shape", create("affine", config=affine, params={"W": f64(pb2, (2, 4))}), INVALID,
+         "PARAM_MISMATCH", 'params["W"]'),
+        ("params of two dtypes", create("affine", config=affine, params={"W": f64(pb2, (4, 2)), "b": f32(pb2, 2)}),
+         INVALID, "PARAM_MISMATCH", 'params["b"].dtype'),
+        ("layer dtype INT64", create("affine", config=affine, dtype=pb2.DTYPE_INT64), INVALID, "INVALID_CONFIG",
+         "dtype"),
+        ("parameters over the memory budget", create("affine", config=cfg(affine=pb2.AffineConfig(
+            in_features=10**6, out_features=10**6))), EXHAUSTED, "LIMIT_EXCEEDED", "--max-session-kept-bytes"),
+        ("x of another dtype than the parameters", fwd("aff", x=f32(pb2, 8, shape=[2, 4])), INVALID,
+         "DTYPE_MISMATCH", "x.dtype"),
+        ("x of a shape the layer cannot take", fwd("aff", x=f64(pb2, (2, 5))), INVALID, "SHAPE_MISMATCH", "x.shape"),
+        ("convolution output smaller than 1x1", fwd("conv", x=f32(pb2, 4, shape=[1, 1, 2, 2])), INVALID,
+         "SHAPE_MISMATCH", "x.shape"),
+        ("x of dtype INT64", fwd("r", x=i64(pb2, [1, 2])), INVALID, "INVALID_TENSOR", "x.dtype"),
+        ("loss without a target", fwd("sm", x=scores), INVALID, "MISSING_TENSOR", "t"),
+        ("class id out of range", fwd("sm", x=scores, t=i64(pb2, [0, 3])), INVALID, "INVALID_TARGET", "t"),
+        ("class ids of another count", fwd("sm", x=scores, t=i64(pb2, [0])), INVALID, "INVALID_TARGET", "t.shape"),
+        ("probabilities of another dtype", fwd("sm", x=scores, t=f32(pb2, 6, shape=[2, 3])), INVALID,
+         "INVALID_TARGET", "t"),
+        ("a target for a layer without a loss", fwd("r", x=f32(pb2), t=i64(pb2, [0])), INVALID,
+         "UNEXPECTED_TARGET", "t"),
+        ("im2col over --max-work-bytes", fwd("conv", x=f32(pb2, 3600, shape=[1, 1, 60, 60])), EXHAUSTED,
+         "LIMIT_EXCEEDED", "--max-work-bytes"),
+        ("dout missing where no loss ran", lambda: stub.Backward(pb2.BackwardRequest(session_id="bad", layer_id="r")),
+         INVALID, "MISSING_TENSOR", "dout"),
+        ("SetParams of an unknown name", setp({"nope": f64(pb2, (2,))}), INVALID, "UNKNOWN_PARAM", 'values["nope"]'),
+        ("SetParams of another shape", setp({"b": f64(pb2, (3,))}), INVALID, "PARAM_MISMATCH", 'values["b"]'),
+    ]
 
 
 def cases(pb2, stub, kstub):
@@ -115,12 +190,14 @@ def cases(pb2, stub, kstub):
 
 def test_every_defect_class_gets_its_code_and_nothing_panics(target):
     pb2, stub, kstub, server = target
-    table = cases(pb2, stub, kstub)
-    for name, call, code, reason in table:
+    table = [row + (None,) for row in cases(pb2, stub, kstub)] + training_cases(pb2, stub)
+    for name, call, code, reason, field in table:
         with pytest.raises(grpc.RpcError) as caught:
             call()
         got_code, got_reason, message = details(caught.value)
         assert (got_code, got_reason) == (code, reason), f"{name}: {got_code} {got_reason}: {message}"
+        if field is not None:
+            assert field in message, f"{name}: {field!r} not named in {message!r}"
     # Still serving, the session intact, and no panic in the log.
     y = stub.Forward(pb2.ForwardRequest(session_id="bad", layer_id="r", x=f32(pb2))).y
     assert np.frombuffer(y.data, "<f4").tolist() == [0.0, 0.0, 1.0, 2.0]
