@@ -65,7 +65,7 @@ impl DType {
         }
     }
 
-    pub(crate) fn to_proto(self) -> pb::DType {
+    pub fn to_proto(self) -> pb::DType {
         match self {
             DType::F32 => pb::DType::DtypeFloat32,
             DType::F64 => pb::DType::DtypeFloat64,

@@ -7,6 +7,7 @@
 
 use layerd::kserve::{models::Model, sequence::SequenceParams, take_input};
 use layerd::pb::inference::ModelInferRequest;
+use layerd::layers::MemberState;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -41,7 +42,11 @@ fuzz_target!(|data: &[u8]| {
         x.shape().to_vec(),
         x.len() * x.dtype().itemsize(),
     );
-    let (output, raw) = model.kind.forward_no_grad(&x).into_kserve(model.output());
+    let chain = model.chain();
+    let plan = chain.plan(&x, None, false).expect("an elementwise kind takes any shape");
+    let stateless = [MemberState::default()];
+    let y = chain.forward(&stateless, &x, None, &plan, false, false).y;
+    let (output, raw) = y.into_kserve(model.output());
     assert_eq!(output.datatype, dtype.kserve_name());
     assert!(output.shape.iter().map(|&d| d as usize).eq(shape));
     assert_eq!(raw.len(), bytes);

@@ -1,57 +1,137 @@
-//! Fuzzes a layer-service request from its wire bytes: protobuf decoding, id
-//! and tensor validation, then Forward (keeping and `no_grad`) and Backward of
-//! every kind on whatever validated. Invariants: nothing panics; a valid
-//! tensor's Forward keeps exactly the bytes its kind declares, and both
-//! Forwards give the same `y`; Backward with a `dout` of another shape or
-//! dtype is an error, never a panic.
+//! Fuzzes a layer from its wire bytes: a CreateLayerRequest (kind, config,
+//! dtype, params) then a Run step (Forward with x, t, eval, no_grad; or
+//! Backward with dout, return_grads), through the same validation the server
+//! runs, then the computation on whatever validated.
+//!
+//! Input: two bytes (little-endian) giving the CreateLayerRequest's length,
+//! that many bytes of it, then the RunRequest.
+//!
+//! Invariants: nothing panics; a keeping and a `no_grad` Forward answer the
+//! same `y`; Backward with a `dout` of the kept Forward's output shape (or
+//! none after a loss) answers `dx` of x's shape and dtype, and one of another
+//! shape is an error; SetParams with the layer's own values validates.
 #![no_main]
 
-use layerd::layers::Kind;
+use std::collections::HashMap;
+
 use layerd::pb::{self, run_request::Step};
 use layerd::session::check_id;
-use layerd::tensor::Tensor;
+use layerd::spec::new_layer;
+use layerd::tensor::{Target, Tensor};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
-/// Larger tensors are as valid, but only slow the fuzzer down.
+/// Larger tensors and layers are as valid, but only slow the fuzzer down.
 const MAX_ELEMENTS: usize = 1 << 16;
+const MAX_BYTES: u64 = 4 << 20;
 
 fuzz_target!(|data: &[u8]| {
-    // A Run step, as it arrives on the wire: Forward and Backward requests
-    // are its two arms.
-    let Ok(request) = pb::RunRequest::decode(data) else {
+    let Some((head, rest)) = data.split_first_chunk::<2>() else {
         return;
     };
-    let (session_id, layer_id, tensor, field) = match request.step {
-        Some(Step::Forward(f)) => (f.session_id, f.layer_id, f.x, "x"),
-        Some(Step::Backward(b)) => (b.session_id, b.layer_id, b.dout, "dout"),
+    let split = (u16::from_le_bytes(*head) as usize).min(rest.len());
+    let (create, run) = rest.split_at(split);
+    let (Ok(create), Ok(run)) = (
+        pb::CreateLayerRequest::decode(create),
+        pb::RunRequest::decode(run),
+    ) else {
+        return;
+    };
+    let _ = check_id("layer_id", &create.layer_id);
+    let Ok(layer) = new_layer(&create) else {
+        return;
+    };
+    // The server refuses larger layers at its budget before allocating.
+    if layer.chain.held_bytes() > MAX_BYTES {
+        return;
+    }
+    let chain = layer.chain;
+    let mut states = chain.initial_state(layer.params);
+    let (params, buffers) = chain.named_values(&states);
+    let own: HashMap<String, Tensor> = params.into_iter().chain(buffers).collect();
+    chain
+        .check_values(&own, "values")
+        .expect("a layer's own values are valid");
+
+    let (forward, backward) = match run.step {
+        Some(Step::Forward(f)) => (f, None),
+        Some(Step::Backward(b)) => (pb::ForwardRequest::default(), Some(b)),
         None => return,
     };
-    let _ = check_id("session_id", &session_id);
-    let _ = check_id("layer_id", &layer_id);
-    let Ok(x) = Tensor::from_proto(tensor, field) else {
+    let x = match (&backward, forward.x) {
+        // A Backward's dout doubles as the Forward's x before it.
+        (Some(b), _) => b.dout.clone(),
+        (None, x) => x,
+    };
+    let Ok(x) = Tensor::from_proto(x, "x") else {
+        return;
+    };
+    let Ok(t) = Target::from_proto(forward.t, "t") else {
         return;
     };
     if x.len() > MAX_ELEMENTS {
         return;
     }
-    // A small tensor of another shape, for the mismatched Backward.
-    let other = Tensor::from_proto(
+    let Ok(plan) = chain.plan(&x, t.as_ref(), forward.eval) else {
+        return;
+    };
+    if plan.work_bytes > MAX_BYTES || plan.kept_bytes > MAX_BYTES {
+        return;
+    }
+    let eval = forward.eval;
+    let kept = chain.forward(&states, &x, t.as_ref(), &plan, eval, true);
+    let free = chain.forward(&states, &x, t.as_ref(), &plan, eval, false);
+    assert!(free.kept.is_none());
+    assert!(
+        same_bits(&kept.y, &free.y),
+        "{}: no_grad differs",
+        chain.kind()
+    );
+    for (member, (buffers, rng)) in states.iter_mut().zip(kept.updates) {
+        let first = member.values.len() - buffers.len();
+        member.values.splice(first.., buffers);
+        member.rng = rng;
+    }
+    let kept = kept.kept.expect("a keeping Forward keeps");
+    assert_eq!(kept.bytes(), plan.kept_bytes);
+
+    let y = &free.y;
+    let ones = Tensor::from_proto(
         Some(pb::Tensor {
-            dtype: pb::DType::DtypeFloat32.into(),
-            shape: vec![x.len() as u64 + 1],
-            data: vec![0u8; 4 * (x.len() + 1)].into(),
+            dtype: y.dtype().to_proto().into(),
+            shape: y.shape().iter().map(|&d| d as u64).collect(),
+            data: vec![0u8; y.len() * y.dtype().itemsize()].into(),
         }),
         "dout",
     )
     .expect("a valid tensor");
-    for kind in Kind::ALL {
-        let (y, kept) = kind.forward(&x);
-        assert_eq!((y.dtype(), y.shape()), (x.dtype(), x.shape()));
-        assert_eq!(kept.bytes(), kind.kept_bytes(x.dtype(), x.len()));
-        assert!(kind.forward_no_grad(&x) == y, "{kind}: no_grad differs");
-        let dx = kept.backward(&x).expect("dout of x's own shape and dtype");
-        assert_eq!((dx.dtype(), dx.shape()), (x.dtype(), x.shape()));
-        assert!(kept.backward(&other).is_err());
-    }
+    let other = Tensor::from_proto(
+        Some(pb::Tensor {
+            dtype: y.dtype().to_proto().into(),
+            shape: vec![y.len() as u64 + 1],
+            data: vec![0u8; (y.len() + 1) * y.dtype().itemsize()].into(),
+        }),
+        "dout",
+    )
+    .expect("a valid tensor");
+    assert!(chain.check_dout(&kept, Some(&other)).is_err());
+    let dout = match backward {
+        Some(b) if b.dout.is_none() && chain.check_dout(&kept, None).is_ok() => None,
+        _ => Some(ones),
+    };
+    chain
+        .check_dout(&kept, dout.as_ref())
+        .expect("dout of the output's shape and dtype");
+    let out = chain.backward(&states, &kept, dout.as_ref());
+    assert_eq!(
+        (out.dx.dtype(), out.dx.shape()),
+        (x.dtype(), x.shape()),
+        "{}: dx",
+        chain.kind()
+    );
 });
+
+/// Bitwise equality (NaN payloads included).
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.dtype() == b.dtype() && a.shape() == b.shape() && a.clone().into_proto().data == b.clone().into_proto().data
+}

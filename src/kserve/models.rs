@@ -97,7 +97,8 @@ impl Model {
         // Parsed, not compared against every model's formatted name: this runs
         // on every ModelInfer.
         let model = Direction::ALL.into_iter().find_map(|direction| {
-            let kind = Kind::from_name(name.strip_suffix(direction.suffix())?)?;
+            let kind = Kind::from_name(name.strip_suffix(direction.suffix())?)
+                .filter(|kind| Kind::ELEMENTWISE.contains(kind))?;
             Some(Model { kind, direction })
         });
         match model {
@@ -214,6 +215,9 @@ mod tests {
             ("relu", "2"),
             ("relu_backward_backward", ""),
             ("", ""),
+            // Trainable kinds are not models.
+            ("affine", ""),
+            ("sequential_no_grad", ""),
         ] {
             let error = Model::find(name, version).unwrap_err();
             assert_eq!(error.reason(), "MODEL_NOT_FOUND", "{name} {version}");

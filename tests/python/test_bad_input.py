@@ -158,6 +158,7 @@ def cases(pb2, stub, kstub):
         ("Run step with neither forward nor backward",
          lambda: list(stub.Run(iter([pb2.RunRequest()]))), INVALID, "MISSING_STEP"),
         ("KServe: unknown model", infer(model="tanh"), NOT_FOUND, "MODEL_NOT_FOUND"),
+        ("KServe: a trainable kind (not a model)", infer(model="affine"), NOT_FOUND, "MODEL_NOT_FOUND"),
         ("KServe: unknown version", lambda: kstub.ModelInfer(kpb.ModelInferRequest(model_name="relu", model_version="7")),
          NOT_FOUND, "MODEL_NOT_FOUND"),
         ("KServe: no input", lambda: kstub.ModelInfer(kpb.ModelInferRequest(model_name="relu")), INVALID, "INVALID_INPUTS"),
