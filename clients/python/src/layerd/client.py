@@ -19,19 +19,26 @@ from .v1 import layerd_pb2_grpc
 #: The metadata key load balancers hash on; sent on every call of a session.
 SESSION_HEADER = "x-session-id"
 
-_DTYPES = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float64): pb.DTYPE_FLOAT64}
-_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8")}
+_DTYPES = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float64): pb.DTYPE_FLOAT64,
+           np.dtype(np.int64): pb.DTYPE_INT64}
+_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_INT64: np.dtype("<i8")}
+
+#: Each configurable kind's config message (a LayerConfig member of the same name).
+_CONFIGS = {"affine": pb.AffineConfig, "dropout": pb.DropoutConfig, "batch_norm": pb.BatchNormConfig,
+            "convolution": pb.ConvolutionConfig, "pooling": pb.PoolingConfig}
+_INIT_METHODS = {"he": pb.Init.HE, "xavier": pb.Init.XAVIER, "normal": pb.Init.NORMAL}
 
 Array = Union[np.ndarray, Sequence[float], float]
 Step = Tuple[str, "Layer", Array]
 
 
 def to_tensor(array: Array) -> pb.Tensor:
-    """A float32 or float64 array (any shape) as a wire tensor: C order, little-endian."""
+    """A float32 or float64 array (any shape), or int64 class ids, as a wire tensor:
+    C order, little-endian."""
     a = np.asarray(array)
     if a.dtype not in _DTYPES:
-        raise TypeError(f"layerd computes float32 and float64 arrays; got {a.dtype} "
-                        f"(convert with .astype(np.float32) or np.float64)")
+        raise TypeError(f"layerd computes float32 and float64 arrays (and takes int64 class ids as "
+                        f"targets); got {a.dtype} (convert with .astype(np.float32) or np.float64)")
     data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
     return pb.Tensor(dtype=_DTYPES[a.dtype], shape=a.shape, data=data)
 
@@ -40,6 +47,53 @@ def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     """A wire tensor as a new, writable numpy array of its dtype and shape."""
     return np.frombuffer(tensor.data, dtype=_NUMPY[tensor.dtype]).reshape(tuple(tensor.shape)).astype(
         _NUMPY[tensor.dtype].newbyteorder("="), copy=True)
+
+
+def _tensors(arrays) -> dict:
+    return {name: to_tensor(value) for name, value in (arrays or {}).items()}
+
+
+def _arrays(tensors) -> dict:
+    return {name: from_tensor(t) for name, t in tensors.items()}
+
+
+def _init(init, std, seed) -> Optional[pb.Init]:
+    """Init from init="he" | "xavier" | "normal" (with std), and a seed."""
+    if init is None and std is None and seed is None:
+        return None
+    if init is not None and init not in _INIT_METHODS:
+        raise ValueError(f"init must be one of {', '.join(_INIT_METHODS)}; got {init!r}")
+    return pb.Init(method=_INIT_METHODS.get(init or "he"), std=std or 0.0, seed=seed or 0)
+
+
+def layer_config(kind: str, **config) -> Optional[pb.LayerConfig]:
+    """The LayerConfig of a `kind` layer from keyword arguments named as the kind's config
+    message's fields (in_features=, out_features=, kernel_h=, ratio=, ...); for affine and
+    convolution also init= ("he", "xavier", "normal"), std= and seed=."""
+    if kind not in _CONFIGS:
+        if config:
+            raise TypeError(f"a {kind} layer takes no config; got {', '.join(sorted(config))}")
+        return None
+    fields = dict(config)
+    if kind in ("affine", "convolution"):
+        init = _init(fields.pop("init", None), fields.pop("std", None), fields.pop("seed", None))
+        if init is not None:
+            fields["init"] = init
+    message = _CONFIGS[kind]
+    unknown = sorted(set(fields) - set(message.DESCRIPTOR.fields_by_name))
+    if unknown:
+        raise TypeError(f"{kind} takes {', '.join(message.DESCRIPTOR.fields_by_name)}; got {', '.join(unknown)}")
+    return pb.LayerConfig(**{kind: message(**fields)})
+
+
+def _dtype(dtype) -> int:
+    """A numpy dtype (or None) as the wire enum."""
+    if dtype is None:
+        return pb.DTYPE_UNSPECIFIED
+    d = np.dtype(dtype)
+    if d not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64; got {d}")
+    return _DTYPES[d]
 
 
 def _typed_errors(method):
@@ -210,14 +264,62 @@ class Session:
     def _call(self, rpc, request, done_before=None):
         return self._client._unary(rpc, request, self._metadata, done_before)
 
-    def layer(self, kind: str, layer_id: Optional[str] = None) -> "Layer":
-        """Adds a layer instance of `kind` ("relu", "sigmoid", "identity")."""
+    def layer(self, kind: str, layer_id: Optional[str] = None, *, params: Optional[dict] = None,
+              dtype=None, **config) -> "Layer":
+        """Adds a layer instance of `kind` (see Client.kinds()): "relu", "sigmoid", "identity",
+        "softmax_with_loss", or a configured one, e.g.
+
+            s.layer("affine", in_features=784, out_features=100, init="he", seed=1)
+            s.layer("convolution", in_channels=1, out_channels=30, kernel_h=5, kernel_w=5, stride=1, pad=0)
+            s.layer("pooling", pool_h=2, pool_w=2, stride=2)
+            s.layer("batch_norm", num_features=100, momentum=0.9)
+            s.layer("dropout", ratio=0.5, seed=7)
+
+        params: initial values by name ({"W": ..., "b": ...}); the others are initialized as
+        the config says. dtype: np.float32 or np.float64 for a layer with parameters
+        (default: that of params, else float32); it then takes x of that dtype only.
+        """
+        request = pb.CreateLayerRequest(kind=kind, params=_tensors(params), dtype=_dtype(dtype))
+        config = layer_config(kind, **config)
+        if config is not None:
+            request.config.CopyFrom(config)
+        return self._create(kind, layer_id, request)
+
+    def sequential(self, members: Sequence, layer_id: Optional[str] = None, *, params: Optional[dict] = None,
+                   dtype=None) -> "Layer":
+        """Adds a sequential: its members run in order under one call (Forward) and in reverse
+        (Backward). Each member is (name, kind) or (name, kind, {config, and "params"}):
+
+            net = s.sequential([("fc1", "affine", {"in_features": 64, "out_features": 50}),
+                                ("relu1", "relu"),
+                                ("fc2", "affine", {"in_features": 50, "out_features": 10}),
+                                ("loss", "softmax_with_loss")], dtype=np.float64)
+            loss = net.forward(x, t=labels)
+            dx, grads = net.backward(return_grads=True)   # grads["fc1.W"], ...
+
+        Without t, Forward stops before a final loss layer and answers the scores.
+        params: initial values named "<member>.<name>".
+        """
+        specs = []
+        for member in members:
+            name, kind, options = (tuple(member) + ({},))[:3]
+            options = dict(options)
+            spec = pb.LayerSpec(name=name, kind=kind, params=_tensors(options.pop("params", None)))
+            config = layer_config(kind, **options)
+            if config is not None:
+                spec.config.CopyFrom(config)
+            specs.append(spec)
+        request = pb.CreateLayerRequest(kind="sequential", params=_tensors(params), dtype=_dtype(dtype),
+                                        config=pb.LayerConfig(sequential=pb.SequentialConfig(layers=specs)))
+        return self._create("sequential", layer_id, request)
+
+    def _create(self, kind, layer_id, request) -> "Layer":
         self._count += 1
         generated = layer_id is None
-        layer_id = layer_id or f"{kind}-{self._count}"
-        self._call(self._stub.CreateLayer, pb.CreateLayerRequest(session_id=self.id, layer_id=layer_id, kind=kind),
-                   done_before="LAYER_EXISTS" if generated else None)
-        return Layer(self, layer_id, kind)
+        request.session_id = self.id
+        request.layer_id = layer_id or f"{kind}-{self._count}"
+        self._call(self._stub.CreateLayer, request, done_before="LAYER_EXISTS" if generated else None)
+        return Layer(self, request.layer_id, kind)
 
     @_typed_errors
     def run(self, steps: Iterable[Step]) -> list:
@@ -262,19 +364,53 @@ class Layer:
         self.id = layer_id
         self.kind = kind
 
-    def forward(self, x: Array, no_grad: bool = False) -> np.ndarray:
-        """y for x (float32 or float64, any shape); unless no_grad, the server keeps what Backward needs."""
+    def forward(self, x: Array, t: Optional[Array] = None, *, eval: bool = False,
+                no_grad: bool = False) -> np.ndarray:
+        """y for x (float32 or float64; a layer with parameters takes its own dtype). t: the
+        target of a loss layer (int64 class ids (N,), or probabilities like the scores); a
+        loss answers the loss as a 0-d array. eval: evaluation mode (Dropout scales,
+        BatchNorm uses its running statistics). Unless no_grad, the server keeps what
+        Backward needs."""
         s = self.session
-        answer = s._call(s._stub.Forward, pb.ForwardRequest(session_id=s.id, layer_id=self.id,
-                                                            x=to_tensor(x), no_grad=no_grad))
-        return from_tensor(answer.y)
+        request = pb.ForwardRequest(session_id=s.id, layer_id=self.id, x=to_tensor(x), no_grad=no_grad, eval=eval)
+        if t is not None:
+            request.t.CopyFrom(to_tensor(t))
+        return from_tensor(s._call(s._stub.Forward, request).y)
 
-    def backward(self, dout: Array) -> np.ndarray:
-        """dx for the upstream gradient dout (the dtype and shape of the last keeping Forward's x)."""
+    def backward(self, dout: Optional[Array] = None, *, return_grads: bool = False):
+        """dx for the upstream gradient dout (the dtype and shape of the last keeping
+        Forward's y; None after a loss, meaning 1). The layer stores its parameter
+        gradients; with return_grads the answer is (dx, {name: gradient})."""
         s = self.session
-        answer = s._call(s._stub.Backward, pb.BackwardRequest(session_id=s.id, layer_id=self.id,
-                                                              dout=to_tensor(dout)))
-        return from_tensor(answer.dx)
+        request = pb.BackwardRequest(session_id=s.id, layer_id=self.id, return_grads=return_grads)
+        if dout is not None:
+            request.dout.CopyFrom(to_tensor(dout))
+        answer = s._call(s._stub.Backward, request)
+        dx = from_tensor(answer.dx)
+        return (dx, _arrays(answer.grads)) if return_grads else dx
+
+    def _params(self, include_grads=False):
+        s = self.session
+        return s._call(s._stub.GetParams, pb.GetParamsRequest(session_id=s.id, layer_id=self.id,
+                                                                include_grads=include_grads))
+
+    def params(self) -> dict:
+        """The parameters by name ({"W": ..., "b": ...}; a sequential's as "fc1.W")."""
+        return _arrays(self._params().params)
+
+    def buffers(self) -> dict:
+        """The buffers by name (BatchNorm's running_mean and running_var)."""
+        return _arrays(self._params().buffers)
+
+    def grads(self) -> dict:
+        """The parameter gradients of the last Backward (empty before one, and after set_params)."""
+        return _arrays(self._params(include_grads=True).grads)
+
+    def set_params(self, values: dict) -> None:
+        """Replaces parameters and/or buffers by name, all or nothing; each keeps its shape
+        and dtype. Kept state and gradients are dropped."""
+        s = self.session
+        s._call(s._stub.SetParams, pb.SetParamsRequest(session_id=s.id, layer_id=self.id, values=_tensors(values)))
 
     def __repr__(self):
         return f"Layer({self.kind!r}, id={self.id!r}, session={self.session.id!r})"

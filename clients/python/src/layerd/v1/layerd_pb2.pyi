@@ -12,9 +12,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
+DTYPE_INT64: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -53,30 +55,47 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CreateLayerRequest(_message.Message):
-    __slots__ = ("session_id", "layer_id", "kind")
+    __slots__ = ("session_id", "layer_id", "kind", "config", "params", "dtype")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_id: str
     kind: str
-    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    config: LayerConfig
+    params: _containers.MessageMap[str, Tensor]
+    dtype: DType
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., kind: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., params: _Optional[_Mapping[str, Tensor]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class CreateLayerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "layer_id", "x", "no_grad")
+    __slots__ = ("session_id", "layer_id", "x", "no_grad", "t", "eval")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     NO_GRAD_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_id: str
     x: Tensor
     no_grad: bool
-    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., no_grad: _Optional[bool] = ...) -> None: ...
+    t: Tensor
+    eval: bool
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., no_grad: _Optional[bool] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., eval: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("y",)
@@ -85,20 +104,31 @@ class ForwardResponse(_message.Message):
     def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("session_id", "layer_id", "dout")
+    __slots__ = ("session_id", "layer_id", "dout", "return_grads")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     DOUT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRADS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_id: str
     dout: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., dout: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    return_grads: bool
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., dout: _Optional[_Union[Tensor, _Mapping]] = ..., return_grads: _Optional[bool] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("dx",)
+    __slots__ = ("dx", "grads")
+    class GradsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     DX_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
     dx: Tensor
-    def __init__(self, dx: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grads: _containers.MessageMap[str, Tensor]
+    def __init__(self, dx: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("forward", "backward")
@@ -133,3 +163,184 @@ class LayerKind(_message.Message):
     name: str
     description: str
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class LayerConfig(_message.Message):
+    __slots__ = ("affine", "dropout", "batch_norm", "convolution", "pooling", "sequential")
+    AFFINE_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_NORM_FIELD_NUMBER: _ClassVar[int]
+    CONVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    affine: AffineConfig
+    dropout: DropoutConfig
+    batch_norm: BatchNormConfig
+    convolution: ConvolutionConfig
+    pooling: PoolingConfig
+    sequential: SequentialConfig
+    def __init__(self, affine: _Optional[_Union[AffineConfig, _Mapping]] = ..., dropout: _Optional[_Union[DropoutConfig, _Mapping]] = ..., batch_norm: _Optional[_Union[BatchNormConfig, _Mapping]] = ..., convolution: _Optional[_Union[ConvolutionConfig, _Mapping]] = ..., pooling: _Optional[_Union[PoolingConfig, _Mapping]] = ..., sequential: _Optional[_Union[SequentialConfig, _Mapping]] = ...) -> None: ...
+
+class Init(_message.Message):
+    __slots__ = ("method", "std", "seed")
+    class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        METHOD_UNSPECIFIED: _ClassVar[Init.Method]
+        HE: _ClassVar[Init.Method]
+        XAVIER: _ClassVar[Init.Method]
+        NORMAL: _ClassVar[Init.Method]
+    METHOD_UNSPECIFIED: Init.Method
+    HE: Init.Method
+    XAVIER: Init.Method
+    NORMAL: Init.Method
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    method: Init.Method
+    std: float
+    seed: int
+    def __init__(self, method: _Optional[_Union[Init.Method, str]] = ..., std: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class AffineConfig(_message.Message):
+    __slots__ = ("in_features", "out_features", "init")
+    IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    in_features: int
+    out_features: int
+    init: Init
+    def __init__(self, in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., init: _Optional[_Union[Init, _Mapping]] = ...) -> None: ...
+
+class DropoutConfig(_message.Message):
+    __slots__ = ("ratio", "seed")
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    seed: int
+    def __init__(self, ratio: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class BatchNormConfig(_message.Message):
+    __slots__ = ("num_features", "momentum", "epsilon")
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    num_features: int
+    momentum: float
+    epsilon: float
+    def __init__(self, num_features: _Optional[int] = ..., momentum: _Optional[float] = ..., epsilon: _Optional[float] = ...) -> None: ...
+
+class ConvolutionConfig(_message.Message):
+    __slots__ = ("in_channels", "out_channels", "kernel_h", "kernel_w", "stride", "pad", "init")
+    IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    OUT_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_H_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_W_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    in_channels: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride: int
+    pad: int
+    init: Init
+    def __init__(self, in_channels: _Optional[int] = ..., out_channels: _Optional[int] = ..., kernel_h: _Optional[int] = ..., kernel_w: _Optional[int] = ..., stride: _Optional[int] = ..., pad: _Optional[int] = ..., init: _Optional[_Union[Init, _Mapping]] = ...) -> None: ...
+
+class PoolingConfig(_message.Message):
+    __slots__ = ("pool_h", "pool_w", "stride", "pad")
+    POOL_H_FIELD_NUMBER: _ClassVar[int]
+    POOL_W_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PAD_FIELD_NUMBER: _ClassVar[int]
+    pool_h: int
+    pool_w: int
+    stride: int
+    pad: int
+    def __init__(self, pool_h: _Optional[int] = ..., pool_w: _Optional[int] = ..., stride: _Optional[int] = ..., pad: _Optional[int] = ...) -> None: ...
+
+class SequentialConfig(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ...) -> None: ...
+
+class LayerSpec(_message.Message):
+    __slots__ = ("name", "kind", "config", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    config: LayerConfig
+    params: _containers.MessageMap[str, Tensor]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., params: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class GetParamsRequest(_message.Message):
+    __slots__ = ("session_id", "layer_id", "include_grads")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_GRADS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layer_id: str
+    include_grads: bool
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., include_grads: _Optional[bool] = ...) -> None: ...
+
+class GetParamsResponse(_message.Message):
+    __slots__ = ("params", "buffers", "grads")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class GradsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.MessageMap[str, Tensor]
+    buffers: _containers.MessageMap[str, Tensor]
+    grads: _containers.MessageMap[str, Tensor]
+    def __init__(self, params: _Optional[_Mapping[str, Tensor]] = ..., buffers: _Optional[_Mapping[str, Tensor]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class SetParamsRequest(_message.Message):
+    __slots__ = ("session_id", "layer_id", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layer_id: str
+    values: _containers.MessageMap[str, Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., values: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class SetParamsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

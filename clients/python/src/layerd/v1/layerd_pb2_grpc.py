@@ -70,6 +70,16 @@ class LayerServiceStub:
                 request_serializer=layerd_dot_v1_dot_layerd__pb2.ListLayerKindsRequest.SerializeToString,
                 response_deserializer=layerd_dot_v1_dot_layerd__pb2.ListLayerKindsResponse.FromString,
                 _registered_method=True)
+        self.GetParams = channel.unary_unary(
+                '/layerd.v1.LayerService/GetParams',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.GetParamsRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.GetParamsResponse.FromString,
+                _registered_method=True)
+        self.SetParams = channel.unary_unary(
+                '/layerd.v1.LayerService/SetParams',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.FromString,
+                _registered_method=True)
 
 
 class LayerServiceServicer:
@@ -127,6 +137,23 @@ class LayerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetParams(self, request, context):
+        """A layer's parameters and buffers (a sequential's, named "<child>.<name>"),
+        and on request the parameter gradients of its last Backward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetParams(self, request, context):
+        """Replaces named parameters or buffers: all or nothing; each must exist and
+        keep its shape and dtype. Kept state and gradients are dropped (a Backward
+        needs a new Forward).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +191,16 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.ListLayerKinds,
                     request_deserializer=layerd_dot_v1_dot_layerd__pb2.ListLayerKindsRequest.FromString,
                     response_serializer=layerd_dot_v1_dot_layerd__pb2.ListLayerKindsResponse.SerializeToString,
+            ),
+            'GetParams': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetParams,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.GetParamsRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.GetParamsResponse.SerializeToString,
+            ),
+            'SetParams': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetParams,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +393,60 @@ class LayerService:
             '/layerd.v1.LayerService/ListLayerKinds',
             layerd_dot_v1_dot_layerd__pb2.ListLayerKindsRequest.SerializeToString,
             layerd_dot_v1_dot_layerd__pb2.ListLayerKindsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetParams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/GetParams',
+            layerd_dot_v1_dot_layerd__pb2.GetParamsRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.GetParamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetParams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/SetParams',
+            layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

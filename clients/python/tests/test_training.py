@@ -1,0 +1,90 @@
+"""The client's trainable layers against a real server: configs as keyword arguments, targets,
+parameter gradients, params/grads/set_params, sequentials, and typed config errors."""
+import numpy as np
+import pytest
+
+import layerd
+
+
+def test_a_two_layer_network_trains_like_numpy(client):
+    """Three SGD steps of affine -> relu -> affine -> softmax_with_loss, remote and in numpy."""
+    rng = np.random.default_rng(5)
+    x, t = rng.standard_normal((20, 8)), rng.integers(0, 3, 20)
+    W1, b1, W2, b2 = rng.standard_normal((8, 6)) * 0.5, np.zeros(6), rng.standard_normal((6, 3)) * 0.5, np.zeros(3)
+    with client.session() as s:
+        net = s.sequential([("fc1", "affine", {"in_features": 8, "out_features": 6}), ("relu", "relu"),
+                            ("fc2", "affine", {"in_features": 6, "out_features": 3}), ("loss", "softmax_with_loss")],
+                           params={"fc1.W": W1, "fc1.b": b1, "fc2.W": W2, "fc2.b": b2})
+        for _ in range(3):
+            loss = net.forward(x, t=t)
+            dx, grads = net.backward(return_grads=True)
+            # numpy, in-process
+            h = x @ W1 + b1
+            a = np.where(h > 0, h, 0.0)
+            scores = a @ W2 + b2
+            e = np.exp(scores - scores.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
+            want_loss = -np.sum(np.log(y[np.arange(20), t] + 1e-7)) / 20
+            d = y.copy()
+            d[np.arange(20), t] -= 1
+            d /= 20
+            dW2, db2 = a.T @ d, d.sum(axis=0)
+            da = d @ W2.T
+            dh = np.where(h > 0, da, 0.0)
+            dW1, db1 = x.T @ dh, dh.sum(axis=0)
+            assert loss.shape == () and abs(loss - want_loss) <= 1e-12 * abs(want_loss)
+            for name, want in [("fc1.W", dW1), ("fc1.b", db1), ("fc2.W", dW2), ("fc2.b", db2)]:
+                np.testing.assert_allclose(grads[name], want, rtol=0, atol=1e-12 * np.abs(want).max())
+            np.testing.assert_allclose(dx, dh @ W1.T, rtol=0, atol=1e-12 * np.abs(dh @ W1.T).max())
+            W1, b1, W2, b2 = W1 - 0.1 * dW1, b1 - 0.1 * db1, W2 - 0.1 * dW2, b2 - 0.1 * db2
+            params = net.params()
+            net.set_params({name: params[name] - 0.1 * grads[name] for name in grads})
+        assert net.grads() == {}, "set_params drops the gradients"
+        np.testing.assert_allclose(net.params()["fc2.W"], W2, rtol=1e-12)
+
+
+def test_configured_kinds_and_their_state(client):
+    rng = np.random.default_rng(6)
+    with client.session() as s:
+        bn = s.layer("batch_norm", num_features=3, momentum=0.5)
+        x = rng.standard_normal((10, 3)).astype(np.float32)
+        y = bn.forward(x)
+        assert y.dtype == np.float32
+        np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-6)
+        np.testing.assert_allclose(bn.buffers()["running_mean"], 0.5 * x.mean(axis=0), rtol=1e-5)
+        assert sorted(bn.params()) == ["beta", "gamma"]
+
+        drop = s.layer("dropout", ratio=0.5, seed=3)
+        ones = np.ones((4, 100), dtype=np.float32)
+        mask = drop.forward(ones)
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(drop.backward(ones * 2), mask * 2)
+        np.testing.assert_array_equal(drop.forward(ones, eval=True), ones * np.float32(0.5))
+
+        conv = s.layer("convolution", in_channels=1, out_channels=2, kernel_h=3, kernel_w=3, pad=1,
+                       init="xavier", seed=11, dtype=np.float64)
+        assert conv.params()["W"].shape == (2, 1, 3, 3) and conv.params()["W"].dtype == np.float64
+        y = conv.forward(rng.standard_normal((2, 1, 5, 5)))
+        pool = s.layer("pooling", pool_h=2, pool_w=2)
+        assert pool.forward(y).shape == (2, 2, 2, 2)
+
+        loss = s.layer("softmax_with_loss")
+        value = loss.forward(np.zeros((2, 4)), t=np.array([0, 3]))
+        assert abs(value - np.log(4)) < 1e-6
+        np.testing.assert_allclose(loss.backward(), (np.full((2, 4), 0.25) - np.eye(4)[[0, 3]]) / 2)
+
+
+def test_config_errors_are_typed_and_name_the_field(client):
+    with client.session() as s:
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            s.layer("convolution", in_channels=1, out_channels=1, kernel_h=0, kernel_w=3)
+        assert caught.value.violations[0][0] == "config.convolution.kernel_h"
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            s.layer("affine", in_features=2, out_features=2, params={"W": np.zeros((3, 2))})
+        assert caught.value.violations[0][0] == 'params["W"]'
+        with pytest.raises(layerd.ResourceExhausted):
+            s.layer("affine", in_features=10**6, out_features=10**6)
+        with pytest.raises(TypeError, match="kernel_size"):
+            s.layer("convolution", kernel_size=3)
+        with pytest.raises(TypeError, match="no config"):
+            s.layer("relu", ratio=0.5)
