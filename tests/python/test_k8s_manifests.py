@@ -108,7 +108,8 @@ def test_deployment_agrees_with_layerd():
 
     # The memory formula of docs/kubernetes.md (measured in test_memory_budget.py) fits the limit.
     need = budget_mib(mib(env["LAYERD_MAX_TOTAL_KEPT_BYTES"]), int(env["LAYERD_MAX_CONCURRENT_CALLS"]),
-                      mib(env["LAYERD_MAX_MESSAGE_BYTES"]), int(env["LAYERD_MAX_CONNECTIONS"]))
+                      mib(env["LAYERD_MAX_MESSAGE_BYTES"]), int(env["LAYERD_MAX_CONNECTIONS"]),
+                      work_mib=mib(env["LAYERD_MAX_WORK_BYTES"]))
     assert need <= mib(container["resources"]["limits"]["memory"]), need
     ingress = base[("Ingress", "layerd")]["metadata"]["annotations"]
     assert int(ingress["nginx.ingress.kubernetes.io/proxy-body-size"].rstrip("m")) > mib(env["LAYERD_MAX_MESSAGE_BYTES"])
