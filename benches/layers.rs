@@ -1,8 +1,10 @@
 //! Forward + Backward of the trainable kernels on the shapes the issue names,
 //! float32, one thread: what they cost before any transport.
 //!
-//! `cargo bench --bench layers` (the numpy side of the comparison is the
-//! reference measured by the Python suite's benchmark).
+//! `cargo bench --bench layers` prints the medians; `-- --json` prints one
+//! JSON object per case for `bench/layers.py`, which measures numpy's
+//! reference on the same shapes in the same run and writes the comparison.
+//! `LAYERD_BENCH_BREAKDOWN=1` times each step of convolution and pooling.
 
 use std::time::Instant;
 
@@ -37,15 +39,47 @@ fn time(mut f: impl FnMut()) -> f64 {
     runs[runs.len() / 2]
 }
 
+/// One case's median, as text or (with `--json`) a JSON line.
+fn report(case: &str, what: &str, ms: f64) {
+    if std::env::args().any(|a| a == "--json") {
+        println!(r#"{{"case": "{case}", "what": "{what}", "ms": {ms}}}"#);
+    } else {
+        println!("{what}, forward + backward (dx too), float32: {ms:.3} ms");
+    }
+}
+
 fn main() {
+    if wanted("affine") {
+        affine_case();
+    }
+    if wanted("convolution") {
+        convolution_case();
+    }
+    if wanted("pooling") {
+        pooling_case();
+    }
+}
+
+/// Whether `--only NAME` (if given) selects the case.
+fn wanted(case: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--only") {
+        Some(i) => args.get(i + 1).is_some_and(|only| only == case),
+        None => true,
+    }
+}
+
+fn affine_case() {
     let x: Array2<f32> = filled((100, 784));
     let (w, b): (Array2<f32>, Array1<f32>) = (filled((784, 100)), filled(100));
     let affine = time(|| {
         let y = affine::forward(x.view(), w.view(), b.view());
         std::hint::black_box(affine::backward(x.view(), w.view(), y.view(), true));
     });
-    println!("affine 784->100, batch 100, forward + backward (dx too): {affine:.3} ms");
+    report("affine", "affine 784->100, batch 100", affine);
+}
 
+fn convolution_case() {
     let x: Array4<f32> = filled((100, 1, 28, 28));
     let (w, b): (Array4<f32>, Array1<f32>) = (filled((30, 1, 5, 5)), filled(30));
     let g = convolution::Geometry { stride: 1, pad: 0 };
@@ -53,7 +87,7 @@ fn main() {
         let y = convolution::forward(x.view(), w.view(), b.view(), g);
         std::hint::black_box(convolution::backward(x.view(), w.view(), y.view(), g, true));
     });
-    println!("convolution 30x1x5x5 on 100x1x28x28, forward + backward (dx too): {conv:.3} ms");
+    report("convolution", "convolution 30x1x5x5 on 100x1x28x28", conv);
     if std::env::var_os("LAYERD_BENCH_BREAKDOWN").is_some() {
         let col = convolution::im2col_t(x.view(), (5, 5), g);
         println!(
@@ -105,7 +139,9 @@ fn main() {
             })
         );
     }
+}
 
+fn pooling_case() {
     let x: Array4<f32> = filled((100, 30, 24, 24));
     let pool = pooling::Pool {
         pool_h: 2,
@@ -117,7 +153,11 @@ fn main() {
         let (y, winners) = pooling::forward(x.view(), pool);
         std::hint::black_box(pooling::backward(&winners, y.view(), pool));
     });
-    println!("max pooling 2x2 stride 2 on 100x30x24x24, forward + backward: {pooled:.3} ms");
+    report(
+        "pooling",
+        "max pooling 2x2 stride 2 on 100x30x24x24",
+        pooled,
+    );
     if std::env::var_os("LAYERD_BENCH_BREAKDOWN").is_some() {
         let (y, winners) = pooling::forward(x.view(), pool);
         println!(

@@ -13,7 +13,11 @@
 //! adds each column entry back to the input cell it was read from (so cells
 //! that several windows read add up) and drops the padding. The code builds
 //! `col` transposed (a row per kernel cell), so that building it, and adding
-//! it back, runs along contiguous rows; the products take it either way.
+//! it back, runs along contiguous rows; the products take it either way. It
+//! works through the batch in blocks of images whose `col` fits in about
+//! 256 KiB, multiplying each image's columns straight into its `y` (and
+//! accumulating `dW`), so `col` is used while it is in the core's cache and
+//! no batch-sized scratch array is ever built.
 //!
 //! Kept for Backward: `x` (N·C·H·W elements), from which Backward builds
 //! `col` again — 1/(FH·FW) of the memory of keeping `col`.
@@ -25,7 +29,7 @@ use ndarray::{
     Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, Ix1, Ix4,
 };
 
-use super::linalg::matmul;
+use super::linalg::matmul_into;
 use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
 
 /// The convolution kind, configured.
@@ -90,7 +94,9 @@ impl Layer for Convolution {
             return 0;
         };
         let (fh, fw) = self.kernel;
-        [x[0], y[2], y[3], self.in_channels, fh, fw]
+        // One block of images' colᵀ (see `block_images`; f32 makes the larger blocks).
+        let images = block_images::<f32>((x[0], x[1], x[2], x[3]), self.kernel, (y[2], y[3]));
+        [images, y[2], y[3], self.in_channels, fh, fw]
             .iter()
             .fold(1u64, |n, &d| n.saturating_mul(d as u64))
     }
@@ -265,8 +271,22 @@ fn flat<F: Float>(w: ArrayView4<'_, F>) -> ArrayView2<'_, F> {
         .expect("W is in standard layout (validated)")
 }
 
-/// `y` (N, FN, OH, OW) for `x` (N, C, H, W): `z = W2 · colᵀ` is (FN, N·OH·OW),
-/// whose (FN, N) blocks of OH·OW are `y`'s planes in another order.
+/// Images per block: as many as keep a block's `colᵀ` within about 256 KiB,
+/// so it is built, multiplied and (in Backward) added back while it is in
+/// the core's cache, instead of a batch-sized array in memory.
+fn block_images<F>(
+    x: (usize, usize, usize, usize),
+    kernel: (usize, usize),
+    out: (usize, usize),
+) -> usize {
+    let column_bytes = x.1 * kernel.0 * kernel.1 * std::mem::size_of::<F>();
+    let image_bytes = column_bytes * out.0 * out.1;
+    ((256 << 10) / image_bytes.max(1)).clamp(1, x.0.max(1))
+}
+
+/// `y` (N, FN, OH, OW) for `x` (N, C, H, W), block by block of images: for
+/// each image, `y[n]` as (FN, OH·OW) is `b` plus `W2 · colᵀ[n]`, computed
+/// in place.
 pub fn forward<F: Float>(
     x: ArrayView4<'_, F>,
     w: ArrayView4<'_, F>,
@@ -278,19 +298,23 @@ pub fn forward<F: Float>(
     let (oh, ow) = g
         .output_size((h, wd), (fh, fw))
         .expect("validated: the kernel fits");
-    let z = matmul(flat(w), im2col_t(x, (fh, fw), g).view());
-    let z = z
-        .into_shape_with_order((fn_, n, oh * ow))
-        .expect("FN × N·OH·OW");
+    let per_block = block_images::<F>(x.dim(), (fh, fw), (oh, ow));
     let mut y = Array4::zeros((n, fn_, oh, ow));
-    for ((ni, f), mut plane) in (0..n).flat_map(|ni| (0..fn_).map(move |f| (ni, f))).zip(
-        y.view_mut()
-            .into_shape_with_order((n * fn_, oh * ow))
-            .expect("standard")
-            .outer_iter_mut(),
-    ) {
-        let bias = b[f];
-        plane.zip_mut_with(&z.slice(ndarray::s![f, ni, ..]), |y, &z| *y = z + bias);
+    for (x_block, mut y_block) in x
+        .axis_chunks_iter(Axis(0), per_block)
+        .zip(y.axis_chunks_iter_mut(Axis(0), per_block))
+    {
+        let col_t = im2col_t(x_block, (fh, fw), g);
+        for (image, y_image) in y_block.outer_iter_mut().enumerate() {
+            let mut y2 = y_image
+                .into_shape_with_order((fn_, oh * ow))
+                .expect("standard layout");
+            for (mut row, &bias) in y2.outer_iter_mut().zip(b) {
+                row.fill(bias);
+            }
+            let columns = col_t.slice(ndarray::s![.., image * oh * ow..(image + 1) * oh * ow]);
+            matmul_into(flat(w), columns, y2, true);
+        }
     }
     y
 }
@@ -303,9 +327,9 @@ pub struct Gradients<F> {
     pub db: Array1<F>,
 }
 
-/// The gradients for `dout` (N, FN, OH, OW), from the kept `x`: with
-/// `d = dout` as (FN, N·OH·OW), `db = Σ_columns d`, `dW2 = d · col`,
-/// `dx = col2im(W2ᵀ · d)`.
+/// The gradients for `dout` (N, FN, OH, OW), from the kept `x`, block by
+/// block of images: with `d = dout[n]` as (FN, OH·OW), `db += Σ_columns d`,
+/// `dW2 += d · colᵀ[n]ᵀ`, and `dx[n] = col2im(W2ᵀ · d)`.
 pub fn backward<F: Float>(
     x: ArrayView4<'_, F>,
     w: ArrayView4<'_, F>,
@@ -314,22 +338,42 @@ pub fn backward<F: Float>(
     want_dx: bool,
 ) -> Gradients<F> {
     let (fn_, c, fh, fw) = w.dim();
-    let (n, _, oh, ow) = dout.dim();
-    let d = dout
-        .permuted_axes([1, 0, 2, 3])
-        .as_standard_layout()
-        .into_owned()
-        .into_shape_with_order((fn_, n * oh * ow))
-        .expect("FN × N·OH·OW");
-    let col_t = im2col_t(x, (fh, fw), g);
-    let dw = matmul(d.view(), col_t.t())
-        .into_shape_with_order((fn_, c, fh, fw))
-        .expect("FN × C·FH·FW");
-    let dx = want_dx.then(|| col2im_t(matmul(flat(w).t(), d.view()).view(), x.dim(), (fh, fw), g));
+    let (_, _, oh, ow) = dout.dim();
+    let dout = dout.as_standard_layout();
+    let per_block = block_images::<F>(x.dim(), (fh, fw), (oh, ow));
+    let mut dw2 = Array2::zeros((fn_, c * fh * fw));
+    let mut db = Array1::zeros(fn_);
+    let mut dx = want_dx.then(|| Array4::zeros(x.dim()));
+    for (block, (x_block, dout_block)) in x
+        .axis_chunks_iter(Axis(0), per_block)
+        .zip(dout.axis_chunks_iter(Axis(0), per_block))
+        .enumerate()
+    {
+        let col_t = im2col_t(x_block, (fh, fw), g);
+        let mut dcol = want_dx.then(|| Array2::zeros(col_t.dim()));
+        for (image, d) in dout_block.outer_iter().enumerate() {
+            let d = d
+                .into_shape_with_order((fn_, oh * ow))
+                .expect("standard layout");
+            let columns = ndarray::s![.., image * oh * ow..(image + 1) * oh * ow];
+            matmul_into(d, col_t.slice(columns).t(), dw2.view_mut(), true);
+            db.zip_mut_with(&d.sum_axis(Axis(1)), |a, &b| *a = *a + b);
+            if let Some(dcol) = &mut dcol {
+                matmul_into(flat(w).t(), d, dcol.slice_mut(columns), false);
+            }
+        }
+        if let (Some(dx), Some(dcol)) = (&mut dx, dcol) {
+            let start = block * per_block;
+            let mut target = dx.slice_mut(ndarray::s![start..start + x_block.dim().0, .., .., ..]);
+            target.assign(&col2im_t(dcol.view(), x_block.dim(), (fh, fw), g));
+        }
+    }
     Gradients {
         dx,
-        dw,
-        db: d.sum_axis(Axis(1)),
+        dw: dw2
+            .into_shape_with_order((fn_, c, fh, fw))
+            .expect("FN × C·FH·FW"),
+        db,
     }
 }
 

@@ -119,63 +119,83 @@ pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winner
     let x = x.as_standard_layout();
     let (n, c, h, w) = x.dim();
     let (oh, ow) = pool.output_size(h, w).expect("validated: the window fits");
-    let mut y = Array4::zeros((n, c, oh, ow));
+    let mut y = Array4::from_elem((n, c, oh, ow), F::neg_infinity());
     let mut positions = Array4::zeros((n, c, oh, ow));
     let xs = x.as_slice().expect("standard layout");
     let ys = y.as_slice_mut().expect("new arrays are standard layout");
     let ps = positions
         .as_slice_mut()
         .expect("new arrays are standard layout");
-    // For each output row, the window's cells are the outer loop and the row's
-    // outputs the inner one: every output keeps its own running maximum, so the
-    // comparisons of neighbouring outputs do not wait on each other.
+    // Each window cell's value for every output of a plane is gathered into
+    // one contiguous run (−inf where the cell is padding), which is then folded
+    // into the plane's running maxima in one branch-free, vectorised pass:
+    // every output keeps its own running maximum, so neighbouring comparisons
+    // do not wait on each other. A padded cell (−inf) never beats a running
+    // maximum; a window whose real cells are all −inf keeps position 0, as
+    // np.argmax would.
+    let cols: Vec<std::ops::Range<usize>> = (0..pool.pool_w)
+        .map(|j| valid_outputs(ow, w, j, pool))
+        .collect();
+    let mut cell = vec![F::neg_infinity(); oh * ow];
     for ((plane, y_plane), p_plane) in xs
         .chunks_exact(h * w)
         .zip(ys.chunks_exact_mut(oh * ow))
         .zip(ps.chunks_exact_mut(oh * ow))
     {
-        for (r, (best, best_at)) in y_plane
-            .chunks_exact_mut(ow)
-            .zip(p_plane.chunks_exact_mut(ow))
+        for (at, (i, j)) in (0..pool.pool_h)
+            .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
             .enumerate()
         {
-            for (at, (i, j)) in (0..pool.pool_h)
-                .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
-                .enumerate()
-            {
-                let source_row = (r * pool.stride + i)
+            if pool.pad > 0 {
+                cell.fill(F::neg_infinity());
+            }
+            let cols = cols[j].clone();
+            if cols.is_empty() {
+                continue;
+            }
+            let first = cols.start * pool.stride + j - pool.pad;
+            for (r, run) in cell.chunks_exact_mut(ow).enumerate() {
+                let Some(row) = (r * pool.stride + i)
                     .checked_sub(pool.pad)
-                    .filter(|&row| row < h);
-                let cols = match source_row {
-                    Some(_) => valid_outputs(ow, w, j, pool),
-                    None => 0..0,
+                    .filter(|&row| row < h)
+                else {
+                    continue;
                 };
-                let mut take = |s: usize, v: F| {
-                    if at == 0 || beats(v, best[s]) {
-                        (best[s], best_at[s]) = (v, at as u32);
-                    }
-                };
-                for s in (0..cols.start).chain(cols.end..ow) {
-                    take(s, F::neg_infinity());
-                }
-                if let Some(row) = source_row {
-                    let source = &plane[row * w..][..w];
-                    for s in cols {
-                        take(s, source[s * pool.stride + j - pool.pad]);
-                    }
+                let source = plane[row * w + first..(row + 1) * w]
+                    .iter()
+                    .step_by(pool.stride);
+                for (value, &x) in run[cols.clone()].iter_mut().zip(source) {
+                    *value = x;
                 }
             }
+            fold_run(y_plane, p_plane, &cell, at as u32);
         }
     }
     let input = [n, c, h, w];
     (y, Winners { input, positions })
 }
 
+/// Folds one window cell (position `at`) into running maxima: `cell[k]` is
+/// the cell's value for output `k`. Branch-free over contiguous runs, so it
+/// vectorises and random data costs no mispredicted jumps; compiled for
+/// several SIMD levels, picked at run time.
+#[multiversion::multiversion(targets = "simd")]
+fn fold_run<F: Float>(best: &mut [F], best_at: &mut [u32], cell: &[F], at: u32) {
+    for ((b, a), &v) in best.iter_mut().zip(best_at.iter_mut()).zip(cell) {
+        let take = beats(v, *b);
+        *b = if take { v } else { *b };
+        *a = if take { at } else { *a };
+    }
+}
+
 /// Whether `v`, coming later in the window, takes the place of `best`: it is
 /// larger, or it is the first NaN (numpy's argmax treats NaN as the maximum).
 #[inline(always)]
 fn beats<F: Float>(v: F, best: F) -> bool {
-    (v > best) | (v.is_nan() & !best.is_nan())
+    // `x != x` is NaN's test, written as a comparison so it vectorises.
+    #[allow(clippy::eq_op)]
+    let (v_nan, best_nan) = (v != v, best != best);
+    (v > best) | (v_nan & !best_nan)
 }
 
 /// The outputs `o` in `0..out` whose window cell at offset `k` reads inside
