@@ -416,7 +416,9 @@ impl Chain {
             updates.push((buffers, if keep { rng } else { state.rng }));
             y = Some(out.0);
         }
-        let y = y.expect("a chain runs at least one member");
+        // A sequential that is only a loss, without t, runs no member: its
+        // scores are its input.
+        let y = y.unwrap_or_else(|| x.to_owned().into_shared());
         let kept = keep.then(|| Kept {
             dtype: F::DTYPE,
             y_shape: y.shape().to_vec(),
@@ -628,4 +630,30 @@ fn run_backward<L: Layer, F: Float>(
         .downcast_ref::<L::Kept<F>>()
         .expect("kept state was made by this member at this dtype");
     layer.backward(values, kept, dout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::SoftmaxWithLoss;
+
+    #[test]
+    fn a_sequential_of_a_loss_alone_answers_its_input_without_t() {
+        let chain = Chain::sequential(
+            vec![Member {
+                name: "loss".into(),
+                spec: Spec::SoftmaxWithLoss(SoftmaxWithLoss),
+            }],
+            None,
+        );
+        let x = Tensor::from_array(ndarray::ArrayD::from_elem(IxDyn(&[2, 3]), 1.5f32));
+        let plan = chain.plan(&x, None, false).unwrap();
+        let states = [MemberState::default()];
+        let out = chain.forward(&states, &x, None, &plan, false, true);
+        assert_eq!(out.y, x);
+        let kept = out.kept.unwrap();
+        assert!(chain.check_dout(&kept, None).is_err(), "no loss ran");
+        chain.check_dout(&kept, Some(&x)).unwrap();
+        assert_eq!(chain.backward(&states, &kept, Some(&x)).dx, x);
+    }
 }
