@@ -42,6 +42,10 @@ pub struct Chain {
     /// The dtype of its parameters, which x must have; None for a chain
     /// without parameters (it takes either float dtype).
     dtype: Option<DType>,
+    /// Every slot: (member index, slot index, client-facing name, slot).
+    slots: Vec<(usize, usize, String, Slot)>,
+    /// Bytes of its parameters, their gradients and its buffers.
+    held_bytes: u64,
 }
 
 /// What one member holds besides kept state.
@@ -132,15 +136,37 @@ impl Chain {
     }
 
     fn new(members: Vec<Member>, sequential: bool, dtype: Option<DType>) -> Chain {
-        let has_slots = members.iter().any(|m| !m.spec.slots().is_empty());
+        let mut slots = Vec::new();
+        for (m, member) in members.iter().enumerate() {
+            for (s, slot) in member.spec.slots().into_iter().enumerate() {
+                let name = if sequential {
+                    format!("{}.{}", member.name, slot.name)
+                } else {
+                    slot.name.to_string()
+                };
+                slots.push((m, s, name, slot));
+            }
+        }
+        let dtype = if slots.is_empty() {
+            dtype
+        } else {
+            Some(dtype.unwrap_or(DType::F32))
+        };
+        // Saturating: a config too large to address is refused by the budget.
+        let itemsize = dtype.map_or(0, DType::itemsize) as u64;
+        let held_bytes = slots
+            .iter()
+            .map(|(_, _, _, slot)| {
+                let copies = if slot.role == Role::Param { 2 } else { 1 };
+                slot.elements().saturating_mul(itemsize * copies)
+            })
+            .fold(0u64, u64::saturating_add);
         Chain {
             members,
             sequential,
-            dtype: if has_slots {
-                Some(dtype.unwrap_or(DType::F32))
-            } else {
-                dtype
-            },
+            dtype,
+            slots,
+            held_bytes,
         }
     }
 
@@ -160,33 +186,16 @@ impl Chain {
         self.dtype
     }
 
-    /// Every slot with its member index, slot index and client-facing name.
-    fn slots(&self) -> Vec<(usize, usize, String, Slot)> {
-        let mut out = Vec::new();
-        for (m, member) in self.members.iter().enumerate() {
-            for (s, slot) in member.spec.slots().into_iter().enumerate() {
-                let name = if self.sequential {
-                    format!("{}.{}", member.name, slot.name)
-                } else {
-                    slot.name.to_string()
-                };
-                out.push((m, s, name, slot));
-            }
-        }
-        out
+    /// Every slot with its member index, slot index and client-facing name
+    /// (named once, when the chain is built).
+    fn slots(&self) -> &[(usize, usize, String, Slot)] {
+        &self.slots
     }
 
     /// Bytes its parameters, their gradients and its buffers occupy
     /// (saturating: a config too large to address is refused by the budget).
     pub fn held_bytes(&self) -> u64 {
-        let itemsize = self.dtype.map_or(0, DType::itemsize) as u64;
-        self.slots()
-            .iter()
-            .map(|(_, _, _, slot)| {
-                let copies = if slot.role == Role::Param { 2 } else { 1 };
-                slot.elements().saturating_mul(itemsize * copies)
-            })
-            .fold(0u64, u64::saturating_add)
+        self.held_bytes
     }
 
     /// Checks client-given values (`params`, SetParams' `values`): each
@@ -244,7 +253,8 @@ impl Chain {
         let dtype = self.dtype.unwrap_or(DType::F32);
         let mut generators: HashMap<usize, Rng> = HashMap::new();
         for (m, _, name, slot) in self.slots() {
-            let value = match given.remove(&name) {
+            let (m, slot) = (*m, slot.clone());
+            let value = match given.remove(name) {
                 Some(value) => with_float!(dtype, F => aligned::<F>(&value)),
                 None => with_float!(dtype, F => {
                     let array: ArrayD<F> = match slot.fill {
@@ -506,10 +516,10 @@ impl Chain {
     pub fn named_values(&self, states: &[MemberState]) -> (Named, Named) {
         let (mut params, mut buffers) = (Vec::new(), Vec::new());
         for (m, s, name, slot) in self.slots() {
-            let value = states[m].values[s].clone();
+            let value = states[*m].values[*s].clone();
             match slot.role {
-                Role::Param => params.push((name, value)),
-                Role::Buffer => buffers.push((name, value)),
+                Role::Param => params.push((name.clone(), value)),
+                Role::Buffer => buffers.push((name.clone(), value)),
             }
         }
         (params, buffers)
@@ -549,8 +559,8 @@ impl Chain {
         let mut states = states.to_vec();
         let dtype = self.dtype.unwrap_or(DType::F32);
         for (m, s, name, _) in self.slots() {
-            if let Some(value) = values.remove(&name) {
-                states[m].values[s] = with_float!(dtype, F => aligned::<F>(&value));
+            if let Some(value) = values.remove(name) {
+                states[*m].values[*s] = with_float!(dtype, F => aligned::<F>(&value));
             }
         }
         for state in &mut states {
