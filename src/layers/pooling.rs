@@ -119,20 +119,44 @@ pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winner
     let x = x.as_standard_layout();
     let (n, c, h, w) = x.dim();
     let (oh, ow) = pool.output_size(h, w).expect("validated: the window fits");
-    let mut y = Array4::from_elem((n, c, oh, ow), F::neg_infinity());
+    // Without padding every output is written whole; with it, outputs start
+    // at −inf and take their window's cells one by one.
+    let start = if pool.pad == 0 {
+        F::zero()
+    } else {
+        F::neg_infinity()
+    };
+    let mut y = Array4::from_elem((n, c, oh, ow), start);
     let mut positions = Array4::zeros((n, c, oh, ow));
     let xs = x.as_slice().expect("standard layout");
     let ys = y.as_slice_mut().expect("new arrays are standard layout");
     let ps = positions
         .as_slice_mut()
         .expect("new arrays are standard layout");
-    // Each window cell's value for every output of a plane is gathered into
-    // one contiguous run (−inf where the cell is padding), which is then folded
-    // into the plane's running maxima in one branch-free, vectorised pass:
-    // every output keeps its own running maximum, so neighbouring comparisons
-    // do not wait on each other. A padded cell (−inf) never beats a running
-    // maximum; a window whose real cells are all −inf keeps position 0, as
-    // np.argmax would.
+    if pool.pad == 0 {
+        forward_unpadded(xs, ys, ps, (h, w), (oh, ow), pool);
+    } else {
+        forward_padded(xs, ys, ps, (h, w), (oh, ow), pool);
+    }
+    let input = [n, c, h, w];
+    (y, Winners { input, positions })
+}
+
+/// Forward with padding: each window cell's value for every output of a
+/// plane is gathered into one contiguous run (−inf where the cell is
+/// padding), which is then folded into the plane's running maxima in one
+/// branch-free, vectorised pass: every output keeps its own running maximum,
+/// so neighbouring comparisons do not wait on each other. A padded cell
+/// (−inf) never beats a running maximum; a window whose real cells are all
+/// −inf keeps position 0, as np.argmax would.
+fn forward_padded<F: Float>(
+    xs: &[F],
+    ys: &mut [F],
+    ps: &mut [u32],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    pool: Pool,
+) {
     let cols: Vec<std::ops::Range<usize>> = (0..pool.pool_w)
         .map(|j| valid_outputs(ow, w, j, pool))
         .collect();
@@ -146,9 +170,7 @@ pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winner
             .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
             .enumerate()
         {
-            if pool.pad > 0 {
-                cell.fill(F::neg_infinity());
-            }
+            cell.fill(F::neg_infinity());
             let cols = cols[j].clone();
             if cols.is_empty() {
                 continue;
@@ -171,8 +193,128 @@ pub fn forward<F: Float>(x: ArrayView4<'_, F>, pool: Pool) -> (Array4<F>, Winner
             fold_run(y_plane, p_plane, &cell, at as u32);
         }
     }
-    let input = [n, c, h, w];
-    (y, Winners { input, positions })
+}
+
+/// Forward without padding, where every window cell is a real input cell,
+/// in passes over each plane that keep numpy's row-major tie order and run
+/// as long, branch-free, vectorised loops (output rows are too short to
+/// vectorise one at a time):
+/// 1. each input row's windows are reduced across their width (the first
+///    maximum of each row segment, and its column `j`) — where the windows
+///    tile the rows exactly (stride = width, no leftover column), as one
+///    loop over the whole plane;
+/// 2. for every input row `r` at once, the first maximum across rows
+///    `r .. r + pool_h` of those (position `i·pool_w + j`), by folding the
+///    row-reduced plane shifted by `i` rows into a copy of itself;
+/// 3. the rows `r·stride` of that are the output.
+///
+/// Step 2 also computes the rows between the strided ones; on the
+/// row-reduced plane, in cache, that costs less than short loops do.
+fn forward_unpadded<F: Float>(
+    xs: &[F],
+    ys: &mut [F],
+    ps: &mut [u32],
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    pool: Pool,
+) {
+    let rows = (oh - 1) * pool.stride + pool.pool_h;
+    let starts = (rows - pool.pool_h + 1) * ow;
+    let (mut row_best, mut row_at) = (vec![F::zero(); rows * ow], vec![0u32; rows * ow]);
+    let (mut best, mut best_at) = (vec![F::zero(); starts], vec![0u32; starts]);
+    let tiles = pool.stride == pool.pool_w && w == ow * pool.pool_w;
+    for ((plane, y_plane), p_plane) in xs
+        .chunks_exact(h * w)
+        .zip(ys.chunks_exact_mut(oh * ow))
+        .zip(ps.chunks_exact_mut(oh * ow))
+    {
+        let used = &plane[..rows * w];
+        match (tiles, pool.pool_w) {
+            (true, 2) => reduce_tiles::<F, 2>(used, &mut row_best, &mut row_at),
+            (true, 3) => reduce_tiles::<F, 3>(used, &mut row_best, &mut row_at),
+            _ => {
+                for ((row, best), at) in used
+                    .chunks_exact(w)
+                    .zip(row_best.chunks_exact_mut(ow))
+                    .zip(row_at.chunks_exact_mut(ow))
+                {
+                    reduce_row(row, best, at, pool);
+                }
+            }
+        }
+        best.copy_from_slice(&row_best[..starts]);
+        best_at.copy_from_slice(&row_at[..starts]);
+        for i in 1..pool.pool_h {
+            let shifted = i * ow..i * ow + starts;
+            let at = (i * pool.pool_w) as u32;
+            fold_shifted(
+                &mut best,
+                &mut best_at,
+                &row_best[shifted.clone()],
+                &row_at[shifted],
+                at,
+            );
+        }
+        for (r, (y_row, p_row)) in y_plane
+            .chunks_exact_mut(ow)
+            .zip(p_plane.chunks_exact_mut(ow))
+            .enumerate()
+        {
+            let from = r * pool.stride * ow;
+            y_row.copy_from_slice(&best[from..][..ow]);
+            p_row.copy_from_slice(&best_at[from..][..ow]);
+        }
+    }
+}
+
+/// The first pass where windows tile the rows: each chunk of `WIDTH`
+/// cells reduced to its first maximum and that maximum's position.
+#[multiversion::multiversion(targets = "simd")]
+fn reduce_tiles<F: Float, const WIDTH: usize>(cells: &[F], best: &mut [F], best_at: &mut [u32]) {
+    for ((tile, b), a) in cells
+        .chunks_exact(WIDTH)
+        .zip(best.iter_mut())
+        .zip(best_at.iter_mut())
+    {
+        let (mut top, mut top_at) = (tile[0], 0);
+        for (j, &v) in tile.iter().enumerate().skip(1) {
+            let take = beats(v, top);
+            top = if take { v } else { top };
+            top_at = if take { j as u32 } else { top_at };
+        }
+        (*b, *a) = (top, top_at);
+    }
+}
+
+/// The first pass for one row, any stride and width.
+fn reduce_row<F: Float>(row: &[F], best: &mut [F], best_at: &mut [u32], pool: Pool) {
+    for (s, (b, a)) in best.iter_mut().zip(best_at.iter_mut()).enumerate() {
+        let window = &row[s * pool.stride..][..pool.pool_w];
+        let (mut top, mut top_at) = (window[0], 0);
+        for (j, &v) in window.iter().enumerate().skip(1) {
+            if beats(v, top) {
+                (top, top_at) = (v, j as u32);
+            }
+        }
+        (*b, *a) = (top, top_at);
+    }
+}
+
+/// Step 2 of [`forward_unpadded`]: a later window row's maxima (their
+/// positions offset by `first_at`) folded into the running ones.
+#[multiversion::multiversion(targets = "simd")]
+fn fold_shifted<F: Float>(
+    best: &mut [F],
+    best_at: &mut [u32],
+    row: &[F],
+    row_at: &[u32],
+    first_at: u32,
+) {
+    for (((b, a), &v), &j) in best.iter_mut().zip(best_at.iter_mut()).zip(row).zip(row_at) {
+        let take = beats(v, *b);
+        *b = if take { v } else { *b };
+        *a = if take { first_at + j } else { *a };
+    }
 }
 
 /// Folds one window cell (position `at`) into running maxima: `cell[k]` is
@@ -234,6 +376,27 @@ pub fn backward<F: Float>(winners: &Winners, dout: ArrayView4<'_, F>, pool: Pool
         .as_slice()
         .expect("made in standard layout")
         .chunks_exact(oh * ow);
+    if pool.pad == 0 {
+        // Every winner is a real cell: its index is the window's corner plus
+        // an offset per position, computed once — no bounds to check.
+        let offsets: Vec<usize> = (0..pool.pool_h)
+            .flat_map(|i| (0..pool.pool_w).map(move |j| i * w + j))
+            .collect();
+        for ((plane, dout), winners) in planes.zip(douts).zip(winners) {
+            for (r, (dout, winners)) in dout
+                .chunks_exact(ow)
+                .zip(winners.chunks_exact(ow))
+                .enumerate()
+            {
+                let corner = r * pool.stride * w;
+                for (s, (&d, &at)) in dout.iter().zip(winners).enumerate() {
+                    let cell = &mut plane[corner + s * pool.stride + offsets[at as usize]];
+                    *cell = *cell + d;
+                }
+            }
+        }
+        return dx;
+    }
     // Each window position's (row, column) offset, computed once: no divisions per output.
     let offsets: Vec<(usize, usize)> = (0..pool.pool_h)
         .flat_map(|i| (0..pool.pool_w).map(move |j| (i, j)))
@@ -382,6 +545,80 @@ mod tests {
             .output_size(1, 1),
             Some((1, 1))
         );
+    }
+
+    /// The definition, by nested loops: each window scanned in row-major order,
+    /// padding as −inf, the first maximum (or first NaN) winning.
+    fn naive(x: &Array4<f32>, pool: Pool) -> (Array4<f32>, Array4<u32>) {
+        let (n, c, h, w) = x.dim();
+        let (oh, ow) = pool.output_size(h, w).unwrap();
+        let mut y = Array4::from_elem((n, c, oh, ow), f32::NEG_INFINITY);
+        let mut at = Array4::zeros((n, c, oh, ow));
+        for ((ni, ci, r, s), out) in y.indexed_iter_mut() {
+            for i in 0..pool.pool_h {
+                for j in 0..pool.pool_w {
+                    let row = (r * pool.stride + i) as isize - pool.pad as isize;
+                    let col = (s * pool.stride + j) as isize - pool.pad as isize;
+                    let v = inside(row, col, h, w)
+                        .map_or(f32::NEG_INFINITY, |(row, col)| x[[ni, ci, row, col]]);
+                    if beats(v, *out) {
+                        *out = v;
+                        at[[ni, ci, r, s]] = (i * pool.pool_w + j) as u32;
+                    }
+                }
+            }
+        }
+        (y, at)
+    }
+
+    /// Every path (padded, unpadded, tiling or not, each compiled stride and
+    /// width and the general one) against the definition, on inputs full of
+    /// ties and NaN; and Backward against adding each dout at its winner.
+    #[test]
+    fn every_path_matches_the_definition_with_ties_and_nan() {
+        let values = [0.0, 1.0, 1.0, 2.0, -1.0, f32::NAN, f32::NEG_INFINITY];
+        for (pool_h, pool_w, stride, pad) in [
+            (2, 2, 2, 0),
+            (3, 3, 3, 0),
+            (2, 2, 1, 0),
+            (3, 3, 2, 0),
+            (1, 3, 1, 0),
+            (2, 3, 3, 0),
+            (3, 2, 2, 1),
+            (2, 2, 2, 1),
+            (1, 1, 1, 0),
+            (4, 4, 4, 0),
+        ] {
+            let pool = Pool {
+                pool_h,
+                pool_w,
+                stride,
+                pad,
+            };
+            for (h, w) in [(6, 6), (7, 9), (4, 12), (9, 4)] {
+                if pool.output_size(h, w).is_none() {
+                    continue;
+                }
+                let codes = filled((2, 3, h, w), (h * w + stride) as u64);
+                let x = codes.mapv(|u| values[((u + 1.0) * 3.5) as usize % values.len()]);
+                let (y, kept) = forward(x.view(), pool);
+                let (y_ref, at_ref) = naive(&x, pool);
+                let bits = |a: &Array4<f32>| a.mapv(f32::to_bits);
+                assert_eq!(bits(&y), bits(&y_ref), "{pool:?} on {h}x{w}");
+                assert_eq!(kept.positions, at_ref, "{pool:?} on {h}x{w}");
+                let dout = filled(y.raw_dim(), 5).mapv(|v| v as f32);
+                let mut dx_ref = Array4::<f32>::zeros(x.raw_dim());
+                for ((ni, ci, r, s), &at) in at_ref.indexed_iter() {
+                    let (i, j) = (at as usize / pool_w, at as usize % pool_w);
+                    let row = (r * stride + i) as isize - pad as isize;
+                    let col = (s * stride + j) as isize - pad as isize;
+                    if let Some((row, col)) = inside(row, col, h, w) {
+                        dx_ref[[ni, ci, row, col]] += dout[[ni, ci, r, s]];
+                    }
+                }
+                assert_eq!(backward(&kept, dout.view(), pool), dx_ref, "{pool:?}");
+            }
+        }
     }
 
     /// dx against central differences, on inputs without ties, with stride and padding.
