@@ -4,7 +4,7 @@
 //! `cargo bench --bench layers` prints the medians; `-- --json` prints one
 //! JSON object per case for `bench/layers.py`, which measures numpy's
 //! reference on the same shapes in the same run and writes the comparison.
-//! `LAYERD_BENCH_BREAKDOWN=1` times each step of convolution and pooling.
+//! `LAYERD_BENCH_BREAKDOWN=1` times each step of every case.
 
 use std::time::Instant;
 
@@ -77,6 +77,27 @@ fn affine_case() {
         std::hint::black_box(affine::backward(x.view(), w.view(), y.view(), true));
     });
     report("affine", "affine 784->100, batch 100", affine);
+    if std::env::var_os("LAYERD_BENCH_BREAKDOWN").is_some() {
+        use layerd::layers::linalg::matmul;
+        let y = affine::forward(x.view(), w.view(), b.view());
+        let steps: [(&str, &dyn Fn()); 4] = [
+            ("forward", &|| {
+                std::hint::black_box(affine::forward(x.view(), w.view(), b.view()));
+            }),
+            ("x·W", &|| {
+                std::hint::black_box(matmul(x.view(), w.view()));
+            }),
+            ("dout·Wᵀ", &|| {
+                std::hint::black_box(matmul(y.view(), w.t()));
+            }),
+            ("xᵀ·dout", &|| {
+                std::hint::black_box(matmul(x.t(), y.view()));
+            }),
+        ];
+        for (name, step) in steps {
+            println!("  {name} {:.3} ms", time(step));
+        }
+    }
 }
 
 fn convolution_case() {

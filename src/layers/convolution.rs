@@ -26,7 +26,8 @@
 //! tolerance; the bias is added after the product, as numpy does.
 
 use ndarray::{
-    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Axis, Ix1, Ix4,
+    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, ArrayViewMut2,
+    ArrayViewMut4, Axis, Ix1, Ix4,
 };
 
 use super::linalg::matmul_into;
@@ -200,31 +201,50 @@ pub fn im2col_t<F: Float>(
     (fh, fw): (usize, usize),
     g: Geometry,
 ) -> Array2<F> {
+    let (n, c, h, w) = x.dim();
+    let (oh, ow) = g
+        .output_size((h, w), (fh, fw))
+        .expect("validated: the kernel fits");
+    let mut col = Array2::zeros((c * fh * fw, n * oh * ow));
+    im2col_t_into(x, (fh, fw), g, col.view_mut());
+    col
+}
+
+/// [`im2col_t`] into `col` (C·FH·FW, N·OH·OW), writing every entry that
+/// reads the input and leaving the padding's entries as they are — which
+/// are the same for every image, so a zeroed buffer can be reused for
+/// block after block.
+fn im2col_t_into<F: Float>(
+    x: ArrayView4<'_, F>,
+    (fh, fw): (usize, usize),
+    g: Geometry,
+    mut col: ArrayViewMut2<'_, F>,
+) {
     let x = x.as_standard_layout();
     let (n, c, h, w) = x.dim();
     let (oh, ow) = g
         .output_size((h, w), (fh, fw))
         .expect("validated: the kernel fits");
     let xs = x.as_slice().expect("standard layout");
-    let mut col = Array2::zeros((c * fh * fw, n * oh * ow));
     for ((ci, i, j), mut row) in (0..c)
         .flat_map(|ci| (0..fh).flat_map(move |i| (0..fw).map(move |j| (ci, i, j))))
         .zip(col.outer_iter_mut())
     {
-        let row = row.as_slice_mut().expect("rows of a standard layout");
+        let row = row.as_slice_mut().expect("rows of a contiguous buffer");
         let (rows, cols) = (valid_outputs(oh, h, i, g), valid_outputs(ow, w, j, g));
         for ni in 0..n {
             let plane = &xs[(ni * c + ci) * h * w..][..h * w];
             for r in rows.clone() {
                 let source = &plane[(r * g.stride + i - g.pad) * w..][..w];
                 let target = &mut row[(ni * oh + r) * ow..][..ow];
-                for s in cols.clone() {
-                    target[s] = source[s * g.stride + j - g.pad];
-                }
+                copy_strided(
+                    &mut target[cols.clone()],
+                    &source[cols.start * g.stride + j - g.pad..],
+                    g.stride,
+                );
             }
         }
     }
-    col
 }
 
 /// The adjoint of [`im2col_t`]: each entry of `col_t` (C·FH·FW, N·OH·OW)
@@ -236,13 +256,26 @@ pub fn col2im_t<F: Float>(
     (fh, fw): (usize, usize),
     g: Geometry,
 ) -> Array4<F> {
-    let (n, c, h, w) = shape;
+    let mut x = Array4::zeros(shape);
+    col2im_t_add(col_t, (fh, fw), g, x.view_mut());
+    x
+}
+
+/// [`col2im_t`] added into `x`, a contiguous (N, C, H, W) view.
+fn col2im_t_add<F: Float>(
+    col_t: ArrayView2<'_, F>,
+    (fh, fw): (usize, usize),
+    g: Geometry,
+    mut x: ArrayViewMut4<'_, F>,
+) {
+    let (n, c, h, w) = x.dim();
     let (oh, ow) = g
         .output_size((h, w), (fh, fw))
         .expect("validated: the kernel fits");
     let col_t = col_t.as_standard_layout();
-    let mut x = Array4::zeros(shape);
-    let xs = x.as_slice_mut().expect("new arrays are standard layout");
+    let xs = x
+        .as_slice_mut()
+        .expect("a block of a standard-layout array");
     for ((ci, i, j), row) in (0..c)
         .flat_map(|ci| (0..fh).flat_map(move |i| (0..fw).map(move |j| (ci, i, j))))
         .zip(col_t.outer_iter())
@@ -254,14 +287,43 @@ pub fn col2im_t<F: Float>(
             for r in rows.clone() {
                 let target = &mut plane[(r * g.stride + i - g.pad) * w..][..w];
                 let source = &row[(ni * oh + r) * ow..][..ow];
-                for s in cols.clone() {
-                    let cell = &mut target[s * g.stride + j - g.pad];
-                    *cell = *cell + source[s];
-                }
+                add_strided(
+                    &mut target[cols.start * g.stride + j - g.pad..],
+                    &source[cols.clone()],
+                    g.stride,
+                );
             }
         }
     }
-    x
+}
+
+/// `target[k] = source[k·stride]`; with stride 1 a plain copy loop, which
+/// vectorises (these runs are an output row long, too short for `memcpy`).
+#[inline]
+fn copy_strided<F: Float>(target: &mut [F], source: &[F], stride: usize) {
+    if stride == 1 {
+        for (t, &v) in target.iter_mut().zip(source) {
+            *t = v;
+        }
+    } else {
+        for (t, &v) in target.iter_mut().zip(source.iter().step_by(stride)) {
+            *t = v;
+        }
+    }
+}
+
+/// `target[k·stride] += source[k]`, the adjoint of [`copy_strided`].
+#[inline]
+fn add_strided<F: Float>(target: &mut [F], source: &[F], stride: usize) {
+    if stride == 1 {
+        for (t, &v) in target.iter_mut().zip(source) {
+            *t = *t + v;
+        }
+    } else {
+        for (t, &v) in target.iter_mut().step_by(stride).zip(source) {
+            *t = *t + v;
+        }
+    }
 }
 
 /// `W` (FN, C, FH, FW) as the (FN, C·FH·FW) matrix `W2`.
@@ -300,11 +362,13 @@ pub fn forward<F: Float>(
         .expect("validated: the kernel fits");
     let per_block = block_images::<F>(x.dim(), (fh, fw), (oh, ow));
     let mut y = Array4::zeros((n, fn_, oh, ow));
+    let mut col_buffer = Array2::zeros((w.len() / fn_, per_block * oh * ow));
     for (x_block, mut y_block) in x
         .axis_chunks_iter(Axis(0), per_block)
         .zip(y.axis_chunks_iter_mut(Axis(0), per_block))
     {
-        let col_t = im2col_t(x_block, (fh, fw), g);
+        let mut col_t = col_buffer.slice_mut(ndarray::s![.., ..x_block.dim().0 * oh * ow]);
+        im2col_t_into(x_block, (fh, fw), g, col_t.view_mut());
         for (image, y_image) in y_block.outer_iter_mut().enumerate() {
             let mut y2 = y_image
                 .into_shape_with_order((fn_, oh * ow))
@@ -344,28 +408,45 @@ pub fn backward<F: Float>(
     let mut dw2 = Array2::zeros((fn_, c * fh * fw));
     let mut db = Array1::zeros(fn_);
     let mut dx = want_dx.then(|| Array4::zeros(x.dim()));
+    // One zeroed buffer for every block's colᵀ (see `im2col_t_into`), and one
+    // for its gradient, which each product overwrites whole.
+    let mut col_buffer = Array2::zeros((c * fh * fw, per_block * oh * ow));
+    let mut dcol_buffer = want_dx.then(|| Array2::zeros(col_buffer.dim()));
     for (block, (x_block, dout_block)) in x
         .axis_chunks_iter(Axis(0), per_block)
         .zip(dout.axis_chunks_iter(Axis(0), per_block))
         .enumerate()
     {
-        let col_t = im2col_t(x_block, (fh, fw), g);
-        let mut dcol = want_dx.then(|| Array2::zeros(col_t.dim()));
+        let columns = x_block.dim().0 * oh * ow;
+        let mut col_t = col_buffer.slice_mut(ndarray::s![.., ..columns]);
+        im2col_t_into(x_block, (fh, fw), g, col_t.view_mut());
+        let mut dcol = dcol_buffer
+            .as_mut()
+            .map(|d| d.slice_mut(ndarray::s![.., ..columns]));
         for (image, d) in dout_block.outer_iter().enumerate() {
             let d = d
                 .into_shape_with_order((fn_, oh * ow))
                 .expect("standard layout");
             let columns = ndarray::s![.., image * oh * ow..(image + 1) * oh * ow];
             matmul_into(d, col_t.slice(columns).t(), dw2.view_mut(), true);
-            db.zip_mut_with(&d.sum_axis(Axis(1)), |a, &b| *a = *a + b);
+            // db while d is in cache; ndarray's sum keeps several partial
+            // sums, so it vectorises.
+            for (db, plane) in db.iter_mut().zip(d.outer_iter()) {
+                *db = *db + plane.sum();
+            }
             if let Some(dcol) = &mut dcol {
-                matmul_into(flat(w).t(), d, dcol.slice_mut(columns), false);
+                matmul_into(
+                    d.t(),
+                    flat(w),
+                    dcol.slice_mut(columns).reversed_axes(),
+                    false,
+                );
             }
         }
         if let (Some(dx), Some(dcol)) = (&mut dx, dcol) {
             let start = block * per_block;
-            let mut target = dx.slice_mut(ndarray::s![start..start + x_block.dim().0, .., .., ..]);
-            target.assign(&col2im_t(dcol.view(), x_block.dim(), (fh, fw), g));
+            let target = dx.slice_mut(ndarray::s![start..start + x_block.dim().0, .., .., ..]);
+            col2im_t_add(dcol.view(), (fh, fw), g, target);
         }
     }
     Gradients {
@@ -431,6 +512,41 @@ mod tests {
         let c = filled(col.raw_dim(), 2);
         let back = col2im_t(c.view(), x.dim(), (3, 2), g);
         assert!(((&col * &c).sum() - (&x * &back).sum()).abs() < 1e-12);
+    }
+
+    /// Several blocks of images, the last one short, with padding (whose
+    /// column entries the reused buffer keeps at zero): the same as one
+    /// product over the whole batch.
+    #[test]
+    fn blocks_give_what_the_whole_batch_gives() {
+        let g = Geometry { stride: 1, pad: 1 };
+        let (x, w, b) = (
+            filled((5, 2, 25, 25), 1),
+            filled((4, 2, 3, 3), 2),
+            filled(4, 3),
+        );
+        assert_eq!(block_images::<f64>(x.dim(), (3, 3), (25, 25)), 2);
+        let y = forward(x.view(), w.view(), b.view(), g);
+        assert!(max_relative_error(&y, &naive(&x, &w, &b, g)) < 1e-14);
+        let dout = filled(y.raw_dim(), 4);
+        let got = backward(x.view(), w.view(), dout.view(), g, true);
+        let col = im2col_t(x.view(), (3, 3), g);
+        let d2 = dout
+            .view()
+            .permuted_axes([1, 0, 2, 3])
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((4, 5 * 25 * 25))
+            .unwrap();
+        let w2 = w.view().into_shape_with_order((4, 18)).unwrap();
+        let dw = d2
+            .dot(&col.t())
+            .into_shape_with_order((4, 2, 3, 3))
+            .unwrap();
+        let dx = col2im_t(w2.t().dot(&d2).view(), x.dim(), (3, 3), g);
+        assert!(max_relative_error(&got.dw, &dw) < 1e-12);
+        assert!(max_relative_error(&got.db, &d2.sum_axis(Axis(1))) < 1e-12);
+        assert!(max_relative_error(&got.dx.unwrap(), &dx) < 1e-12);
     }
 
     /// dx, dW and db against central differences of L = Σ y ⊙ r, in float64,
