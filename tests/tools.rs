@@ -55,6 +55,13 @@ async fn every_mode_and_kind_verifies_clean() {
             ][..],
         ),
         ("train", "relu", "f32", &["--rate", "400"][..]),
+        // The trainable kinds: client-given parameters, gradients checked too.
+        ("train", "affine", "f32", &["--shape", "8x4x5"][..]),
+        ("stream", "convolution", "f64", &["--shape", "2x2x7x6"][..]),
+        ("train", "pooling", "f32", &["--shape", "2x3x6x5"][..]),
+        ("train", "batch_norm", "f64", &["--shape", "6x3x2x2"][..]),
+        ("stream", "dropout", "f32", &["--elements", "2000"][..]),
+        ("train", "softmax_with_loss", "f32", &["--shape", "5x4"][..]),
     ] {
         let json = dir.join(format!("{mode}-{kind}-{dtype}.json"));
         let args = [
@@ -100,25 +107,35 @@ async fn every_mode_and_kind_verifies_clean() {
 async fn wrong_answers_make_the_exit_code_non_zero() {
     // The server computes identity; the reference expects ReLU: every answer
     // with a negative element differs, and the run must say so.
+    // Likewise a dropout layer checked as identity (half its outputs are 0),
+    // and an affine layer's answers checked as batch_norm's.
     let server = start(|_| {}).await;
-    let output = bench(
-        &server,
-        &[
-            "--kind",
-            "identity",
-            "--verify-as",
-            "relu",
-            "--requests",
-            "20",
-        ],
-    )
-    .await;
-    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
-    assert!(
-        text(&output).contains("answers differed from the reference"),
-        "{}",
-        text(&output)
-    );
+    for (kind, verify_as, shape) in [
+        ("identity", "relu", "1024"),
+        ("dropout", "identity", "1024"),
+        ("affine", "batch_norm", "6x10"),
+    ] {
+        let output = bench(
+            &server,
+            &[
+                "--kind",
+                kind,
+                "--verify-as",
+                verify_as,
+                "--shape",
+                shape,
+                "--requests",
+                "20",
+            ],
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(3), "{kind}: {}", text(&output));
+        assert!(
+            text(&output).contains("answers differed from the reference"),
+            "{}",
+            text(&output)
+        );
+    }
     server.stop().await;
 }
 

@@ -43,13 +43,20 @@ pub enum Mode {
     Stream,
 }
 
-/// The server's own list of kinds; the bench drives and verifies the
-/// elementwise ones (`reference.rs` has a reference for each).
+/// The server's own list of kinds; the bench drives and verifies each but
+/// `sequential` (`reference.rs` and `trainable.rs` have a reference for each).
 pub use layerd::layers::Kind;
+
+/// The kinds the bench drives.
+pub fn driven_kinds() -> impl Iterator<Item = Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|&kind| kind != Kind::Sequential)
+}
 
 /// Parses a kind name; `--help` and errors list the kinds the bench drives.
 fn kind_parser() -> impl clap::builder::TypedValueParser<Value = Kind> {
-    clap::builder::PossibleValuesParser::new(Kind::ELEMENTWISE.map(Kind::name))
+    clap::builder::PossibleValuesParser::new(driven_kinds().map(Kind::name))
         .map(|name| Kind::from_name(&name).expect("one of the possible values"))
 }
 
@@ -73,7 +80,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Train)]
     pub mode: Mode,
 
-    /// Layer kind(s) to drive; several only with --sweep.
+    /// Layer kind(s) to drive; several only with --sweep. The trainable kinds
+    /// get fixed configurations, client-given parameters and, without --shape,
+    /// the classic network's shapes (affine 100x784 -> 100, convolution
+    /// 100x1x28x28 with 30 filters 5x5, pooling 100x30x24x24 2x2,
+    /// batch_norm 100x100, softmax_with_loss 100x10 with labels).
     #[arg(long, value_parser = kind_parser(), value_delimiter = ',', default_value = "relu")]
     pub kind: Vec<Kind>,
 
@@ -86,7 +97,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
 
-    /// Tensor size in elements (a 1-D tensor); see also --shape.
+    /// Tensor size in elements (a 1-D tensor; the elementwise kinds and
+    /// dropout); see also --shape.
     #[arg(long, default_value_t = 1024, conflicts_with = "shape")]
     pub elements: u64,
 

@@ -8,6 +8,7 @@ mod args;
 mod chart;
 mod reference;
 mod report;
+mod trainable;
 mod workload;
 
 use std::process::ExitCode;
@@ -39,15 +40,24 @@ async fn run(args: &RunArgs) -> Result<ExitCode, String> {
     if args.sweep.is_none() && args.kind.len() > 1 {
         return Err("several --kind values need --sweep".into());
     }
-    let sizes: Vec<Vec<u64>> = match &args.sweep {
-        Some(sizes) => sizes.iter().map(|&n| vec![n]).collect(),
-        None => vec![args.shape()],
-    };
     let mut summaries = Vec::new();
     for &kind in &args.kind {
+        let sizes: Vec<Vec<u64>> = match &args.sweep {
+            Some(_) if trainable::default_shape(kind).is_some() => {
+                return Err(format!(
+                    "--sweep drives 1-D tensors; {kind} takes a shape of its own (--shape)"
+                ))
+            }
+            Some(sizes) => sizes.iter().map(|&n| vec![n]).collect(),
+            None => vec![match (&args.shape, trainable::default_shape(kind)) {
+                (None, Some(shape)) => shape,
+                _ => args.shape(),
+            }],
+        };
         for shape in &sizes {
             let measured = match workload::run(args, kind, shape).await {
                 Ok(measured) => measured,
+                Err(SetupError::Unfit(message)) => return Err(message),
                 Err(SetupError::Unreachable(message)) => {
                     eprintln!("layerd-bench: {message}");
                     return Ok(ExitCode::from(2));

@@ -1,18 +1,21 @@
 //! The local reference each answer is checked against: written here from the
-//! numpy definitions, independent of the server's own layer code.
+//! numpy definitions, independent of the server's own layer code (the
+//! trainable kinds' in `trainable.rs`).
 //!
+//! For the elementwise kinds:
 //! ReLU and Identity answers, and every Backward answer, must be bit-identical.
 //! A Sigmoid Forward must be within 1e-6 (float32) / 1e-14 (float64) relative
 //! error of `1 / (1 + exp(-x))`, with NaN exactly where x is NaN; its bytes are
 //! then pinned, so every later answer must equal the first accepted one, and
 //! the expected Backward is numpy's `dout * (1.0 - y) * y` on that y.
 
-use std::sync::OnceLock;
+use std::{collections::HashMap, sync::OnceLock};
 
 use bytes::Bytes;
 use layerd::pb;
 
 use crate::args::{Dtype, Kind};
+use crate::trainable;
 
 /// A float the reference computes in.
 pub trait Element: num_traits::Float + bytemuck::Pod + Send + Sync {
@@ -30,40 +33,84 @@ impl Element for f64 {
     const SIGMOID_TOLERANCE: f64 = 1e-14;
 }
 
-/// The inputs one workload sends, and what must come back.
+/// The layer one workload creates, the inputs it sends, and what must come back.
 pub struct Reference {
     pub x: pb::Tensor,
-    pub dout: pb::Tensor,
+    /// None: Backward without dout (after a loss).
+    pub dout: Option<pb::Tensor>,
+    /// The labels of a loss.
+    pub t: Option<pb::Tensor>,
+    pub config: Option<pb::LayerConfig>,
+    /// Parameters the bench gives the layer (so that it knows them).
+    pub params: HashMap<String, pb::Tensor>,
+    y_shape: Vec<u64>,
     check: Box<dyn Checker>,
 }
 
 impl Reference {
-    /// Inputs of `shape`, checked as `kind` computes them.
-    pub fn new(kind: Kind, dtype: Dtype, shape: &[u64]) -> Reference {
+    /// The workload of `kind` at `shape`, or why that shape does not fit it.
+    pub fn new(kind: Kind, dtype: Dtype, shape: &[u64]) -> Result<Reference, String> {
         match dtype {
             Dtype::F32 => build::<f32>(kind, shape),
             Dtype::F64 => build::<f64>(kind, shape),
         }
     }
 
+    /// Whether Backward asks for the parameter gradients (and checks them).
+    pub fn return_grads(&self) -> bool {
+        !self.params.is_empty()
+    }
+
     /// Whether `y` is the right Forward answer.
     pub fn check_y(&self, y: Option<&pb::Tensor>) -> bool {
-        y.is_some_and(|y| self.same_layout(y) && self.check.y(&y.data))
+        y.is_some_and(|y| {
+            y.dtype == self.x.dtype
+                && y.shape == self.y_shape
+                && self.check.check(Answer::Y(&y.data))
+        })
     }
 
-    /// Whether `dx` is the right Backward answer (after a checked Forward).
-    pub fn check_dx(&self, dx: Option<&pb::Tensor>) -> bool {
-        dx.is_some_and(|dx| self.same_layout(dx) && self.check.dx(&dx.data))
-    }
-
-    fn same_layout(&self, t: &pb::Tensor) -> bool {
-        t.dtype == self.x.dtype && t.shape == self.x.shape
+    /// Whether `dx` and `grads` are the right Backward answer after the
+    /// checked Forward that answered `y`.
+    pub fn check_backward(
+        &self,
+        dx: Option<&pb::Tensor>,
+        grads: &HashMap<String, pb::Tensor>,
+        y: &Bytes,
+    ) -> bool {
+        dx.is_some_and(|dx| {
+            dx.dtype == self.x.dtype
+                && dx.shape == self.x.shape
+                && grads.values().all(|g| g.dtype == self.x.dtype)
+                && self.check.check(Answer::Backward {
+                    dx: &dx.data,
+                    grads,
+                    y,
+                })
+        })
     }
 }
 
-trait Checker: Send + Sync {
-    fn y(&self, data: &Bytes) -> bool;
-    fn dx(&self, data: &Bytes) -> bool;
+/// One answer to check.
+pub enum Answer<'a> {
+    Y(&'a Bytes),
+    /// dx, the parameter gradients, and the y of the Forward it follows.
+    Backward {
+        dx: &'a Bytes,
+        grads: &'a HashMap<String, pb::Tensor>,
+        y: &'a Bytes,
+    },
+}
+
+/// Checks one kind's answers.
+pub trait Checker: Send + Sync {
+    fn check(&self, answer: Answer<'_>) -> bool;
+}
+
+impl<T: Fn(Answer<'_>) -> bool + Send + Sync> Checker for T {
+    fn check(&self, answer: Answer<'_>) -> bool {
+        self(answer)
+    }
 }
 
 /// Deterministic inputs: a spread of ordinary values with the special ones
@@ -99,7 +146,7 @@ fn inputs<F: Element>(len: usize) -> (Vec<F>, Vec<F>) {
     (x, dout)
 }
 
-fn tensor<F: Element>(shape: &[u64], values: &[F]) -> pb::Tensor {
+pub fn tensor<F: Element>(shape: &[u64], values: &[F]) -> pb::Tensor {
     pb::Tensor {
         dtype: F::DTYPE.into(),
         shape: shape.to_vec(),
@@ -111,15 +158,23 @@ fn bytes_of<F: Element>(values: Vec<F>) -> Bytes {
     Bytes::copy_from_slice(bytemuck::cast_slice(&values))
 }
 
-fn build<F: Element>(kind: Kind, shape: &[u64]) -> Reference {
+fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Reference, String> {
+    if !Kind::ELEMENTWISE.contains(&kind) {
+        let built = trainable::build::<F>(kind, shape)?;
+        return Ok(Reference {
+            x: built.x,
+            dout: built.dout,
+            t: built.t,
+            config: built.config,
+            params: built.params,
+            y_shape: built.y_shape,
+            check: built.check,
+        });
+    }
     let len = shape.iter().product::<u64>() as usize;
     let (x, dout) = inputs::<F>(len);
     let zero = F::zero();
     let check: Box<dyn Checker> = match kind {
-        Kind::Identity => Box::new(Exact {
-            y: bytes_of(x.clone()),
-            dx: bytes_of(dout.clone()),
-        }),
         Kind::Relu => Box::new(Exact {
             // numpy: mask = x <= 0 (false for NaN); masked positions are set to 0.
             y: bytes_of(
@@ -139,13 +194,20 @@ fn build<F: Element>(kind: Kind, shape: &[u64]) -> Reference {
             dout: dout.clone(),
             pinned: OnceLock::new(),
         }),
-        other => unreachable!("{other}: --kind offers the elementwise kinds only"),
+        _ => Box::new(Exact {
+            y: bytes_of(x.clone()),
+            dx: bytes_of(dout.clone()),
+        }),
     };
-    Reference {
+    Ok(Reference {
         x: tensor(shape, &x),
-        dout: tensor(shape, &dout),
+        dout: Some(tensor(shape, &dout)),
+        t: None,
+        config: None,
+        params: HashMap::new(),
+        y_shape: shape.to_vec(),
         check,
-    }
+    })
 }
 
 struct Exact {
@@ -154,11 +216,11 @@ struct Exact {
 }
 
 impl Checker for Exact {
-    fn y(&self, data: &Bytes) -> bool {
-        *data == self.y
-    }
-    fn dx(&self, data: &Bytes) -> bool {
-        *data == self.dx
+    fn check(&self, answer: Answer<'_>) -> bool {
+        match answer {
+            Answer::Y(data) => *data == self.y,
+            Answer::Backward { dx, grads, .. } => *dx == self.dx && grads.is_empty(),
+        }
     }
 }
 
@@ -188,6 +250,17 @@ impl<F: Element> SigmoidCheck<F> {
 }
 
 impl<F: Element> Checker for SigmoidCheck<F> {
+    fn check(&self, answer: Answer<'_>) -> bool {
+        match answer {
+            Answer::Y(data) => self.y(data),
+            Answer::Backward { dx, grads, .. } => {
+                grads.is_empty() && self.pinned.get().is_some_and(|(_, want)| dx == want)
+            }
+        }
+    }
+}
+
+impl<F: Element> SigmoidCheck<F> {
     fn y(&self, data: &Bytes) -> bool {
         if let Some((y, _)) = self.pinned.get() {
             return data == y;
@@ -208,10 +281,6 @@ impl<F: Element> Checker for SigmoidCheck<F> {
         });
         data == y
     }
-
-    fn dx(&self, data: &Bytes) -> bool {
-        self.pinned.get().is_some_and(|(_, dx)| data == dx)
-    }
 }
 
 #[cfg(test)]
@@ -220,7 +289,7 @@ mod tests {
 
     #[test]
     fn relu_reference_follows_numpy_on_special_values() {
-        let r = Reference::new(Kind::Relu, Dtype::F32, &[300]);
+        let r = Reference::new(Kind::Relu, Dtype::F32, &[300]).unwrap();
         let x: Vec<f32> = bytemuck::pod_collect_to_vec(&r.x.data);
         assert!(
             x.iter().any(|v| v.is_nan()) && x.iter().any(|v| v.to_bits() == (-0.0f32).to_bits())
@@ -231,7 +300,7 @@ mod tests {
 
     #[test]
     fn sigmoid_pins_the_first_accepted_answer() {
-        let r = Reference::new(Kind::Sigmoid, Dtype::F64, &[200]);
+        let r = Reference::new(Kind::Sigmoid, Dtype::F64, &[200]).unwrap();
         let x: Vec<f64> = bytemuck::pod_collect_to_vec(&r.x.data);
         let y: Vec<f64> = x.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
         let mut answer = tensor(&[200], &y);

@@ -2,7 +2,7 @@
 //! for the warm-up and the measured period, and gathers their figures.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc,
@@ -35,6 +35,8 @@ pub enum SetupError {
     Unreachable(String),
     /// A session or layer could not be created.
     Rejected(Status),
+    /// The kind cannot be driven at this shape.
+    Unfit(String),
 }
 
 /// One workload's measured figures, from every worker.
@@ -162,15 +164,25 @@ impl Shared {
 
 /// Runs one workload with `kind` and `shape` and returns its figures.
 pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, SetupError> {
+    let layer = Reference::new(kind, args.dtype, shape).map_err(SetupError::Unfit)?;
+    // With --verify-as, the layer is `kind`'s and the answers are checked
+    // as the other kind's (fed that kind's inputs).
+    let verify_as = match args.verify_as {
+        Some(other) if other != kind => {
+            Some(Reference::new(other, args.dtype, shape).map_err(SetupError::Unfit)?)
+        }
+        _ => None,
+    };
     let clients = connect(args).await?;
     let workers = args.workers().max(1);
-    let (session_ids, targets) = open_sessions(args, clients[0].clone(), kind, workers).await?;
+    let (session_ids, targets) =
+        open_sessions(args, clients[0].clone(), kind, &layer, workers).await?;
 
     let started = Instant::now();
     let measure_from = started + args.warmup;
     let shared = Arc::new(Shared {
         args: args.clone(),
-        reference: Reference::new(args.verify_as.unwrap_or(kind), args.dtype, shape),
+        reference: verify_as.unwrap_or(layer),
         measure_from,
         measure_until: args
             .requests
@@ -196,6 +208,7 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
                 measured: Measured::new(),
                 schedule: per_worker_rate.map(|rate| Schedule::new(rate, started, index, workers)),
                 stream: None,
+                last_y: bytes::Bytes::new(),
             };
             worker.run().await;
             worker.measured
@@ -226,6 +239,7 @@ async fn open_sessions(
     args: &RunArgs,
     mut client: Client,
     kind: Kind,
+    layer: &Reference,
     workers: usize,
 ) -> Result<(Vec<String>, Vec<Target>), SetupError> {
     let sessions = if args.shared_sessions == 0 {
@@ -264,7 +278,9 @@ async fn open_sessions(
                 session_id: target.session_id.clone(),
                 layer_id: target.layer_id.clone(),
                 kind: kind.name().into(),
-                ..Default::default()
+                config: layer.config.clone(),
+                params: layer.params.clone(),
+                dtype: layer.x.dtype,
             },
         );
         client
@@ -377,6 +393,27 @@ struct Worker {
     measured: Measured,
     schedule: Option<Schedule>,
     stream: Option<Steps>,
+    /// The last checked Forward answer, which Backward is checked against.
+    last_y: bytes::Bytes,
+}
+
+/// What a call answered.
+enum Reply {
+    Forward(Option<pb::Tensor>),
+    Backward(Option<pb::Tensor>, HashMap<String, pb::Tensor>),
+}
+
+impl Reply {
+    /// Bytes received: the tensors' data.
+    fn bytes(&self) -> usize {
+        match self {
+            Reply::Forward(y) => y.as_ref().map_or(0, |t| t.data.len()),
+            Reply::Backward(dx, grads) => {
+                dx.as_ref().map_or(0, |t| t.data.len())
+                    + grads.values().map(|t| t.data.len()).sum::<usize>()
+            }
+        }
+    }
 }
 
 enum Op {
@@ -405,47 +442,48 @@ impl Worker {
         };
         let shared = self.shared.clone();
         let reference = &shared.reference;
-        let (sent, answer) = match (&op, shared.args.mode) {
-            (Op::Forward, Mode::Stream) => (reference.x.data.len(), self.step(Op::Forward).await),
-            (Op::Backward, Mode::Stream) => {
-                (reference.dout.data.len(), self.step(Op::Backward).await)
-            }
-            (Op::Forward, _) => {
-                let message = pb::ForwardRequest {
-                    session_id: self.target.session_id.clone(),
-                    layer_id: self.target.layer_id.clone(),
-                    x: Some(reference.x.clone()),
-                    no_grad: false,
-                    ..Default::default()
-                };
-                let answer = self
-                    .client
-                    .forward(shared.request(&self.target, message))
-                    .await;
-                (reference.x.data.len(), answer.map(|r| r.into_inner().y))
-            }
-            (Op::Backward, _) => {
-                let message = pb::BackwardRequest {
-                    session_id: self.target.session_id.clone(),
-                    layer_id: self.target.layer_id.clone(),
-                    dout: Some(reference.dout.clone()),
-                    ..Default::default()
-                };
-                let answer = self
-                    .client
-                    .backward(shared.request(&self.target, message))
-                    .await;
-                (reference.dout.data.len(), answer.map(|r| r.into_inner().dx))
-            }
+        let sent = match op {
+            Op::Forward => reference.x.data.len(),
+            Op::Backward => reference.dout.as_ref().map_or(0, |d| d.data.len()),
+        };
+        let answer = match shared.args.mode {
+            Mode::Stream => self.step(op).await,
+            _ => match op {
+                Op::Forward => {
+                    let message = forward_request(&self.target, reference);
+                    let answer = self
+                        .client
+                        .forward(shared.request(&self.target, message))
+                        .await;
+                    answer.map(|r| Reply::Forward(r.into_inner().y))
+                }
+                Op::Backward => {
+                    let message = backward_request(&self.target, reference);
+                    let answer = self
+                        .client
+                        .backward(shared.request(&self.target, message))
+                        .await;
+                    answer.map(|r| {
+                        let r = r.into_inner();
+                        Reply::Backward(r.dx, r.grads)
+                    })
+                }
+            },
         };
         let done = Instant::now();
         let measuring = shared.measuring(scheduled)
             && shared.measure_until.is_none_or(|until| scheduled < until);
         let right = match &answer {
-            Ok(tensor) => match op {
-                Op::Forward => reference.check_y(tensor.as_ref()),
-                Op::Backward => reference.check_dx(tensor.as_ref()),
-            },
+            Ok(Reply::Forward(y)) => {
+                let right = reference.check_y(y.as_ref());
+                if let (true, Some(y)) = (right, y) {
+                    self.last_y = y.data.clone();
+                }
+                right
+            }
+            Ok(Reply::Backward(dx, grads)) => {
+                reference.check_backward(dx.as_ref(), grads, &self.last_y)
+            }
             Err(_) => false,
         };
         shared.progress_calls.fetch_add(1, Ordering::Relaxed);
@@ -472,11 +510,7 @@ impl Worker {
             Ok(_) => {}
         }
         if measuring && answer.is_ok() {
-            let received = answer
-                .as_ref()
-                .ok()
-                .and_then(|t| t.as_ref())
-                .map_or(0, |t| t.data.len());
+            let received = answer.as_ref().map_or(0, Reply::bytes);
             self.measured.calls += 1;
             self.measured.bytes_sent += sent as u64;
             self.measured.bytes_received += received as u64;
@@ -487,7 +521,7 @@ impl Worker {
     }
 
     /// One step over this worker's Run stream (opened on first use, and again after an error).
-    async fn step(&mut self, op: Op) -> Result<Option<pb::Tensor>, Status> {
+    async fn step(&mut self, op: Op) -> Result<Reply, Status> {
         if self.stream.is_none() {
             let (steps, receiver) = mpsc::channel(1);
             let request = self
@@ -498,19 +532,10 @@ impl Worker {
         }
         let reference = &self.shared.reference;
         let step = match op {
-            Op::Forward => pb::run_request::Step::Forward(pb::ForwardRequest {
-                session_id: self.target.session_id.clone(),
-                layer_id: self.target.layer_id.clone(),
-                x: Some(reference.x.clone()),
-                no_grad: false,
-                ..Default::default()
-            }),
-            Op::Backward => pb::run_request::Step::Backward(pb::BackwardRequest {
-                session_id: self.target.session_id.clone(),
-                layer_id: self.target.layer_id.clone(),
-                dout: Some(reference.dout.clone()),
-                ..Default::default()
-            }),
+            Op::Forward => pb::run_request::Step::Forward(forward_request(&self.target, reference)),
+            Op::Backward => {
+                pb::run_request::Step::Backward(backward_request(&self.target, reference))
+            }
         };
         let (steps, answers) = self.stream.as_mut().expect("opened above");
         let answer = async {
@@ -527,16 +552,37 @@ impl Worker {
         match answer {
             Ok(pb::RunResponse {
                 result: Some(pb::run_response::Result::Forward(f)),
-            }) => Ok(f.y),
+            }) => Ok(Reply::Forward(f.y)),
             Ok(pb::RunResponse {
                 result: Some(pb::run_response::Result::Backward(b)),
-            }) => Ok(b.dx),
+            }) => Ok(Reply::Backward(b.dx, b.grads)),
             Ok(_) => Err(Status::internal("a Run answer with no result")),
             Err(status) => {
                 self.stream = None;
                 Err(status)
             }
         }
+    }
+}
+
+/// The Forward every call of a workload sends.
+fn forward_request(target: &Target, reference: &Reference) -> pb::ForwardRequest {
+    pb::ForwardRequest {
+        session_id: target.session_id.clone(),
+        layer_id: target.layer_id.clone(),
+        x: Some(reference.x.clone()),
+        t: reference.t.clone(),
+        ..Default::default()
+    }
+}
+
+/// The Backward every call of a workload sends (no dout after a loss).
+fn backward_request(target: &Target, reference: &Reference) -> pb::BackwardRequest {
+    pb::BackwardRequest {
+        session_id: target.session_id.clone(),
+        layer_id: target.layer_id.clone(),
+        dout: reference.dout.clone(),
+        return_grads: reference.return_grads(),
     }
 }
 
