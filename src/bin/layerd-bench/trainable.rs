@@ -102,8 +102,10 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
     };
     let rank = shape.len();
     let want = |what: &str| format!("--kind {} needs --shape {what}, got {shape:?}", kind.name());
-    // (config, t, y, dx from dout, grads from dout), in f64.
-    let (config, t, forward): (pb::layer_config::Config, Option<Vec<i64>>, Reference) = match kind {
+    if shape.contains(&0) {
+        return Err(want("without a zero dimension"));
+    }
+    let (config, forward): (pb::layer_config::Config, Reference) = match kind {
         Kind::Affine => {
             if rank < 2 {
                 return Err(want("NxFEATURES[x...]"));
@@ -116,7 +118,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
                 out_features: AFFINE_OUT,
                 init: None,
             });
-            (config, None, affine(&x, w, b))
+            (config, affine(&x, w, b))
         }
         Kind::Convolution => {
             if rank != 4 || shape[2] < KERNEL as u64 || shape[3] < KERNEL as u64 {
@@ -134,7 +136,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
                 pad: 0,
                 init: None,
             });
-            (config, None, convolution(&x, w, b))
+            (config, convolution(&x, w, b))
         }
         Kind::Pooling => {
             if rank != 4 || shape[2] < POOL as u64 || shape[3] < POOL as u64 {
@@ -146,7 +148,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
                 stride: POOL as u64,
                 pad: 0,
             });
-            (config, None, pooling(&x))
+            (config, pooling(&x))
         }
         Kind::BatchNorm => {
             if !(rank == 2 || rank == 4) || shape[0] < 2 {
@@ -160,7 +162,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
                 momentum: None,
                 epsilon: None,
             });
-            (config, None, batch_norm(&x, gamma, beta, 1e-6))
+            (config, batch_norm(&x, gamma, beta, 1e-6))
         }
         Kind::SoftmaxWithLoss => {
             if rank != 2 {
@@ -188,7 +190,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
         }
         other => return Err(format!("{other} has no trainable reference here")),
     };
-    Ok(finish::<F>(shape, xf, t, params, forward, Some(config)))
+    Ok(finish::<F>(shape, xf, None, params, forward, Some(config)))
 }
 
 /// dx and each parameter's gradient.
