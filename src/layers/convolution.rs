@@ -232,6 +232,10 @@ fn im2col_t_into<F: Float>(
     {
         let row = row.as_slice_mut().expect("rows of a contiguous buffer");
         let (rows, cols) = (valid_outputs(oh, h, i, g), valid_outputs(ow, w, j, g));
+        if cols.is_empty() {
+            // This kernel column reads only padding (its first source would lie outside).
+            continue;
+        }
         for ni in 0..n {
             let plane = &xs[(ni * c + ci) * h * w..][..h * w];
             for r in rows.clone() {
@@ -282,6 +286,10 @@ fn col2im_t_add<F: Float>(
     {
         let row = row.to_slice().expect("rows of a standard layout");
         let (rows, cols) = (valid_outputs(oh, h, i, g), valid_outputs(ow, w, j, g));
+        if cols.is_empty() {
+            // This kernel column reads only padding (its first source would lie outside).
+            continue;
+        }
         for ni in 0..n {
             let plane = &mut xs[(ni * c + ci) * h * w..][..h * w];
             for r in rows.clone() {
@@ -492,6 +500,9 @@ mod tests {
             (Geometry { stride: 2, pad: 1 }, (1, 2, 7, 6), (3, 2, 3, 3)),
             (Geometry { stride: 3, pad: 2 }, (3, 1, 4, 4), (2, 1, 5, 5)),
             (Geometry { stride: 1, pad: 0 }, (1, 1, 3, 3), (1, 1, 3, 3)), // output 1×1
+            // Kernel rows and columns that read only padding (a fuzzer's find).
+            (Geometry { stride: 1, pad: 2 }, (2, 1, 1, 1), (2, 1, 5, 5)),
+            (Geometry { stride: 3, pad: 3 }, (1, 2, 2, 3), (2, 2, 3, 4)),
         ] {
             let (x, w) = (filled(x_shape, 1), filled(w_shape, 2));
             let b = filled(w_shape.0, 3);
@@ -506,12 +517,16 @@ mod tests {
     #[test]
     fn col2im_is_the_adjoint_of_im2col() {
         // <im2col(x), c> = <x, col2im(c)> for every x and c.
-        let g = Geometry { stride: 2, pad: 1 };
-        let x = filled((2, 3, 5, 4), 1);
-        let col = im2col_t(x.view(), (3, 2), g);
-        let c = filled(col.raw_dim(), 2);
-        let back = col2im_t(c.view(), x.dim(), (3, 2), g);
-        assert!(((&col * &c).sum() - (&x * &back).sum()).abs() < 1e-12);
+        for (g, x_shape, kernel) in [
+            (Geometry { stride: 2, pad: 1 }, (2, 3, 5, 4), (3, 2)),
+            (Geometry { stride: 1, pad: 2 }, (2, 1, 1, 1), (5, 5)),
+        ] {
+            let x = filled(x_shape, 1);
+            let col = im2col_t(x.view(), kernel, g);
+            let c = filled(col.raw_dim(), 2);
+            let back = col2im_t(c.view(), x.dim(), kernel, g);
+            assert!(((&col * &c).sum() - (&x * &back).sum()).abs() < 1e-12);
+        }
     }
 
     /// Several blocks of images, the last one short, with padding (whose
