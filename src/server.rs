@@ -46,10 +46,13 @@ macro_rules! limited {
 
 /// Binds `config.addr` and serves until SIGTERM or SIGINT.
 pub async fn serve(config: Config) -> Result<(), BoxError> {
+    // Handlers first: once the port is bound, connections are accepted (and a
+    // signal may follow) before `run` is first polled.
+    let shutdown = crate::signal::terminate();
     let listener = TcpListener::bind(config.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
-    run(listener, config, crate::signal::terminate()).await
+    run(listener, config, shutdown).await
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health turns

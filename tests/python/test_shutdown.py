@@ -1,8 +1,11 @@
 """SIGTERM under load: health turns NOT_SERVING first (watchers see it while calls are still
 served), every call in flight at the signal completes, Run streams open across it finish all
 their steps, calls after the drain begins are refused UNAVAILABLE (nothing else), and the
-process exits 0 within --shutdown-delay + --shutdown-grace."""
+process exits 0 within --shutdown-delay + --shutdown-grace; and a SIGTERM that comes as soon as the
+port answers is a graceful exit too."""
 import signal
+import socket
+import subprocess
 import threading
 import time
 
@@ -10,7 +13,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from layerd_server import Server
+from layerd_server import BINARY, Server
 from test_numpy_conformance import from_tensor, to_tensor
 
 DELAY, GRACE = 1.0, 10.0
@@ -121,3 +124,26 @@ def test_sigterm_under_load_fails_no_call_in_flight(pb):
           f"{STREAMS} streams ({sum(s[3] for s in steps)} steps) completed; NOT_SERVING after "
           f"{(flipped - signalled) * 1000:.1f} ms; exit 0 after {exited - signalled:.2f} s "
           f"(delay {DELAY} s + grace {GRACE} s)")
+
+
+def test_sigterm_as_soon_as_the_port_answers_is_a_graceful_exit():
+    # The signal handlers are installed before the port is bound: a SIGTERM sent the moment
+    # the port accepts a connection (a test, an orchestrator stopping a pod that just started)
+    # drains and exits 0 instead of being killed by the default action (-15). Before the fix
+    # this failed every time.
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen([str(BINARY), "--addr", f"127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "layerd did not start"
+                time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
