@@ -276,28 +276,28 @@ fn reduce_tiles<F: Float, const WIDTH: usize>(cells: &[F], best: &mut [F], best_
         .zip(best.iter_mut())
         .zip(best_at.iter_mut())
     {
-        let (mut top, mut top_at) = (tile[0], 0);
-        for (j, &v) in tile.iter().enumerate().skip(1) {
-            let take = beats(v, top);
-            top = if take { v } else { top };
-            top_at = if take { j as u32 } else { top_at };
-        }
-        (*b, *a) = (top, top_at);
+        (*b, *a) = first_maximum(tile);
     }
 }
 
 /// The first pass for one row, any stride and width.
 fn reduce_row<F: Float>(row: &[F], best: &mut [F], best_at: &mut [u32], pool: Pool) {
     for (s, (b, a)) in best.iter_mut().zip(best_at.iter_mut()).enumerate() {
-        let window = &row[s * pool.stride..][..pool.pool_w];
-        let (mut top, mut top_at) = (window[0], 0);
-        for (j, &v) in window.iter().enumerate().skip(1) {
-            if beats(v, top) {
-                (top, top_at) = (v, j as u32);
-            }
-        }
-        (*b, *a) = (top, top_at);
+        (*b, *a) = first_maximum(&row[s * pool.stride..][..pool.pool_w]);
     }
+}
+
+/// A window row segment's first maximum (numpy's argmax order) and its
+/// position, by branch-free selects.
+#[inline(always)]
+fn first_maximum<F: Float>(window: &[F]) -> (F, u32) {
+    let (mut top, mut top_at) = (window[0], 0);
+    for (j, &v) in window.iter().enumerate().skip(1) {
+        let take = beats(v, top);
+        top = if take { v } else { top };
+        top_at = if take { j as u32 } else { top_at };
+    }
+    (top, top_at)
 }
 
 /// Step 2 of [`forward_unpadded`]: a later window row's maxima (their
