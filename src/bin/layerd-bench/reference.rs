@@ -43,8 +43,9 @@ pub struct Reference {
     pub config: Option<pb::LayerConfig>,
     /// Parameters the bench gives the layer (so that it knows them).
     pub params: HashMap<String, pb::Tensor>,
-    y_shape: Vec<u64>,
-    check: Box<dyn Checker>,
+    /// The shape Forward answers.
+    pub(crate) y_shape: Vec<u64>,
+    pub(crate) check: Box<dyn Checker>,
 }
 
 impl Reference {
@@ -160,16 +161,7 @@ fn bytes_of<F: Element>(values: Vec<F>) -> Bytes {
 
 fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Reference, String> {
     if !Kind::ELEMENTWISE.contains(&kind) {
-        let built = trainable::build::<F>(kind, shape)?;
-        return Ok(Reference {
-            x: built.x,
-            dout: built.dout,
-            t: built.t,
-            config: built.config,
-            params: built.params,
-            y_shape: built.y_shape,
-            check: built.check,
-        });
+        return trainable::build::<F>(kind, shape);
     }
     let len = shape.iter().product::<u64>() as usize;
     let (x, dout) = inputs::<F>(len);

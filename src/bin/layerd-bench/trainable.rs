@@ -29,7 +29,7 @@ use layerd::pb;
 use ndarray::{Array1, Array2, Array4, ArrayD, Axis, Dimension, IxDyn};
 
 use crate::args::Kind;
-use crate::reference::{tensor, Answer, Checker, Element};
+use crate::reference::{tensor, Answer, Element, Reference};
 
 /// Filters, kernel and features of the fixed configurations.
 const AFFINE_OUT: u64 = 100;
@@ -48,17 +48,6 @@ pub fn default_shape(kind: Kind) -> Option<Vec<u64>> {
         Kind::SoftmaxWithLoss => vec![100, 10],
         _ => return None,
     })
-}
-
-/// What a trainable workload sends and expects.
-pub struct Built {
-    pub x: pb::Tensor,
-    pub dout: Option<pb::Tensor>,
-    pub t: Option<pb::Tensor>,
-    pub config: Option<pb::LayerConfig>,
-    pub params: HashMap<String, pb::Tensor>,
-    pub y_shape: Vec<u64>,
-    pub check: Box<dyn Checker>,
 }
 
 /// Deterministic values in [-scale, scale), never exactly zero.
@@ -88,7 +77,7 @@ fn u(shape: &[u64]) -> Vec<usize> {
 }
 
 /// Builds the workload of `kind` at `shape`, or says why the shape does not fit.
-pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
+pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Reference, String> {
     let len = shape.iter().product::<u64>() as usize;
     let (xf, x) = rounded::<F>(values(len, 1, 2.0));
     let x = ArrayD::from_shape_vec(IxDyn(&u(shape)), x).expect("len");
@@ -105,7 +94,7 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
     if shape.contains(&0) {
         return Err(want("without a zero dimension"));
     }
-    let (config, forward): (pb::layer_config::Config, Reference) = match kind {
+    let (config, forward): (pb::layer_config::Config, Expected) = match kind {
         Kind::Affine => {
             if rank < 2 {
                 return Err(want("NxFEATURES[x...]"));
@@ -170,15 +159,8 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Built, String> {
             }
             let (n, classes) = (shape[0] as usize, shape[1] as usize);
             let labels: Vec<i64> = (0..n).map(|i| (i * 7 % classes) as i64).collect();
-            let reference = softmax_with_loss(&x, &labels);
-            return Ok(finish::<F>(
-                shape,
-                xf,
-                Some(labels),
-                params,
-                reference,
-                None,
-            ));
+            let expected = softmax_with_loss(&x, &labels);
+            return Ok(finish::<F>(shape, xf, Some(labels), params, expected, None));
         }
         Kind::Dropout => {
             let config = pb::layer_config::Config::Dropout(pb::DropoutConfig {
@@ -200,7 +182,7 @@ type Gradients = (ArrayD<f64>, Vec<(&'static str, ArrayD<f64>)>);
 type BackwardFn = Box<dyn Fn(&ArrayD<f64>) -> Gradients>;
 
 /// The reference's answers: y, and Backward as a function of dout.
-struct Reference {
+struct Expected {
     y: ArrayD<f64>,
     backward: BackwardFn,
 }
@@ -212,27 +194,27 @@ fn finish<F: Element>(
     xf: Vec<F>,
     t: Option<Vec<i64>>,
     params: HashMap<String, pb::Tensor>,
-    reference: Reference,
+    expected: Expected,
     config: Option<pb::layer_config::Config>,
-) -> Built {
-    let y_shape: Vec<u64> = reference.y.shape().iter().map(|&d| d as u64).collect();
+) -> Reference {
+    let y_shape: Vec<u64> = expected.y.shape().iter().map(|&d| d as u64).collect();
     let (dout, dout_f64) = match t {
         None => {
-            let (as_f, back) = rounded::<F>(values(reference.y.len(), 2, 1.0));
+            let (as_f, back) = rounded::<F>(values(expected.y.len(), 2, 1.0));
             (
                 Some(tensor(&y_shape, &as_f)),
-                ArrayD::from_shape_vec(reference.y.raw_dim(), back).expect("len"),
+                ArrayD::from_shape_vec(expected.y.raw_dim(), back).expect("len"),
             )
         }
         Some(_) => (None, ArrayD::from_elem(IxDyn(&[]), 1.0)),
     };
-    let (dx, grads) = (reference.backward)(&dout_f64);
+    let (dx, grads) = (expected.backward)(&dout_f64);
     let tolerance = if F::DTYPE == pb::DType::DtypeFloat32 {
         1e-4
     } else {
         1e-10
     };
-    let y = reference.y;
+    let y = expected.y;
     let pinned_y = std::sync::OnceLock::<Bytes>::new();
     let pinned_back = std::sync::OnceLock::<(Bytes, Vec<(String, Bytes)>)>::new();
     let check = move |answer: Answer<'_>| match answer {
@@ -275,7 +257,7 @@ fn finish<F: Element>(
             pinned.0 == data && pinned.1 == got_grads
         }
     };
-    Built {
+    Reference {
         x: tensor(shape, &xf),
         dout,
         t: t.map(|labels| pb::Tensor {
@@ -308,7 +290,7 @@ fn close<F: Element>(data: &Bytes, want: &ArrayD<f64>, tolerance: f64) -> bool {
     })
 }
 
-fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
+fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
     let n = x.shape()[0];
     let x2 = x
         .clone()
@@ -318,7 +300,7 @@ fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
     let b = b.into_dimensionality::<ndarray::Ix1>().expect("1-D");
     let y = x2.dot(&w) + &b;
     let x_shape = x.raw_dim();
-    Reference {
+    Expected {
         y: y.into_dyn(),
         backward: Box::new(move |dout| {
             let d = dout
@@ -337,7 +319,7 @@ fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
 }
 
 /// Cross-correlation, stride 1, no padding, by its definition.
-fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
+fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix4>()
@@ -357,7 +339,7 @@ fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
         }
         sum + b[fi]
     });
-    Reference {
+    Expected {
         y: y.into_dyn(),
         backward: Box::new(move |dout| {
             let d = dout
@@ -386,7 +368,7 @@ fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Reference {
 }
 
 /// Max pooling 2×2, stride 2: the first maximum of each window in row-major order.
-fn pooling(x: &ArrayD<f64>) -> Reference {
+fn pooling(x: &ArrayD<f64>) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix4>()
@@ -407,7 +389,7 @@ fn pooling(x: &ArrayD<f64>) -> Reference {
         winner[[ni, ci, r, s]] = best.1;
         best.0
     });
-    Reference {
+    Expected {
         y: y.into_dyn(),
         backward: Box::new(move |dout| {
             let mut dx = Array4::<f64>::zeros(x.raw_dim());
@@ -427,7 +409,7 @@ fn pooling(x: &ArrayD<f64>) -> Reference {
 
 /// Batch normalization in training mode, per feature (axis 1, and over
 /// H and W for 4-D input).
-fn batch_norm(x: &ArrayD<f64>, gamma: ArrayD<f64>, beta: ArrayD<f64>, eps: f64) -> Reference {
+fn batch_norm(x: &ArrayD<f64>, gamma: ArrayD<f64>, beta: ArrayD<f64>, eps: f64) -> Expected {
     let shape = x.raw_dim();
     let rows = |a: &ArrayD<f64>| -> Array2<f64> {
         let c = a.shape()[1];
@@ -464,7 +446,7 @@ fn batch_norm(x: &ArrayD<f64>, gamma: ArrayD<f64>, beta: ArrayD<f64>, eps: f64) 
     let gamma = gamma.into_dimensionality::<ndarray::Ix1>().expect("1-D");
     let beta = beta.into_dimensionality::<ndarray::Ix1>().expect("1-D");
     let y = unrows(&xn * &gamma + &beta, &shape);
-    Reference {
+    Expected {
         y,
         backward: Box::new(move |dout| {
             let d = rows(dout);
@@ -486,7 +468,7 @@ fn batch_norm(x: &ArrayD<f64>, gamma: ArrayD<f64>, beta: ArrayD<f64>, eps: f64) 
 
 /// Softmax over the last axis and the mean cross-entropy with class labels;
 /// Backward (no dout) is (softmax − one-hot) / N.
-fn softmax_with_loss(x: &ArrayD<f64>, labels: &[i64]) -> Reference {
+fn softmax_with_loss(x: &ArrayD<f64>, labels: &[i64]) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix2>()
@@ -506,7 +488,7 @@ fn softmax_with_loss(x: &ArrayD<f64>, labels: &[i64]) -> Reference {
         .sum::<f64>()
         / n as f64;
     let labels = labels.to_vec();
-    Reference {
+    Expected {
         y: ArrayD::from_elem(IxDyn(&[]), loss),
         backward: Box::new(move |_| {
             let mut dx = p.clone();
@@ -524,7 +506,7 @@ fn dropout<F: Element>(
     xf: Vec<F>,
     doutf: Vec<F>,
     config: pb::layer_config::Config,
-) -> Built {
+) -> Reference {
     let zero = F::zero();
     let (x, dout) = (xf.clone(), doutf.clone());
     let check = move |answer: Answer<'_>| {
@@ -561,7 +543,7 @@ fn dropout<F: Element>(
             }
         }
     };
-    Built {
+    Reference {
         x: tensor(shape, &xf),
         dout: Some(tensor(shape, &doutf)),
         t: None,
