@@ -364,13 +364,13 @@ pub fn forward<F: Float>(
     g: Geometry,
 ) -> Array4<F> {
     let (n, _, h, wd) = x.dim();
-    let (fn_, _, fh, fw) = w.dim();
+    let (fn_, c, fh, fw) = w.dim();
     let (oh, ow) = g
         .output_size((h, wd), (fh, fw))
         .expect("validated: the kernel fits");
     let per_block = block_images::<F>(x.dim(), (fh, fw), (oh, ow));
     let mut y = Array4::zeros((n, fn_, oh, ow));
-    let mut col_buffer = Array2::zeros((w.len() / fn_, per_block * oh * ow));
+    let mut col_buffer = Array2::zeros((c * fh * fw, per_block * oh * ow));
     for (x_block, mut y_block) in x
         .axis_chunks_iter(Axis(0), per_block)
         .zip(y.axis_chunks_iter_mut(Axis(0), per_block))
