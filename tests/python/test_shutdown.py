@@ -1,10 +1,12 @@
 """SIGTERM under load: health turns NOT_SERVING first (watchers see it while calls are still
 served), every call in flight at the signal completes, Run streams open across it finish all
 their steps, calls after the drain begins are refused UNAVAILABLE (nothing else), and the
-process exits 0 within --shutdown-delay + --shutdown-grace; and a SIGTERM that comes as soon as the
-port answers is a graceful exit too."""
+process exits 0 within --shutdown-delay + --shutdown-grace; a client's WINDOW_UPDATE on a stream
+the drain refused does not cut the calls still finishing; and a SIGTERM that comes as soon as
+the port answers is a graceful exit too."""
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -147,3 +149,85 @@ def test_sigterm_as_soon_as_the_port_answers_is_a_graceful_exit():
                 time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+class RawHttp2:
+    """An HTTP/2 connection spoken frame by frame, to send what a gRPC client sends at a moment
+    no client library lets a test choose."""
+    DATA, HEADERS, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 4, 6, 7, 8
+    END_STREAM = ACK = 1
+    END_HEADERS = 4
+
+    def __init__(self, addr):
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.pending = b""
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + self.frame(self.SETTINGS, 0, 0))
+
+    @staticmethod
+    def frame(kind, flags, stream, payload=b""):
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+    def send(self, kind, flags, stream, payload=b""):
+        self.sock.sendall(self.frame(kind, flags, stream, payload))
+
+    def open_grpc_stream(self, stream, method):
+        """HEADERS of a gRPC call (HPACK literals, no Huffman), its request left open."""
+        fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", method.encode()),
+                  (b":authority", b"layerd"), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        block = b"".join(b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v for n, v in fields)
+        self.send(self.HEADERS, self.END_HEADERS, stream, block)
+
+    def until(self, wanted, timeout=5.0):
+        """Frames (kind, flags, stream, payload) read until one satisfies `wanted` or the
+        connection closes; SETTINGS and PINGs are acknowledged on the way, as a client does."""
+        frames, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while len(self.pending) >= 9:
+                length = int.from_bytes(self.pending[:3], "big")
+                if len(self.pending) < 9 + length:
+                    break
+                head, payload = self.pending[:9], self.pending[9:9 + length]
+                self.pending = self.pending[9 + length:]
+                got = (head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload)
+                frames.append(got)
+                if got[0] in (self.SETTINGS, self.PING) and not got[1] & self.ACK:
+                    self.send(got[0], self.ACK, 0, payload if got[0] == self.PING else b"")
+                if wanted(got):
+                    return frames
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                frames.append("closed")
+                return frames
+            self.pending += chunk
+        raise AssertionError(f"not seen within {timeout} s: {frames}")
+
+
+def goaway(frame):
+    """(last stream id, error code) of a GOAWAY frame, else None."""
+    if frame != "closed" and frame[0] == RawHttp2.GOAWAY:
+        return struct.unpack(">II", frame[3][:8])
+    return None
+
+
+def test_window_update_on_a_stream_refused_by_the_drain_keeps_the_connection():
+    # The drain sends GOAWAY(2^31-1), a PING, and after its ack GOAWAY(last stream id). A client
+    # that opened a stream before it read the GOAWAY sends HEADERS and (grpc-core does at once) a
+    # WINDOW_UPDATE on it. The stream is refused; the frames on it must be ignored. h2 0.4.20
+    # answered the WINDOW_UPDATE with GOAWAY(PROTOCOL_ERROR) and closed the connection, failing
+    # the call still finishing on stream 1 (third_party/h2/PATCHED.md).
+    server = Server("--shutdown-delay=0s", f"--shutdown-grace={GRACE}s")
+    conn = RawHttp2(server.addr)
+    conn.open_grpc_stream(1, "/layerd.v1.LayerService/Run")  # in flight across the drain
+    conn.until(lambda f: f[0] == RawHttp2.SETTINGS and f[1] & RawHttp2.ACK)
+    server.proc.send_signal(signal.SIGTERM)
+    frames = conn.until(lambda f: goaway(f) is not None and goaway(f)[0] < 0x7FFFFFFF)
+    assert goaway(frames[-1]) == (1, 0), frames  # stream 1 is still served, without error
+    conn.open_grpc_stream(3, "/layerd.v1.LayerService/Run")
+    conn.send(RawHttp2.WINDOW_UPDATE, 0, 3, struct.pack(">I", 1 << 20))
+    conn.send(RawHttp2.DATA, RawHttp2.END_STREAM, 1)  # the call on stream 1 ends its requests
+    frames = conn.until(lambda f: f == "closed" or (f[0] == RawHttp2.HEADERS and f[2] == 1))
+    assert not [f for f in frames if goaway(f) and goaway(f)[1] != 0], frames
+    trailers = frames[-1]
+    assert trailers != "closed" and trailers[1] & RawHttp2.END_STREAM, frames
+    assert server.proc.wait(timeout=GRACE + 5) == 0
