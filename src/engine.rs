@@ -21,7 +21,7 @@ use tonic::{metadata::MetadataMap, Code, Status, Streaming};
 use tracing::{field, Instrument, Span};
 
 use crate::error::Error;
-use crate::layers::Chain;
+use crate::layers::{rng::Rng, Chain, MemberState};
 use crate::metrics;
 use crate::session::{KeptEntry, LayerInstance, Session};
 use crate::tensor::{Target, Tensor};
@@ -147,18 +147,24 @@ pub async fn forward_on(
         chain.forward(&members, &x, t.as_ref(), &plan, eval, keep)
     })
     .await?;
-    for (member, (buffers, rng)) in state.members.iter_mut().zip(out.updates) {
+    commit_forward(&mut state.members, out.updates);
+    if let (Some(kept), Some(charge)) = (out.kept, charge) {
+        state.kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+    }
+    phases.compute = computing.elapsed();
+    Ok(out.y)
+}
+
+/// Applies a Forward's new buffer values and generator positions to
+/// `members` (those that ran).
+pub fn commit_forward(members: &mut [MemberState], updates: Vec<(Vec<Tensor>, Option<Rng>)>) {
+    for (member, (buffers, rng)) in members.iter_mut().zip(updates) {
         let first_buffer = member.values.len() - buffers.len();
         for (slot, value) in member.values[first_buffer..].iter_mut().zip(buffers) {
             *slot = value;
         }
         member.rng = rng;
     }
-    if let (Some(kept), Some(charge)) = (out.kept, charge) {
-        state.kept = Some(Arc::new(KeptEntry::new(kept, charge)));
-    }
-    phases.compute = computing.elapsed();
-    Ok(out.y)
 }
 
 /// What a Backward answers: `dx`, and the parameter gradients by name when
@@ -248,7 +254,7 @@ pub async fn set_values(
 
 /// Roughly the elements a computation's time scales with, for [`compute`]:
 /// its tensor's, its largest array's, and its parameters'.
-fn cost(chain: &Chain, elements: usize, bytes: u64) -> usize {
+pub fn cost(chain: &Chain, elements: usize, bytes: u64) -> usize {
     let arrays = bytes.max(chain.held_bytes() / 2) / 4;
     elements.max(usize::try_from(arrays).unwrap_or(usize::MAX))
 }

@@ -59,6 +59,38 @@ pub enum Error {
         reason: &'static str,
     },
 
+    #[error("optimizer {optimizer_id:?} not found in session {session_id:?}")]
+    OptimizerNotFound {
+        session_id: String,
+        optimizer_id: String,
+    },
+
+    #[error("optimizer {optimizer_id:?} already exists in session {session_id:?}")]
+    OptimizerExists {
+        session_id: String,
+        optimizer_id: String,
+    },
+
+    /// A parameter belongs to one optimizer.
+    #[error(
+        "the parameters of layer {layer_id:?} in session {session_id:?} already belong to optimizer {optimizer_id:?}"
+    )]
+    ParamsOwned {
+        session_id: String,
+        layer_id: String,
+        optimizer_id: String,
+    },
+
+    /// Step needs a gradient for every parameter the optimizer owns.
+    #[error(
+        "optimizer {optimizer_id:?} has no gradient for parameter {param:?} of layer {layer_id:?}: call Backward on it first"
+    )]
+    NoGradients {
+        optimizer_id: String,
+        layer_id: String,
+        param: String,
+    },
+
     #[error(
         "layer {layer_id:?} has nothing kept for Backward: call Forward without no_grad first"
     )]
@@ -112,10 +144,16 @@ impl Error {
         match self {
             Error::SessionNotFound { .. }
             | Error::LayerNotFound { .. }
-            | Error::ModelNotFound { .. } => Code::NotFound,
-            Error::SessionExists { .. } | Error::LayerExists { .. } => Code::AlreadyExists,
+            | Error::ModelNotFound { .. }
+            | Error::OptimizerNotFound { .. } => Code::NotFound,
+            Error::SessionExists { .. }
+            | Error::LayerExists { .. }
+            | Error::OptimizerExists { .. }
+            | Error::ParamsOwned { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NothingKept { .. } | Error::SequenceRequired { .. } => Code::FailedPrecondition,
+            Error::NothingKept { .. }
+            | Error::SequenceRequired { .. }
+            | Error::NoGradients { .. } => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::Overloaded { .. } => Code::Unavailable,
@@ -133,6 +171,10 @@ impl Error {
             Error::ModelNotFound { .. } => "MODEL_NOT_FOUND",
             Error::SequenceRequired { .. } => "SEQUENCE_REQUIRED",
             Error::LayerExists { .. } => "LAYER_EXISTS",
+            Error::OptimizerNotFound { .. } => "OPTIMIZER_NOT_FOUND",
+            Error::OptimizerExists { .. } => "OPTIMIZER_EXISTS",
+            Error::ParamsOwned { .. } => "PARAMS_OWNED",
+            Error::NoGradients { .. } => "NO_GRADIENTS",
             Error::InvalidArgument { reason, .. } | Error::Unauthenticated { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
@@ -159,6 +201,32 @@ impl Error {
                 vec![("model", model), ("version", version)]
             }
             Error::SequenceRequired { model } => vec![("model", model)],
+            Error::OptimizerNotFound {
+                session_id,
+                optimizer_id,
+            }
+            | Error::OptimizerExists {
+                session_id,
+                optimizer_id,
+            } => vec![("session_id", session_id), ("optimizer_id", optimizer_id)],
+            Error::ParamsOwned {
+                session_id,
+                layer_id,
+                optimizer_id,
+            } => vec![
+                ("session_id", session_id),
+                ("layer_id", layer_id),
+                ("optimizer_id", optimizer_id),
+            ],
+            Error::NoGradients {
+                optimizer_id,
+                layer_id,
+                param,
+            } => vec![
+                ("optimizer_id", optimizer_id),
+                ("layer_id", layer_id),
+                ("param", param),
+            ],
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],

@@ -42,6 +42,7 @@ pub mod error;
 pub mod kserve;
 pub mod layers;
 pub mod metrics;
+pub mod optimizers;
 pub mod overload;
 pub mod server;
 pub mod service;
@@ -50,6 +51,7 @@ pub mod signal;
 pub mod spec;
 pub mod telemetry;
 pub mod tensor;
+pub mod training;
 
 /// Generated protobuf and gRPC code for `layerd.v1`.
 pub mod pb {

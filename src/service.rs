@@ -18,9 +18,10 @@ use crate::error::Error;
 use crate::layers::Kind;
 use crate::metrics;
 use crate::pb::{self, layer_service_server};
-use crate::session::{check_id, LayerInstance, Session, Store};
+use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
 use crate::spec;
 use crate::tensor::{Target, Tensor};
+use crate::training::{step_on, train_step_on, TrainOptions};
 
 /// The layer service; cheap to clone.
 #[derive(Clone)]
@@ -65,6 +66,22 @@ impl LayerService {
         Span::current().record("kind", kind);
         metrics::note_kind(kind);
         Ok((session, layer))
+    }
+
+    /// Checks a request's routing header and session id, then finds the
+    /// session and its optimizer.
+    fn optimizer_of(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+        optimizer_id: &str,
+    ) -> Result<(Arc<Session>, Arc<Optimizer>), Error> {
+        check_routing(&caller.metadata, session_id)?;
+        check_id("session_id", session_id)?;
+        check_id("optimizer_id", optimizer_id)?;
+        let session = self.store.session(&caller.principal, session_id)?;
+        let optimizer = session.optimizer(optimizer_id)?;
+        Ok((session, optimizer))
     }
 
     async fn forward_step(
@@ -312,6 +329,77 @@ impl layer_service_server::LayerService for LayerService {
             let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
             set_values(&layer, values).await?;
             Ok(pb::SetParamsResponse {})
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn create_optimizer(
+        &self,
+        request: Request<pb::CreateOptimizerRequest>,
+    ) -> ServiceResult<pb::CreateOptimizerResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("CreateOptimizer", &message.session_id, "");
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            let algorithm = spec::algorithm(&message)?;
+            check_routing(&caller.metadata, &message.session_id)?;
+            check_id("session_id", &message.session_id)?;
+            self.store
+                .session(&caller.principal, &message.session_id)?
+                .create_optimizer(&message.optimizer_id, algorithm, &message.layer_ids)
+                .await?;
+            Ok(pb::CreateOptimizerResponse {})
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn step(&self, request: Request<pb::StepRequest>) -> ServiceResult<pb::StepResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("Step", &message.session_id, "");
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            let (_, optimizer) =
+                self.optimizer_of(&caller, &message.session_id, &message.optimizer_id)?;
+            let steps = step_on(&optimizer).await?;
+            Ok(pb::StepResponse { steps })
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn train_step(
+        &self,
+        request: Request<pb::TrainStepRequest>,
+    ) -> ServiceResult<pb::TrainStepResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("TrainStep", &message.session_id, &message.layer_id);
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            let x = Tensor::from_proto(message.x, "x")?;
+            let t = Target::from_proto(message.t, "t")?.ok_or_else(|| {
+                Error::invalid(
+                    "t",
+                    "a target: INT64 class ids (N,) or probabilities of the scores' shape",
+                    "none (field not set)",
+                    "MISSING_TENSOR",
+                )
+            })?;
+            Span::current().record("elements", x.len());
+            let (session, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            drop(layer);
+            check_id("optimizer_id", &message.optimizer_id)?;
+            let optimizer = session.optimizer(&message.optimizer_id)?;
+            let options = TrainOptions {
+                return_dx: message.return_dx,
+                return_scores: message.return_scores,
+            };
+            let answer =
+                train_step_on(&session, &optimizer, &message.layer_id, x, t, options).await?;
+            Ok(pb::TrainStepResponse {
+                loss: answer.loss,
+                dx: answer.dx.map(Tensor::into_proto),
+                scores: answer.scores.map(Tensor::into_proto),
+                steps: answer.steps,
+            })
         });
         Ok(Response::new(response.await?))
     }

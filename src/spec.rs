@@ -1,7 +1,8 @@
-//! Layer specifications from the wire: a `CreateLayerRequest`'s kind, config,
-//! dtype and initial values become a validated [`Chain`] and its values, or an
+//! Layer and optimizer specifications from the wire: a `CreateLayerRequest`'s
+//! kind, config, dtype and initial values become a validated [`Chain`] and its
+//! values, a `CreateOptimizerRequest`'s algorithm an [`Algorithm`], or an
 //! INVALID_ARGUMENT naming the field (`config.convolution.kernel_h`,
-//! `config.sequential.layers[2].name`, `params["W"]`).
+//! `config.sequential.layers[2].name`, `params["W"]`, `adam.beta1`).
 //!
 //! Nothing is allocated from the config here: the caller checks the bytes the
 //! chain will hold against the budgets first ([`Chain::held_bytes`]).
@@ -14,6 +15,7 @@ use crate::layers::{
     batch_norm, convolution, init, Affine, BatchNorm, Chain, Convolution, Dropout, Kind, Member,
     Pool, Spec,
 };
+use crate::optimizers::Algorithm;
 use crate::pb::{self, layer_config::Config};
 use crate::tensor::Tensor;
 
@@ -52,6 +54,62 @@ pub fn new_layer(request: &pb::CreateLayerRequest) -> Result<NewLayer, Error> {
     };
     chain.check_values(&params, "params")?;
     Ok(NewLayer { chain, params })
+}
+
+/// Validates a CreateOptimizerRequest's algorithm and hyperparameters (the
+/// defaults of the classic optimizers where unset).
+pub fn algorithm(request: &pb::CreateOptimizerRequest) -> Result<Algorithm, Error> {
+    use pb::create_optimizer_request::Algorithm as Wire;
+    let lr = |lr: Option<f64>, default: f64, field: &str| {
+        let lr = lr.unwrap_or(default);
+        if lr.is_finite() && lr > 0.0 {
+            return Ok(lr);
+        }
+        Err(Error::invalid(
+            format!("{field}.lr"),
+            "a finite learning rate > 0",
+            format!("{lr}"),
+            "INVALID_CONFIG",
+        ))
+    };
+    // momentum and the betas: decay rates in [0, 1).
+    let rate = |value: Option<f64>, default: f64, field: String| {
+        let value = value.unwrap_or(default);
+        if (0.0..1.0).contains(&value) {
+            return Ok(value);
+        }
+        Err(Error::invalid(
+            field,
+            "a rate in [0, 1)",
+            format!("{value}"),
+            "INVALID_CONFIG",
+        ))
+    };
+    Ok(match &request.algorithm {
+        Some(Wire::Sgd(c)) => Algorithm::Sgd {
+            lr: lr(c.lr, 0.01, "sgd")?,
+        },
+        Some(Wire::Momentum(c)) => Algorithm::Momentum {
+            lr: lr(c.lr, 0.01, "momentum")?,
+            momentum: rate(c.momentum, 0.9, "momentum.momentum".into())?,
+        },
+        Some(Wire::Adagrad(c)) => Algorithm::AdaGrad {
+            lr: lr(c.lr, 0.01, "adagrad")?,
+        },
+        Some(Wire::Adam(c)) => Algorithm::Adam {
+            lr: lr(c.lr, 0.001, "adam")?,
+            beta1: rate(c.beta1, 0.9, "adam.beta1".into())?,
+            beta2: rate(c.beta2, 0.999, "adam.beta2".into())?,
+        },
+        None => {
+            return Err(Error::invalid(
+                "algorithm",
+                "one of sgd, momentum, adagrad, adam",
+                "none (field not set)",
+                "MISSING_ALGORITHM",
+            ))
+        }
+    })
 }
 
 /// Wire tensors by name, validated; member values are prefixed `prefix`.

@@ -106,6 +106,9 @@ pub struct Forwarded {
     /// Per member that ran: new buffer values (empty: unchanged) and the
     /// generator's new position.
     pub updates: Vec<(Vec<Tensor>, Option<Rng>)>,
+    /// The loss member's input (the scores), when a member before it made
+    /// them; None when the loss ran on x itself or no loss ran.
+    pub scores: Option<Tensor>,
 }
 
 /// A Backward's results, to commit.
@@ -190,6 +193,29 @@ impl Chain {
     /// (named once, when the chain is built).
     fn slots(&self) -> &[(usize, usize, String, Slot)] {
         &self.slots
+    }
+
+    /// Its parameters (learned slots): (member index, slot index, name,
+    /// slot), in declaration order. A member's parameters come before its
+    /// buffers, so the slot index is also the index of its gradient.
+    pub fn params(&self) -> impl Iterator<Item = (usize, usize, &str, &Slot)> {
+        self.slots
+            .iter()
+            .filter(|(_, _, _, slot)| slot.role == Role::Param)
+            .map(|(m, s, name, slot)| (*m, *s, name.as_str(), slot))
+    }
+
+    /// Bytes of one copy of its parameters (an optimizer's state per name).
+    pub fn param_bytes(&self) -> u64 {
+        let itemsize = self.dtype.map_or(0, DType::itemsize) as u64;
+        self.params()
+            .map(|(_, _, _, slot)| slot.elements().saturating_mul(itemsize))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Whether it has parameters (something an optimizer can own).
+    pub fn has_params(&self) -> bool {
+        self.params().next().is_some()
     }
 
     /// Bytes its parameters, their gradients and its buffers occupy
@@ -392,7 +418,11 @@ impl Chain {
         let mut y: Option<ArcArray<F, IxDyn>> = None;
         let mut kept = Vec::new();
         let mut updates = Vec::new();
+        let mut scores = None;
         for (member, state) in self.members.iter().zip(states).take(plan.runs) {
+            if member.spec.is_loss() {
+                scores = y.clone().map(Tensor::from_shared);
+            }
             let values: Vec<CowArray<'_, F, IxDyn>> =
                 state.values.iter().map(Tensor::view::<F>).collect();
             let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
@@ -440,6 +470,7 @@ impl Chain {
             y: Tensor::from_shared(y),
             kept,
             updates,
+            scores,
         }
     }
 

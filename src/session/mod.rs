@@ -4,6 +4,7 @@
 //! - [`store`]: the map of live sessions, its limit, expiry (a purge task);
 //! - [`budget`]: kept-byte budgets, per session and global;
 //! - [`ids`]: the id rules and server-picked ids;
+//! - [`optimizer`]: optimizers, the layers they own and their state;
 //! - this module: a session and its layer instances.
 //!
 //! Each layer instance has its own async mutex, which serialises the calls on
@@ -17,6 +18,7 @@
 
 mod budget;
 mod ids;
+mod optimizer;
 mod store;
 
 use std::{
@@ -28,6 +30,7 @@ use std::{
 use budget::Budget;
 pub use budget::Charge;
 pub use ids::check_id;
+pub use optimizer::{Optimizer, OptimizerState, Steps};
 pub use store::{Store, StoreGuard};
 
 use crate::error::Error;
@@ -52,6 +55,7 @@ pub struct Session {
     id: String,
     idle_timeout: Duration,
     layers: Mutex<HashMap<String, Arc<LayerInstance>>>,
+    optimizers: Mutex<HashMap<String, Arc<Optimizer>>>,
     kept: Arc<Budget>,
     total_kept: Arc<Budget>,
     max_layers: usize,
@@ -74,6 +78,8 @@ pub struct InstanceState {
     pub members: Vec<MemberState>,
     /// What the last keeping Forward kept.
     pub kept: Option<Arc<KeptEntry>>,
+    /// The optimizer owning its parameters, and that optimizer's state for them.
+    pub optimizer: Option<OptimizerState>,
 }
 
 /// Kept state together with the budget it is charged to.
@@ -108,6 +114,7 @@ impl Session {
             id,
             idle_timeout,
             layers: Mutex::new(HashMap::new()),
+            optimizers: Mutex::new(HashMap::new()),
             kept: Arc::new(Budget::new(
                 limits.max_session_kept_bytes,
                 "--max-session-kept-bytes",
@@ -205,6 +212,7 @@ impl Session {
             state: tokio::sync::Mutex::new(InstanceState {
                 members,
                 kept: None,
+                optimizer: None,
             }),
             _held: held,
         });

@@ -222,3 +222,57 @@ class Sequential:
 
     def grads(self):
         return {f"{name}.{k}": v for name, layer in self.named for k, v in getattr(layer, "grads", {}).items()}
+
+
+# Optimizers: elementwise in the parameter's dtype, left to right as written, scalars rounded
+# to that dtype first; Adam's lr_t in float64 (Python floats), then rounded.
+OPT_EPS = 1e-7
+
+
+class SGD:
+    def __init__(self, lr=0.01):
+        self.lr = lr
+
+    def update(self, params, grads):
+        for k, p in params.items():
+            p -= scalar(self.lr, p) * grads[k]
+
+
+class Momentum:
+    def __init__(self, lr=0.01, momentum=0.9):
+        self.lr, self.momentum, self.v = lr, momentum, {}
+
+    def update(self, params, grads):
+        for k, p in params.items():
+            v = self.v.setdefault(k, np.zeros_like(p))
+            v[...] = scalar(self.momentum, p) * v - scalar(self.lr, p) * grads[k]
+            p += v
+
+
+class AdaGrad:
+    def __init__(self, lr=0.01):
+        self.lr, self.h = lr, {}
+
+    def update(self, params, grads):
+        for k, p in params.items():
+            g = grads[k]
+            h = self.h.setdefault(k, np.zeros_like(p))
+            h += g * g
+            p -= scalar(self.lr, p) * g / (np.sqrt(h) + scalar(OPT_EPS, p))
+
+
+class Adam:
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999):
+        self.lr, self.beta1, self.beta2 = lr, beta1, beta2
+        self.iter, self.m, self.v = 0, {}, {}
+
+    def update(self, params, grads):
+        self.iter += 1
+        lr_t = self.lr * np.sqrt(1.0 - self.beta2 ** self.iter) / (1.0 - self.beta1 ** self.iter)
+        for k, p in params.items():
+            g = grads[k]
+            m = self.m.setdefault(k, np.zeros_like(p))
+            v = self.v.setdefault(k, np.zeros_like(p))
+            m += scalar(1.0 - self.beta1, p) * (g - m)
+            v += scalar(1.0 - self.beta2, p) * (g ** 2 - v)
+            p -= scalar(lr_t, p) * m / (np.sqrt(v) + scalar(OPT_EPS, p))

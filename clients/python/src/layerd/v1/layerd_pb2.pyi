@@ -344,3 +344,99 @@ class SetParamsRequest(_message.Message):
 class SetParamsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CreateOptimizerRequest(_message.Message):
+    __slots__ = ("session_id", "optimizer_id", "layer_ids", "sgd", "momentum", "adagrad", "adam")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    SGD_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    ADAGRAD_FIELD_NUMBER: _ClassVar[int]
+    ADAM_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    optimizer_id: str
+    layer_ids: _containers.RepeatedScalarFieldContainer[str]
+    sgd: Sgd
+    momentum: Momentum
+    adagrad: AdaGrad
+    adam: Adam
+    def __init__(self, session_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ..., layer_ids: _Optional[_Iterable[str]] = ..., sgd: _Optional[_Union[Sgd, _Mapping]] = ..., momentum: _Optional[_Union[Momentum, _Mapping]] = ..., adagrad: _Optional[_Union[AdaGrad, _Mapping]] = ..., adam: _Optional[_Union[Adam, _Mapping]] = ...) -> None: ...
+
+class Sgd(_message.Message):
+    __slots__ = ("lr",)
+    LR_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    def __init__(self, lr: _Optional[float] = ...) -> None: ...
+
+class Momentum(_message.Message):
+    __slots__ = ("lr", "momentum")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    momentum: float
+    def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ...) -> None: ...
+
+class AdaGrad(_message.Message):
+    __slots__ = ("lr",)
+    LR_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    def __init__(self, lr: _Optional[float] = ...) -> None: ...
+
+class Adam(_message.Message):
+    __slots__ = ("lr", "beta1", "beta2")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    beta1: float
+    beta2: float
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ...) -> None: ...
+
+class CreateOptimizerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "optimizer_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    optimizer_id: str
+    def __init__(self, session_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    def __init__(self, steps: _Optional[int] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("session_id", "layer_id", "optimizer_id", "x", "t", "return_dx", "return_scores")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    T_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DX_FIELD_NUMBER: _ClassVar[int]
+    RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layer_id: str
+    optimizer_id: str
+    x: Tensor
+    t: Tensor
+    return_dx: bool
+    return_scores: bool
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., return_dx: _Optional[bool] = ..., return_scores: _Optional[bool] = ...) -> None: ...
+
+class TrainStepResponse(_message.Message):
+    __slots__ = ("loss", "dx", "scores", "steps")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    DX_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    dx: Tensor
+    scores: Tensor
+    steps: int
+    def __init__(self, loss: _Optional[float] = ..., dx: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ...) -> None: ...

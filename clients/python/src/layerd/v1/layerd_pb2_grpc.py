@@ -80,6 +80,21 @@ class LayerServiceStub:
                 request_serializer=layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.SerializeToString,
                 response_deserializer=layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.FromString,
                 _registered_method=True)
+        self.CreateOptimizer = channel.unary_unary(
+                '/layerd.v1.LayerService/CreateOptimizer',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.CreateOptimizerRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.CreateOptimizerResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/layerd.v1.LayerService/Step',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.StepRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.TrainStep = channel.unary_unary(
+                '/layerd.v1.LayerService/TrainStep',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
 
 
 class LayerServiceServicer:
@@ -154,6 +169,30 @@ class LayerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateOptimizer(self, request, context):
+        """Adds an optimizer over the parameters of some layers of the session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """One update of every parameter the optimizer owns, from its stored gradient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainStep(self, request, context):
+        """Forward (keeping, training mode), Backward from the loss, Step: one round
+        trip per training step. All or nothing: a failed, timed-out or cancelled
+        TrainStep leaves parameters, buffers, gradients, optimizer state and kept
+        state as they were.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +240,21 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.SetParams,
                     request_deserializer=layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.FromString,
                     response_serializer=layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.SerializeToString,
+            ),
+            'CreateOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOptimizer,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.CreateOptimizerRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.CreateOptimizerResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.StepRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.StepResponse.SerializeToString,
+            ),
+            'TrainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +501,87 @@ class LayerService:
             '/layerd.v1.LayerService/SetParams',
             layerd_dot_v1_dot_layerd__pb2.SetParamsRequest.SerializeToString,
             layerd_dot_v1_dot_layerd__pb2.SetParamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/CreateOptimizer',
+            layerd_dot_v1_dot_layerd__pb2.CreateOptimizerRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.CreateOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/Step',
+            layerd_dot_v1_dot_layerd__pb2.StepRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/TrainStep',
+            layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,216 @@
+//! Optimizers in a session: which layers each owns, its step count, and the
+//! state (v, h, m) it keeps beside each owned layer's parameters.
+//!
+//! Invariants:
+//! - a layer belongs to at most one optimizer (its `InstanceState::optimizer`
+//!   names it), so a parameter is updated by one optimizer only;
+//! - a call that updates parameters locks the optimizer's step count first,
+//!   then its layers in id order: two such calls cannot deadlock, and a
+//!   Forward or Backward (one layer lock) never waits on an optimizer;
+//! - the state's bytes are charged to the session's budgets when the
+//!   optimizer is created, before the zeros are allocated, and released with
+//!   the optimizer.
+
+use std::sync::Arc;
+
+use super::{Charge, LayerInstance, Session};
+use crate::error::Error;
+use crate::layers::{with_float, Float};
+use crate::optimizers::Algorithm;
+use crate::tensor::Tensor;
+
+/// One optimizer of a session.
+pub struct Optimizer {
+    pub id: String,
+    pub algorithm: Algorithm,
+    /// The layers it owns, sorted by id: the order calls lock them in.
+    pub layers: Vec<(String, Arc<LayerInstance>)>,
+    /// Updates applied so far; locked for the whole of a Step or TrainStep.
+    pub steps: tokio::sync::Mutex<Steps>,
+    /// The bytes of its state.
+    _held: Charge,
+}
+
+/// An optimizer's progress, changed only by a call's commit.
+pub struct Steps {
+    /// Updates applied.
+    pub count: u64,
+    /// False until it owns its layers (and for good if claiming them
+    /// failed): a call that got hold of it meanwhile must not run.
+    pub live: bool,
+}
+
+/// An owned layer's optimizer state: which optimizer, and per member, per
+/// parameter, one tensor per [`Algorithm::state_names`] (parameter-shaped).
+#[derive(Clone)]
+pub struct OptimizerState {
+    pub optimizer_id: String,
+    pub values: Vec<Vec<Vec<Tensor>>>,
+}
+
+impl Session {
+    /// Adds optimizer `optimizer_id` over `layer_ids` (all layers with
+    /// parameters if empty): checks the ids, that each layer has
+    /// parameters and no optimizer, and charges the state's bytes, before it
+    /// claims any layer.
+    pub async fn create_optimizer(
+        &self,
+        optimizer_id: &str,
+        algorithm: Algorithm,
+        layer_ids: &[String],
+    ) -> Result<(), Error> {
+        super::check_id("optimizer_id", optimizer_id)?;
+        if self.optimizer(optimizer_id).is_ok() {
+            return Err(Error::OptimizerExists {
+                session_id: self.id.clone(),
+                optimizer_id: optimizer_id.to_string(),
+            });
+        }
+        let mut layers = self.owned_layers(layer_ids)?;
+        layers.sort_by(|a, b| a.0.cmp(&b.0));
+        let copies = algorithm.state_names().len() as u64;
+        let bytes = layers
+            .iter()
+            .map(|(_, layer)| layer.chain.param_bytes().saturating_mul(copies))
+            .fold(0u64, u64::saturating_add);
+        let held = self.reserve(bytes)?;
+        let optimizer = Arc::new(Optimizer {
+            id: optimizer_id.to_string(),
+            algorithm,
+            layers,
+            steps: tokio::sync::Mutex::new(Steps {
+                count: 0,
+                live: false,
+            }),
+            _held: held,
+        });
+        // Named first (under its own lock, so no call runs on it before it
+        // owns its layers), then the layers claimed, all or none.
+        let mut steps = optimizer.steps.lock().await;
+        {
+            let mut optimizers = self.optimizers.lock().unwrap_or_else(|p| p.into_inner());
+            if optimizers.contains_key(optimizer_id) {
+                return Err(Error::OptimizerExists {
+                    session_id: self.id.clone(),
+                    optimizer_id: optimizer_id.to_string(),
+                });
+            }
+            optimizers.insert(optimizer_id.to_string(), optimizer.clone());
+        }
+        let mut states = Vec::with_capacity(optimizer.layers.len());
+        for (_, layer) in &optimizer.layers {
+            states.push(layer.state.lock().await);
+        }
+        let taken = optimizer
+            .layers
+            .iter()
+            .zip(&states)
+            .find_map(|((id, _), state)| state.optimizer.as_ref().map(|o| (id, o)));
+        if let Some((layer_id, owner)) = taken {
+            let error = Error::ParamsOwned {
+                session_id: self.id.clone(),
+                layer_id: layer_id.clone(),
+                optimizer_id: owner.optimizer_id.clone(),
+            };
+            drop(states);
+            self.optimizers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(optimizer_id);
+            return Err(error);
+        }
+        for ((_, layer), state) in optimizer.layers.iter().zip(states.iter_mut()) {
+            state.optimizer = Some(OptimizerState {
+                optimizer_id: optimizer_id.to_string(),
+                values: zero_state(&layer.chain, &state.members, copies as usize),
+            });
+        }
+        steps.live = true;
+        Ok(())
+    }
+
+    /// The layers an optimizer over `layer_ids` would own, checked.
+    fn owned_layers(
+        &self,
+        layer_ids: &[String],
+    ) -> Result<Vec<(String, Arc<LayerInstance>)>, Error> {
+        if layer_ids.is_empty() {
+            let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+            let owned: Vec<_> = layers
+                .iter()
+                .filter(|(_, layer)| layer.chain.has_params())
+                .map(|(id, layer)| (id.clone(), layer.clone()))
+                .collect();
+            if owned.is_empty() {
+                return Err(Error::invalid(
+                    "layer_ids",
+                    "layers with parameters (empty: every such layer of the session)",
+                    format!(
+                        "empty, and session {:?} has no layer with parameters",
+                        self.id
+                    ),
+                    "NO_PARAMS",
+                ));
+            }
+            return Ok(owned);
+        }
+        let mut owned = Vec::with_capacity(layer_ids.len());
+        for (i, layer_id) in layer_ids.iter().enumerate() {
+            let field = format!("layer_ids[{i}]");
+            super::check_id(&field, layer_id)?;
+            if layer_ids[..i].contains(layer_id) {
+                return Err(Error::invalid(
+                    field,
+                    "each layer once",
+                    format!("{layer_id:?} again"),
+                    "DUPLICATE_LAYER",
+                ));
+            }
+            let layer = self.layer(layer_id)?;
+            if !layer.chain.has_params() {
+                return Err(Error::invalid(
+                    field,
+                    "a layer with parameters",
+                    format!(
+                        "{layer_id:?}, a {} layer, which has none",
+                        layer.chain.kind()
+                    ),
+                    "NO_PARAMS",
+                ));
+            }
+            owned.push((layer_id.clone(), layer));
+        }
+        Ok(owned)
+    }
+
+    /// The optimizer `optimizer_id`.
+    pub fn optimizer(&self, optimizer_id: &str) -> Result<Arc<Optimizer>, Error> {
+        let optimizers = self.optimizers.lock().unwrap_or_else(|p| p.into_inner());
+        optimizers
+            .get(optimizer_id)
+            .cloned()
+            .ok_or_else(|| Error::OptimizerNotFound {
+                session_id: self.id.clone(),
+                optimizer_id: optimizer_id.to_string(),
+            })
+    }
+}
+
+/// Zeros of each parameter's shape and dtype, `copies` per parameter.
+fn zero_state(
+    chain: &crate::layers::Chain,
+    members: &[crate::layers::MemberState],
+    copies: usize,
+) -> Vec<Vec<Vec<Tensor>>> {
+    let mut values: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); members.len()];
+    for (m, s, _, _) in chain.params() {
+        let param = &members[m].values[s];
+        let zeros = with_float!(param.dtype(), F => zeros_like::<F>(param));
+        values[m].push(vec![zeros; copies]);
+    }
+    values
+}
+
+fn zeros_like<F: Float>(tensor: &Tensor) -> Tensor {
+    Tensor::from_array(ndarray::ArrayD::<F>::zeros(ndarray::IxDyn(tensor.shape())))
+}

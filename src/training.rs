@@ -1,0 +1,300 @@
+//! Training through the service: Step (one optimizer update from the stored
+//! gradients) and TrainStep (Forward, Backward from the loss and Step in one
+//! call), on the same compute path as Forward and Backward.
+//!
+//! Invariant, as in [`crate::engine`]: everything is checked first (ids,
+//! ownership, tensors, shapes, gradients present, bytes to keep), the
+//! computation works on copies without touching the session, and the new
+//! parameters, gradients, buffers, generators, optimizer state, kept state
+//! and step count are committed together at the end, under the locks taken
+//! at the start (the optimizer's, then its layers' in id order). A failed,
+//! timed-out or cancelled call therefore leaves all of them as they were.
+
+use std::sync::Arc;
+
+use ndarray::ArrayD;
+
+use crate::engine::{commit_forward, compute, cost};
+use crate::error::Error;
+use crate::layers::{with_float, Chain, Float, MemberState};
+use crate::optimizers::Algorithm;
+use crate::session::{KeptEntry, LayerInstance, Optimizer, OptimizerState, Session};
+use crate::tensor::{Target, Tensor};
+
+/// Per member: its parameter gradients (None: no parameters, or none yet).
+type Grads = Vec<Option<Vec<Tensor>>>;
+
+/// What a TrainStep answers.
+pub struct TrainAnswer {
+    pub loss: f64,
+    pub dx: Option<Tensor>,
+    pub scores: Option<Tensor>,
+    pub steps: u64,
+}
+
+/// What TrainStep is asked for besides x and t.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainOptions {
+    pub return_dx: bool,
+    pub return_scores: bool,
+}
+
+/// One update of every parameter `optimizer` owns from the gradients stored
+/// by the last Backward of each layer; answers the updates applied so far.
+pub async fn step_on(optimizer: &Optimizer) -> Result<u64, Error> {
+    let mut steps = optimizer.steps.lock().await;
+    check_live(optimizer, steps.live)?;
+    let mut states = Vec::with_capacity(optimizer.layers.len());
+    for (_, layer) in &optimizer.layers {
+        states.push(layer.state.lock().await);
+    }
+    let mut work = Vec::with_capacity(states.len());
+    for ((layer_id, layer), state) in optimizer.layers.iter().zip(&states) {
+        let grads = stored_grads(optimizer, layer_id, layer, &state.members)?;
+        work.push(LayerUpdate::new(
+            layer,
+            &state.members,
+            grads,
+            &state.optimizer,
+        ));
+    }
+    let (algorithm, t) = (optimizer.algorithm, steps.count + 1);
+    let elements = work.iter().map(LayerUpdate::elements).sum();
+    let updated = compute(elements, move || {
+        work.into_iter()
+            .map(|w| w.run(&algorithm, t))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    for (state, (members, optimizer_state)) in states.iter_mut().zip(updated) {
+        state.members = members;
+        state.optimizer = Some(optimizer_state);
+    }
+    steps.count = t;
+    Ok(t)
+}
+
+/// Forward (keeping, training mode) of `x` with target `t` through
+/// `layer_id`, Backward from its loss, and one update by `optimizer` of every
+/// parameter it owns: `layer_id`'s from the new gradients, any other layer's
+/// from its stored ones.
+pub async fn train_step_on(
+    session: &Session,
+    optimizer: &Optimizer,
+    layer_id: &str,
+    x: Tensor,
+    t: Target,
+    options: TrainOptions,
+) -> Result<TrainAnswer, Error> {
+    let Some(trained) = optimizer.layers.iter().position(|(id, _)| id == layer_id) else {
+        let owned: Vec<&str> = optimizer.layers.iter().map(|(id, _)| id.as_str()).collect();
+        return Err(Error::invalid(
+            "layer_id",
+            format!(
+                "a layer optimizer {:?} owns ({})",
+                optimizer.id,
+                owned.join(", ")
+            ),
+            format!("{layer_id:?}"),
+            "NOT_OWNED",
+        ));
+    };
+    let chain = optimizer.layers[trained].1.chain.clone();
+    let plan = chain.plan(&x, Some(&t), false)?;
+    session.check_work(plan.work_bytes)?;
+
+    let mut steps = optimizer.steps.lock().await;
+    check_live(optimizer, steps.live)?;
+    let mut states = Vec::with_capacity(optimizer.layers.len());
+    for (_, layer) in &optimizer.layers {
+        states.push(layer.state.lock().await);
+    }
+    let mut others = Vec::with_capacity(states.len());
+    for (i, ((id, layer), state)) in optimizer.layers.iter().zip(&states).enumerate() {
+        if i != trained {
+            let grads = stored_grads(optimizer, id, layer, &state.members)?;
+            others.push(LayerUpdate::new(
+                layer,
+                &state.members,
+                grads,
+                &state.optimizer,
+            ));
+        }
+    }
+    // Reserved before computing; old and new kept state both exist until the commit.
+    let charge = session.reserve(plan.kept_bytes)?;
+    let members = states[trained].members.clone();
+    let trained_state = states[trained].optimizer.clone();
+    let (algorithm, step) = (optimizer.algorithm, steps.count + 1);
+    let elements = cost(&chain, x.len(), plan.work_bytes)
+        + others.iter().map(LayerUpdate::elements).sum::<usize>();
+    let out = compute(elements, move || {
+        let forwarded = chain.forward(&members, &x, Some(&t), &plan, false, true);
+        let kept = forwarded.kept.expect("a keeping Forward keeps");
+        let backwarded = chain.backward(&members, &kept, None);
+        let loss = scalar(&forwarded.y);
+        let scores = options.return_scores.then(|| forwarded.scores.unwrap_or(x));
+        // The new buffers and generator positions, then the update from the new gradients.
+        let mut after_forward = members;
+        commit_forward(&mut after_forward, forwarded.updates);
+        let update = LayerUpdate {
+            chain,
+            members: after_forward,
+            grads: backwarded.grads,
+            state: trained_state,
+        };
+        let trained = update.run(&algorithm, step);
+        let others: Vec<_> = others
+            .into_iter()
+            .map(|w| w.run(&algorithm, step))
+            .collect();
+        (loss, backwarded.dx, scores, kept, trained, others)
+    })
+    .await?;
+    let (loss, dx, scores, kept, trained_update, others) = out;
+    let mut trained_update = Some(trained_update);
+    let mut others = others.into_iter();
+    for (i, state) in states.iter_mut().enumerate() {
+        let (members, optimizer_state) = if i == trained {
+            trained_update.take().expect("one trained layer")
+        } else {
+            others.next().expect("one per other layer")
+        };
+        state.members = members;
+        state.optimizer = Some(optimizer_state);
+    }
+    states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+    steps.count = step;
+    Ok(TrainAnswer {
+        loss,
+        dx: options.return_dx.then_some(dx),
+        scores,
+        steps: step,
+    })
+}
+
+/// Fails if the optimizer never came to own its layers (its creation lost a
+/// race and was rolled back after this call found it).
+fn check_live(optimizer: &Optimizer, live: bool) -> Result<(), Error> {
+    if live {
+        return Ok(());
+    }
+    Err(Error::Internal(format!(
+        "optimizer {:?} was not created",
+        optimizer.id
+    )))
+}
+
+/// The stored gradients of `layer`, or which parameter has none.
+fn stored_grads(
+    optimizer: &Optimizer,
+    layer_id: &str,
+    layer: &LayerInstance,
+    members: &[MemberState],
+) -> Result<Grads, Error> {
+    if let Some((_, _, name, _)) = layer
+        .chain
+        .params()
+        .find(|(m, _, _, _)| members[*m].grads.is_none())
+    {
+        return Err(Error::NoGradients {
+            optimizer_id: optimizer.id.clone(),
+            layer_id: layer_id.to_string(),
+            param: name.to_string(),
+        });
+    }
+    Ok(members.iter().map(|m| m.grads.clone()).collect())
+}
+
+/// One layer's update, on copies, ready to run off the session's locks.
+struct LayerUpdate {
+    chain: Arc<Chain>,
+    members: Vec<MemberState>,
+    grads: Grads,
+    state: Option<OptimizerState>,
+}
+
+impl LayerUpdate {
+    fn new(
+        layer: &LayerInstance,
+        members: &[MemberState],
+        grads: Grads,
+        state: &Option<OptimizerState>,
+    ) -> LayerUpdate {
+        LayerUpdate {
+            chain: layer.chain.clone(),
+            members: members.to_vec(),
+            grads,
+            state: state.clone(),
+        }
+    }
+
+    /// Elements it reads and writes, for [`compute`].
+    fn elements(&self) -> usize {
+        (self.chain.param_bytes() / 4) as usize
+    }
+
+    /// The members with updated parameters and the gradients they were
+    /// updated from, and the new optimizer state.
+    fn run(self, algorithm: &Algorithm, t: u64) -> (Vec<MemberState>, OptimizerState) {
+        let LayerUpdate {
+            chain,
+            mut members,
+            grads,
+            state,
+        } = self;
+        let mut state = state.expect("an owned layer has optimizer state");
+        for (m, s, _, _) in chain.params() {
+            let grad = &grads[m]
+                .as_ref()
+                .expect("checked: every parameter has a gradient")[s];
+            let param = &mut members[m].values[s];
+            let slots = &mut state.values[m][s];
+            with_float!(param.dtype(), F => update_one::<F>(algorithm, t, param, grad, slots));
+        }
+        for (member, grads) in members.iter_mut().zip(grads) {
+            if grads.is_some() {
+                member.grads = grads;
+            }
+        }
+        (members, state)
+    }
+}
+
+/// Replaces `param` and `slots` by their values after update `t`.
+fn update_one<F: Float>(
+    algorithm: &Algorithm,
+    t: u64,
+    param: &mut Tensor,
+    grad: &Tensor,
+    slots: &mut [Tensor],
+) {
+    let mut p: ArrayD<F> = param.view::<F>().into_owned();
+    let g = grad.view::<F>();
+    let g = g.as_standard_layout();
+    let mut s: Vec<ArrayD<F>> = slots.iter().map(|s| s.view::<F>().into_owned()).collect();
+    {
+        let mut views: Vec<&mut [F]> = s
+            .iter_mut()
+            .map(|a| a.as_slice_mut().expect("owned arrays are contiguous"))
+            .collect();
+        algorithm.update(
+            t,
+            p.as_slice_mut().expect("owned arrays are contiguous"),
+            g.as_slice().expect("standard layout"),
+            &mut views,
+        );
+    }
+    *param = Tensor::from_array(p);
+    for (slot, value) in slots.iter_mut().zip(s) {
+        *slot = Tensor::from_array(value);
+    }
+}
+
+/// The value of a one-element tensor (a loss), widened to f64.
+fn scalar(tensor: &Tensor) -> f64 {
+    with_float!(tensor.dtype(), F => {
+        let value: F = *tensor.view::<F>().iter().next().expect("a loss has one element");
+        num_traits::ToPrimitive::to_f64(&value).expect("floats widen to f64")
+    })
+}
