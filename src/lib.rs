@@ -6,17 +6,20 @@
 //! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto` and, in
 //!   [`pb::inference`], from Triton's `proto/inference/`, fenced in.
 //! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
-//!   `identity.rs`) behind the [`layers::Layer`] trait; pure ndarray. The
-//!   trainable kernels (`affine.rs`, `convolution.rs`, `pooling.rs`,
+//!   `identity.rs`, `affine.rs`, `convolution.rs`, `pooling.rs`,
 //!   `batch_norm.rs`, `dropout.rs`, `softmax_with_loss.rs`, with `linalg.rs`,
-//!   `rng.rs` and `init.rs`) are tested math, not yet served.
+//!   `rng.rs` and `init.rs`) behind the [`layers::Layer`] trait; pure ndarray;
+//!   `chain.rs` runs a layer instance's members (a `sequential`).
+//! - [`optimizers`]: SGD, Momentum, AdaGrad, Adam as pure elementwise math.
 //! - [`dtype`]: element types (the wire dtype enum, the element trait), at the
 //!   bottom: it depends on nothing but errors and the generated code.
 //! - [`tensor`]: the only place wire tensors become arrays and back.
-//! - [`session`]: the session store, limits, kept-state accounting, expiry.
+//! - [`session`]: the session store, limits, kept-state accounting, expiry,
+//!   optimizers and the layers they own.
 //! - [`engine`]: the compute path both protocols share: Forward and Backward
 //!   on a layer instance, timeout, tracing and metrics per call, where
 //!   computations run, in-order stream answering.
+//! - [`training`]: Step and TrainStep on that path, all or nothing.
 //! - [`service`]: the gRPC handlers of the layer service (thin).
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.

@@ -58,6 +58,13 @@ def test_the_python_training_example_runs(server):
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
 
 
+def test_the_python_train_step_example_runs(server):
+    done = run_script(block("python-train-step").replace(DOC_ADDR, server.addr))
+    assert done.returncode == 0, done.stderr
+    losses = [float(line.split()[1]) for line in done.stdout.splitlines()]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
+
+
 def test_the_kserve_quickstart_runs(server, capsys):
     names = run_block("kserve-quickstart", server.addr)
     out = capsys.readouterr().out

@@ -88,3 +88,44 @@ def test_config_errors_are_typed_and_name_the_field(client):
             s.layer("convolution", kernel_size=3)
         with pytest.raises(TypeError, match="no config"):
             s.layer("relu", ratio=0.5)
+
+
+def test_server_side_optimizers_and_train_step(client):
+    """s.optimizer + net.train_step: the same updates as Forward, Backward and Optimizer.step,
+    bit for bit, with dx and scores on request; optimizer errors are typed."""
+    rng = np.random.default_rng(8)
+    x, t = rng.standard_normal((16, 8)), rng.integers(0, 3, 16)
+    members = [("fc1", "affine", {"in_features": 8, "out_features": 6}), ("relu", "relu"),
+               ("fc2", "affine", {"in_features": 6, "out_features": 3}), ("loss", "softmax_with_loss")]
+    params = {"fc1.W": rng.standard_normal((8, 6)) * 0.5, "fc1.b": np.zeros(6),
+              "fc2.W": rng.standard_normal((6, 3)) * 0.5, "fc2.b": np.zeros(3)}
+    with client.session() as a, client.session() as b:
+        net_a, net_b = a.sequential(members, params=params), b.sequential(members, params=params)
+        opt_a = a.optimizer("adam", lr=0.01, layers=[net_a])
+        opt_b = b.optimizer("adam", lr=0.01)  # every layer with parameters: net_b
+        losses = []
+        for step in range(1, 6):
+            loss, dx, scores = net_a.train_step(x, t, opt_a, return_dx=True, return_scores=True)
+            want_scores = net_b.forward(x, no_grad=True)
+            want_loss = net_b.forward(x, t=t)
+            want_dx = net_b.backward()
+            assert opt_b.step() == step == opt_a.steps
+            assert loss == float(want_loss) and np.array_equal(dx, want_dx) and np.array_equal(scores, want_scores)
+            losses.append(loss)
+        assert isinstance(net_a.train_step(x, t, opt_a), float)
+        for name, value in net_b.params().items():
+            assert not np.array_equal(value, params[name]), name
+        assert losses[-1] < losses[0]
+        with pytest.raises(layerd.AlreadyExists) as caught:
+            a.optimizer("sgd", layers=[net_a])
+        assert caught.value.reason == "PARAMS_OWNED"
+        fresh = a.sequential(members, params=params)
+        idle = a.optimizer("momentum", layers=[fresh])
+        with pytest.raises(layerd.FailedPrecondition) as caught:
+            idle.step()
+        assert caught.value.reason == "NO_GRADIENTS"
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            fresh.train_step(x, t, opt_a)
+        assert caught.value.reason == "NOT_OWNED"
+        with pytest.raises(ValueError):
+            a.optimizer("lbfgs")

@@ -202,10 +202,12 @@ class Client:
         self.retry = retry
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def _unary(self, rpc, request, metadata, done_before=None):
+    def _unary(self, rpc, request, metadata, done_before=None, idempotent=True):
         """Calls a unary RPC under the retry policy. `done_before`: the reason that,
         answered to a retried attempt, means an earlier attempt took effect (its
-        answer lost in transit): the call then returns None instead of raising."""
+        answer lost in transit): the call then returns None instead of raising.
+        A call that is not idempotent (Step, TrainStep: a repeat would update the
+        parameters twice) is retried only when the server shed it before it ran."""
         attempt = 1
         while True:
             try:
@@ -214,7 +216,8 @@ class Client:
                 typed = from_rpc_error(error)
                 if attempt > 1 and done_before is not None and typed.reason == done_before:
                     return None
-                if typed.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retry.attempts:
+                retryable = typed.code == grpc.StatusCode.UNAVAILABLE and (idempotent or typed.reason == "OVERLOADED")
+                if not retryable or attempt >= self.retry.attempts:
                     raise typed from None
                 time.sleep(self.retry.backoff(attempt))
                 attempt += 1
@@ -261,8 +264,8 @@ class Session:
         #: the answer was lost and a retry found the session).
         self.idle_timeout = answer.idle_timeout_seconds if answer else idle_timeout
 
-    def _call(self, rpc, request, done_before=None):
-        return self._client._unary(rpc, request, self._metadata, done_before)
+    def _call(self, rpc, request, done_before=None, idempotent=True):
+        return self._client._unary(rpc, request, self._metadata, done_before, idempotent)
 
     def layer(self, kind: str, layer_id: Optional[str] = None, *, params: Optional[dict] = None,
               dtype=None, **config) -> "Layer":
@@ -320,6 +323,28 @@ class Session:
         request.layer_id = layer_id or f"{kind}-{self._count}"
         self._call(self._stub.CreateLayer, request, done_before="LAYER_EXISTS" if generated else None)
         return Layer(self, request.layer_id, kind)
+
+    def optimizer(self, algorithm: str, *, layers: Sequence["Layer"] = (), optimizer_id: Optional[str] = None,
+                  **hyperparameters) -> "Optimizer":
+        """Adds a server-side optimizer over the parameters of `layers` (all layers of the
+        session that have parameters, if none are given; a parameter belongs to one
+        optimizer): "sgd" (lr=0.01), "momentum" (lr=0.01, momentum=0.9), "adagrad"
+        (lr=0.01) or "adam" (lr=0.001, beta1=0.9, beta2=0.999), e.g.
+
+            opt = s.optimizer("adam", lr=0.01, layers=[net])
+            loss = net.train_step(x, t, opt)
+        """
+        messages = {"sgd": pb.Sgd, "momentum": pb.Momentum, "adagrad": pb.AdaGrad, "adam": pb.Adam}
+        if algorithm not in messages:
+            raise ValueError(f"algorithm must be one of {', '.join(messages)}; got {algorithm!r}")
+        self._count += 1
+        generated = optimizer_id is None
+        optimizer_id = optimizer_id or f"{algorithm}-{self._count}"
+        request = pb.CreateOptimizerRequest(session_id=self.id, optimizer_id=optimizer_id,
+                                            layer_ids=[layer.id for layer in layers],
+                                            **{algorithm: messages[algorithm](**hyperparameters)})
+        self._call(self._stub.CreateOptimizer, request, done_before="OPTIMIZER_EXISTS" if generated else None)
+        return Optimizer(self, optimizer_id, algorithm)
 
     @_typed_errors
     def run(self, steps: Iterable[Step]) -> list:
@@ -412,5 +437,44 @@ class Layer:
         s = self.session
         s._call(s._stub.SetParams, pb.SetParamsRequest(session_id=s.id, layer_id=self.id, values=_tensors(values)))
 
+    def train_step(self, x: Array, t: Array, optimizer: "Optimizer", *, return_dx: bool = False,
+                   return_scores: bool = False):
+        """One training step in one round trip: Forward of x with target t (keeping, training
+        mode) through this layer (a sequential ending in softmax_with_loss, or that loss
+        alone), Backward from the loss, and an update of every parameter `optimizer` owns.
+        All or nothing. Answers the loss (a float, computed before the update); with
+        return_dx, (loss, dx) — dloss/dx, for a client that trains the layers below
+        (split learning); with return_scores, the scores (the loss layer's input) follow."""
+        s = self.session
+        request = pb.TrainStepRequest(session_id=s.id, layer_id=self.id, optimizer_id=optimizer.id,
+                                      x=to_tensor(x), t=to_tensor(t), return_dx=return_dx,
+                                      return_scores=return_scores)
+        answer = s._call(s._stub.TrainStep, request, idempotent=False)
+        optimizer.steps = answer.steps
+        extra = ([from_tensor(answer.dx)] if return_dx else []) + ([from_tensor(answer.scores)] if return_scores else [])
+        return tuple([answer.loss] + extra) if extra else answer.loss
+
     def __repr__(self):
         return f"Layer({self.kind!r}, id={self.id!r}, session={self.session.id!r})"
+
+
+class Optimizer:
+    """A server-side optimizer of a session (Session.optimizer)."""
+
+    def __init__(self, session: Session, optimizer_id: str, algorithm: str):
+        self.session = session
+        self.id = optimizer_id
+        self.algorithm = algorithm
+        #: Updates applied so far, as of this client's last Step or TrainStep with it.
+        self.steps = 0
+
+    def step(self) -> int:
+        """One update of every parameter it owns from its stored gradient (the last
+        Backward's); answers the number of updates applied so far."""
+        s = self.session
+        self.steps = s._call(s._stub.Step, pb.StepRequest(session_id=s.id, optimizer_id=self.id),
+                             idempotent=False).steps
+        return self.steps
+
+    def __repr__(self):
+        return f"Optimizer({self.algorithm!r}, id={self.id!r}, session={self.session.id!r})"
