@@ -211,7 +211,7 @@ class Sequential:
     def forward(self, x, t=None, eval=False):
         for _, layer in self.named:
             if isinstance(layer, SoftmaxWithLoss):
-                return layer.forward(x, t=t)
+                return x if t is None else layer.forward(x, t=t)  # without t: the scores
             x = layer.forward(x, eval=eval)
         return x
 

@@ -1,0 +1,51 @@
+"""The examples run as a user runs them, against a real server, and match the same training
+done in-process with the tests' numpy reference."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import reference_training as ref
+from layerd_server import REPO
+
+sys.path.insert(0, str(REPO / "examples"))
+
+
+def run_example(name, server, *args):
+    done = subprocess.run([sys.executable, str(REPO / "examples" / name), "--addr", server.addr, *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_train_digits_matches_the_reference_training(server):
+    pytest.importorskip("sklearn")
+    import train_digits as example
+    steps = 300
+    out = run_example("train_digits.py", server, "--steps", str(steps), "--every", "1")
+    printed = {int(line.split()[1]): float(line.split()[3]) for line in out.splitlines() if line.startswith("step")}
+    correct = int(out.splitlines()[-1].split()[-1].strip("()").split("/")[0])
+
+    # The same training in-process: the same data, weights and batches, the reference layers
+    # and SGD.
+    (x, t), (x_test, t_test) = example.digits()
+    w = example.initial_weights()
+    fc1, fc2 = ref.Affine(w["fc1.W"].copy(), w["fc1.b"].copy()), ref.Affine(w["fc2.W"].copy(), w["fc2.b"].copy())
+    net = ref.Sequential([("fc1", fc1), ("relu", ref.Relu()), ("fc2", fc2), ("loss", ref.SoftmaxWithLoss())])
+    sgd = ref.SGD(lr=example.LR)
+    losses = []
+    for rows in example.batches(len(x), steps):
+        losses.append(float(net.forward(x[rows], t=t[rows])))
+        net.backward()
+        sgd.update({"fc1.W": fc1.W, "fc1.b": fc1.b, "fc2.W": fc2.W, "fc2.b": fc2.b}, net.grads())
+    want_correct = int(np.sum(np.argmax(net.forward(x_test), axis=1) == t_test))
+
+    assert sorted(printed) == list(range(steps)), "every step's loss is printed"
+    worst = max(abs(printed[s] - losses[s]) / abs(losses[s]) for s in printed)
+    assert worst <= 1e-9, f"loss curves differ by {worst:.3g} relative"
+    assert correct == want_correct, (correct, want_correct)
+    accuracy = correct / len(t_test)
+    assert losses[-1] < 0.5 * losses[0] and accuracy > 0.85, (losses[0], losses[-1], accuracy)
+    print(f"\ntrain_digits: {steps} steps, max relative loss difference {worst:.2e}, "
+          f"test accuracy {accuracy:.4f} ({correct}/{len(t_test)}, the reference's too)")
