@@ -20,6 +20,7 @@
 //!   on a layer instance, timeout, tracing and metrics per call, where
 //!   computations run, in-order stream answering.
 //! - [`training`]: Step and TrainStep on that path, all or nothing.
+//! - [`checkpoint`]: a session as a safetensors file (export) and back (import).
 //! - [`service`]: the gRPC handlers of the layer service (thin).
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.
@@ -36,6 +37,7 @@
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 
 pub mod auth;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod drain;

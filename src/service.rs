@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
 use crate::auth::{Caller, Principal};
+use crate::checkpoint;
 use crate::engine::{
     answer_in_order, backward_on, check_routing, forward_on, observe, rpc_span, set_values,
     values_of, ForwardOptions, Phases, Rpc,
@@ -18,7 +19,7 @@ use crate::error::Error;
 use crate::layers::Kind;
 use crate::metrics;
 use crate::pb::{self, layer_service_server};
-use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
+use crate::session::{check_id, CloseOnDrop, LayerInstance, Optimizer, Session, Store};
 use crate::spec;
 use crate::tensor::{Target, Tensor};
 use crate::training::{step_on, train_step_on, TrainOptions};
@@ -225,7 +226,7 @@ impl layer_service_server::LayerService for LayerService {
             metrics::note_kind(kind);
             self.store
                 .session(&Principal::of(request.extensions())?, &message.session_id)?
-                .create_layer(&message.layer_id, layer.chain, layer.params)?;
+                .create_layer(&message.layer_id, layer)?;
             Ok(pb::CreateLayerResponse {})
         });
         Ok(Response::new(response.await?))
@@ -362,6 +363,55 @@ impl layer_service_server::LayerService for LayerService {
                 self.optimizer_of(&caller, &message.session_id, &message.optimizer_id)?;
             let steps = step_on(&optimizer).await?;
             Ok(pb::StepResponse { steps })
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn export_session(
+        &self,
+        request: Request<pb::ExportSessionRequest>,
+    ) -> ServiceResult<pb::ExportSessionResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("ExportSession", &message.session_id, "");
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            check_routing(&caller.metadata, &message.session_id)?;
+            check_id("session_id", &message.session_id)?;
+            let session = self.store.session(&caller.principal, &message.session_id)?;
+            let file = checkpoint::export(&session).await?;
+            Ok(pb::ExportSessionResponse { safetensors: file })
+        });
+        Ok(Response::new(response.await?))
+    }
+
+    async fn import_session(
+        &self,
+        request: Request<pb::ImportSessionRequest>,
+    ) -> ServiceResult<pb::ImportSessionResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let span = rpc_span("ImportSession", &message.session_id, "");
+        let response = self.observe(span, async {
+            let caller = Caller::from_parts(metadata, &extensions)?;
+            check_routing(&caller.metadata, &message.session_id)?;
+            // Everything is checked before the session exists.
+            let checkpoint = checkpoint::parse(&message.safetensors)?;
+            let owner = caller.principal;
+            let (session_id, granted) =
+                self.store
+                    .create(&owner, &message.session_id, message.idle_timeout_seconds)?;
+            Span::current().record("session", session_id.as_str());
+            let created = CloseOnDrop {
+                store: self.store.clone(),
+                owner: owner.clone(),
+                session_id: Some(session_id.clone()),
+            };
+            let session = self.store.session(&owner, &session_id)?;
+            checkpoint::restore(&session, checkpoint).await?;
+            created.disarm();
+            Ok(pb::ImportSessionResponse {
+                session_id,
+                idle_timeout_seconds: granted.as_secs() as u32,
+            })
         });
         Ok(Response::new(response.await?))
     }

@@ -19,11 +19,31 @@ use crate::optimizers::Algorithm;
 use crate::pb::{self, layer_config::Config};
 use crate::tensor::Tensor;
 
-/// A layer to create: its math and the values the client gave.
+/// A layer to create: its math, the values the client gave, and its recipe.
 #[derive(Debug)]
 pub struct NewLayer {
     pub chain: Chain,
     pub params: HashMap<String, Tensor>,
+    pub recipe: Recipe,
+}
+
+/// A layer's specification as the client gave it (kind, config; the dtype is
+/// the chain's), without its values: what an exported checkpoint records to
+/// create the layer again through [`new_layer`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub kind: String,
+    pub config: Option<pb::LayerConfig>,
+}
+
+impl Recipe {
+    /// The recipe of a kind without a config (the KServe models' layers).
+    pub fn plain(kind: Kind) -> Recipe {
+        Recipe {
+            kind: kind.name().to_string(),
+            config: None,
+        }
+    }
 }
 
 /// Validates everything a CreateLayerRequest says about the layer.
@@ -53,7 +73,22 @@ pub fn new_layer(request: &pb::CreateLayerRequest) -> Result<NewLayer, Error> {
         None => Chain::single(spec(kind, config, "config")?, dtype),
     };
     chain.check_values(&params, "params")?;
-    Ok(NewLayer { chain, params })
+    let mut config = request.config.clone();
+    if let Some(Config::Sequential(sequential)) = config.as_mut().and_then(|c| c.config.as_mut()) {
+        // Their values are the layer's, named "<member>.<name>".
+        for member in &mut sequential.layers {
+            member.params.clear();
+        }
+    }
+    let recipe = Recipe {
+        kind: request.kind.clone(),
+        config,
+    };
+    Ok(NewLayer {
+        chain,
+        params,
+        recipe,
+    })
 }
 
 /// Validates a CreateOptimizerRequest's algorithm and hyperparameters (the
@@ -110,6 +145,25 @@ pub fn algorithm(request: &pb::CreateOptimizerRequest) -> Result<Algorithm, Erro
             ))
         }
     })
+}
+
+/// An algorithm as the wire gives it, every hyperparameter set (the inverse
+/// of [`algorithm`]).
+pub fn wire_algorithm(algorithm: &Algorithm) -> pb::create_optimizer_request::Algorithm {
+    use pb::create_optimizer_request::Algorithm as Wire;
+    match *algorithm {
+        Algorithm::Sgd { lr } => Wire::Sgd(pb::Sgd { lr: Some(lr) }),
+        Algorithm::Momentum { lr, momentum } => Wire::Momentum(pb::Momentum {
+            lr: Some(lr),
+            momentum: Some(momentum),
+        }),
+        Algorithm::AdaGrad { lr } => Wire::Adagrad(pb::AdaGrad { lr: Some(lr) }),
+        Algorithm::Adam { lr, beta1, beta2 } => Wire::Adam(pb::Adam {
+            lr: Some(lr),
+            beta1: Some(beta1),
+            beta2: Some(beta2),
+        }),
+    }
 }
 
 /// Wire tensors by name, validated; member values are prefixed `prefix`.

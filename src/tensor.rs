@@ -211,6 +211,11 @@ impl Tensor {
         }
     }
 
+    /// The elements' bytes: row-major, little-endian, packed (as on the wire).
+    pub fn le_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

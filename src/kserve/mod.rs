@@ -30,7 +30,7 @@ use crate::engine::{
 use crate::error::Error;
 use crate::layers::MemberState;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
-use crate::session::Store;
+use crate::session::{CloseOnDrop, Store};
 use crate::tensor::Tensor;
 
 use models::{Direction, Model, PLATFORM, VERSION};
@@ -263,28 +263,6 @@ impl InferenceService {
 
     fn model_stats(&self, model: Model) -> pb::ModelStatistics {
         self.shared.stats[model.index()].snapshot(model)
-    }
-}
-
-/// Closes a session created by a sequence_start whose call did not succeed.
-struct CloseOnDrop {
-    store: Store,
-    owner: Principal,
-    /// `None` once the call succeeded.
-    session_id: Option<String>,
-}
-
-impl CloseOnDrop {
-    fn disarm(mut self) {
-        self.session_id = None;
-    }
-}
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        if let Some(session_id) = &self.session_id {
-            let _ = self.store.close(&self.owner, session_id);
-        }
     }
 }
 

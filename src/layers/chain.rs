@@ -213,6 +213,18 @@ impl Chain {
             .fold(0u64, u64::saturating_add)
     }
 
+    /// The names of all its slots, parameters and buffers, in declaration order.
+    pub fn slot_names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|(_, _, name, _)| name.as_str())
+    }
+
+    /// The shapes of all its slots, in the order of [`Chain::slot_names`].
+    pub fn slot_shapes(&self) -> impl Iterator<Item = &[usize]> {
+        self.slots
+            .iter()
+            .map(|(_, _, _, slot)| slot.shape.as_slice())
+    }
+
     /// Whether it has parameters (something an optimizer can own).
     pub fn has_params(&self) -> bool {
         self.params().next().is_some()

@@ -31,11 +31,11 @@ use budget::Budget;
 pub use budget::Charge;
 pub use ids::check_id;
 pub use optimizer::{Optimizer, OptimizerState, Steps};
-pub use store::{Store, StoreGuard};
+pub use store::{CloseOnDrop, Store, StoreGuard};
 
 use crate::error::Error;
 use crate::layers::{Chain, Kept, MemberState};
-use crate::tensor::Tensor;
+use crate::spec::{NewLayer, Recipe};
 
 /// Limits on sessions and the state they keep.
 #[derive(Debug, Clone)]
@@ -66,6 +66,8 @@ pub struct Session {
 pub struct LayerInstance {
     /// Its math (kind, config, dtype), fixed at creation.
     pub chain: Arc<Chain>,
+    /// Its specification as the client gave it, for checkpoints.
+    pub recipe: Recipe,
     /// Its values and kept state; locked for the whole of each call.
     pub state: tokio::sync::Mutex<InstanceState>,
     /// The bytes of its parameters, gradients and buffers.
@@ -141,14 +143,13 @@ impl Session {
     pub fn create_layer(
         &self,
         layer_id: &str,
-        chain: Chain,
-        values: HashMap<String, Tensor>,
-    ) -> Result<(), Error> {
+        layer: NewLayer,
+    ) -> Result<Arc<LayerInstance>, Error> {
         check_id("layer_id", layer_id)?;
         self.check_room(layer_id)?;
-        let held = self.reserve(chain.held_bytes())?;
-        let members = chain.initial_state(values);
-        self.insert(layer_id, chain, members, held).map(drop)
+        let held = self.reserve(layer.chain.held_bytes())?;
+        let members = layer.chain.initial_state(layer.params);
+        self.insert(layer_id, layer.chain, layer.recipe, members, held)
     }
 
     /// The layer instance `layer_id`, added as `chain` (one without
@@ -167,7 +168,8 @@ impl Session {
         self.check_room(layer_id)?;
         let held = self.reserve(chain.held_bytes())?;
         let members = chain.initial_state(HashMap::new());
-        match self.insert(layer_id, chain.clone(), members, held) {
+        let recipe = Recipe::plain(chain.kind());
+        match self.insert(layer_id, chain.clone(), recipe, members, held) {
             // Another call created it meanwhile.
             Err(Error::LayerExists { .. }) => {
                 let existing = self.layer(layer_id)?;
@@ -203,12 +205,14 @@ impl Session {
         &self,
         layer_id: &str,
         chain: Chain,
+        recipe: Recipe,
         members: Vec<MemberState>,
         held: Charge,
     ) -> Result<Arc<LayerInstance>, Error> {
         self.check_room(layer_id)?;
         let instance = Arc::new(LayerInstance {
             chain: Arc::new(chain),
+            recipe,
             state: tokio::sync::Mutex::new(InstanceState {
                 members,
                 kept: None,
@@ -283,6 +287,25 @@ impl Session {
         })
     }
 
+    /// Its layer instances, sorted by id (the order calls lock them in).
+    pub fn layers_by_id(&self) -> Vec<(String, Arc<LayerInstance>)> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sorted: Vec<_> = layers
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted
+    }
+
+    /// Its optimizers, sorted by id (the order calls lock them in).
+    pub fn optimizers_by_id(&self) -> Vec<Arc<Optimizer>> {
+        let optimizers = self.optimizers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sorted: Vec<_> = optimizers.values().cloned().collect();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        sorted
+    }
+
     /// Bytes held by this session (kept state, parameters, gradients, buffers).
     pub fn kept_bytes(&self) -> u64 {
         self.kept.used()
@@ -295,6 +318,7 @@ mod tests {
     use super::*;
     use crate::auth::Principal;
     use crate::layers::Kind;
+    use crate::tensor::Tensor;
 
     fn limits() -> Limits {
         Limits {
@@ -313,7 +337,12 @@ mod tests {
     }
 
     fn add(session: &Session, id: &str, kind: crate::layers::Kind) -> Result<(), Error> {
-        session.create_layer(id, plain(kind), HashMap::new())
+        let layer = NewLayer {
+            chain: plain(kind),
+            params: HashMap::new(),
+            recipe: Recipe::plain(kind),
+        };
+        session.create_layer(id, layer).map(drop)
     }
 
     fn anon() -> Principal {

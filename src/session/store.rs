@@ -313,3 +313,27 @@ fn key(owner: &Principal, id: &str) -> String {
     key.push_str(id);
     key
 }
+
+/// Closes a session its creating call made, unless that call succeeded
+/// ([`CloseOnDrop::disarm`]): a sequence_start or an ImportSession that
+/// failed, timed out or was cancelled leaves no session behind.
+pub struct CloseOnDrop {
+    pub store: Store,
+    pub owner: Principal,
+    /// `None` once the call succeeded.
+    pub session_id: Option<String>,
+}
+
+impl CloseOnDrop {
+    pub fn disarm(mut self) {
+        self.session_id = None;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(session_id) = &self.session_id {
+            let _ = self.store.close(&self.owner, session_id);
+        }
+    }
+}

@@ -129,3 +129,33 @@ def test_server_side_optimizers_and_train_step(client):
         assert caught.value.reason == "NOT_OWNED"
         with pytest.raises(ValueError):
             a.optimizer("lbfgs")
+
+
+def test_checkpoints_save_load_and_train_on(client, tmp_path):
+    """layerd.save / layerd.load: a session's layers, parameters, optimizer state and step count
+    come back in a new session, and training goes on as it would have."""
+    rng = np.random.default_rng(9)
+    x, t = rng.standard_normal((12, 8)), rng.integers(0, 3, 12)
+    members = [("fc1", "affine", {"in_features": 8, "out_features": 6, "seed": 1}), ("relu", "relu"),
+               ("drop", "dropout", {"ratio": 0.2, "seed": 3}),
+               ("fc2", "affine", {"in_features": 6, "out_features": 3, "seed": 2}), ("loss", "softmax_with_loss")]
+    with client.session() as s:
+        net = s.sequential(members, layer_id="net", dtype=np.float64)
+        opt = s.optimizer("adam", lr=0.01, optimizer_id="adam")
+        for _ in range(3):
+            net.train_step(x, t, opt)
+        layerd.save(s, tmp_path / "net.safetensors")
+        straight = [net.train_step(x, t, opt) for _ in range(3)]
+        with layerd.load(client, tmp_path / "net.safetensors") as resumed:
+            again = resumed.get_layer("net")
+            resumed_opt = resumed.get_optimizer("adam")
+            assert [again.train_step(x, t, resumed_opt) for _ in range(3)] == straight
+            assert resumed_opt.steps == 6
+            for name, value in net.params().items():
+                assert np.array_equal(again.params()[name], value), name
+    import safetensors.numpy
+    tensors = safetensors.numpy.load((tmp_path / "net.safetensors").read_bytes())
+    assert "layers.net.fc1.W" in tensors and "optimizers.adam.m.net.fc2.b" in tensors
+    with pytest.raises(layerd.InvalidArgument) as caught:
+        client.import_session(b"not a checkpoint")
+    assert caught.value.reason == "INVALID_CHECKPOINT"

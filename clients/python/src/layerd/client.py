@@ -231,6 +231,14 @@ class Client:
         """
         return Session(self, session_id or secrets.token_hex(16), idle_timeout)
 
+    def import_session(self, checkpoint: bytes, idle_timeout: int = 0, session_id: Optional[str] = None) -> "Session":
+        """A new session from a checkpoint (Session.export's bytes, or layerd.load's file):
+        its layers, parameters, buffers, optimizers and their state, so training goes on
+        bit for bit. Get handles with Session.get_layer / get_optimizer. A bad file raises
+        InvalidArgument and creates nothing."""
+        session_id = session_id or secrets.token_hex(16)
+        return Session(self, session_id, idle_timeout, checkpoint=checkpoint)
+
     def kinds(self) -> dict:
         """{name: description} of the layer kinds the server offers."""
         answer = self._unary(self._stub.ListLayerKinds, pb.ListLayerKindsRequest(), self._auth)
@@ -249,7 +257,7 @@ class Client:
 class Session:
     """A server session: layer instances and what they keep between Forward and Backward."""
 
-    def __init__(self, client: Client, session_id: str, idle_timeout: int):
+    def __init__(self, client: Client, session_id: str, idle_timeout: int, checkpoint: Optional[bytes] = None):
         self._client = client
         self._stub = client._stub
         self.id = session_id
@@ -257,9 +265,13 @@ class Session:
         self._count = 0
         # The id is this client's own (128 random bits): SESSION_EXISTS on a retry
         # means the first attempt created it.
-        answer = self._call(self._stub.CreateSession,
-                            pb.CreateSessionRequest(session_id=session_id, idle_timeout_seconds=idle_timeout),
-                            done_before="SESSION_EXISTS")
+        if checkpoint is None:
+            rpc, request = self._stub.CreateSession, pb.CreateSessionRequest(
+                session_id=session_id, idle_timeout_seconds=idle_timeout)
+        else:
+            rpc, request = self._stub.ImportSession, pb.ImportSessionRequest(
+                session_id=session_id, idle_timeout_seconds=idle_timeout, safetensors=bytes(checkpoint))
+        answer = self._call(rpc, request, done_before="SESSION_EXISTS")
         #: The idle timeout the server granted, in seconds (the one asked for when
         #: the answer was lost and a retry found the session).
         self.idle_timeout = answer.idle_timeout_seconds if answer else idle_timeout
@@ -345,6 +357,21 @@ class Session:
                                             **{algorithm: messages[algorithm](**hyperparameters)})
         self._call(self._stub.CreateOptimizer, request, done_before="OPTIMIZER_EXISTS" if generated else None)
         return Optimizer(self, optimizer_id, algorithm)
+
+    def get_layer(self, layer_id: str, kind: str = "") -> "Layer":
+        """A handle on a layer the session already has (an imported session's)."""
+        return Layer(self, layer_id, kind)
+
+    def get_optimizer(self, optimizer_id: str, algorithm: str = "") -> "Optimizer":
+        """A handle on an optimizer the session already has (an imported session's)."""
+        return Optimizer(self, optimizer_id, algorithm)
+
+    def export(self) -> bytes:
+        """The session as a safetensors checkpoint: every parameter, buffer and optimizer
+        state, with the layer and optimizer specifications in its metadata (kept state and
+        gradients are not saved). Client.import_session makes a session of it again;
+        safetensors.numpy.load reads its tensors ("layers.<layer>.<name>", ...)."""
+        return self._call(self._stub.ExportSession, pb.ExportSessionRequest(session_id=self.id)).safetensors
 
     @_typed_errors
     def run(self, steps: Iterable[Step]) -> list:
@@ -478,3 +505,21 @@ class Optimizer:
 
     def __repr__(self):
         return f"Optimizer({self.algorithm!r}, id={self.id!r}, session={self.session.id!r})"
+
+
+def save(session: Session, path: Union[str, "os.PathLike"]) -> None:
+    """Writes session.export() to `path` atomically (a temporary file beside it, then a rename)."""
+    data = session.export()
+    temporary = f"{os.fspath(path)}.{secrets.token_hex(4)}.tmp"
+    with open(temporary, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def load(client: Client, path: Union[str, "os.PathLike"], idle_timeout: int = 0,
+         session_id: Optional[str] = None) -> Session:
+    """A new session from a checkpoint file written by save (or any ExportSession answer)."""
+    with open(path, "rb") as f:
+        return client.import_session(f.read(), idle_timeout=idle_timeout, session_id=session_id)

@@ -440,3 +440,33 @@ class TrainStepResponse(_message.Message):
     scores: Tensor
     steps: int
     def __init__(self, loss: _Optional[float] = ..., dx: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("safetensors",)
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    safetensors: bytes
+    def __init__(self, safetensors: _Optional[bytes] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "idle_timeout_seconds", "safetensors")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAFETENSORS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    idle_timeout_seconds: int
+    safetensors: bytes
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_seconds: _Optional[int] = ..., safetensors: _Optional[bytes] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session_id", "idle_timeout_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    idle_timeout_seconds: int
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_seconds: _Optional[int] = ...) -> None: ...

@@ -95,6 +95,16 @@ class LayerServiceStub:
                 request_serializer=layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.SerializeToString,
                 response_deserializer=layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/layerd.v1.LayerService/ExportSession',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/layerd.v1.LayerService/ImportSession',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class LayerServiceServicer:
@@ -193,6 +203,24 @@ class LayerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """The session as one safetensors file: every parameter, buffer and optimizer
+        state, with the layer and optimizer specifications in its metadata. Kept
+        state and gradients are not saved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session from an exported file; training continues bit-identically
+        after it. Everything is validated before anything is created: a bad file
+        is INVALID_ARGUMENT and no session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +283,16 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.TrainStep,
                     request_deserializer=layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.FromString,
                     response_serializer=layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.ExportSessionRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.ImportSessionRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -582,6 +620,60 @@ class LayerService:
             '/layerd.v1.LayerService/TrainStep',
             layerd_dot_v1_dot_layerd__pb2.TrainStepRequest.SerializeToString,
             layerd_dot_v1_dot_layerd__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/ExportSession',
+            layerd_dot_v1_dot_layerd__pb2.ExportSessionRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/ImportSession',
+            layerd_dot_v1_dot_layerd__pb2.ImportSessionRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,54 @@
+//! Fuzzes ImportSession's file: arbitrary bytes through the checkpoint
+//! parser, and what parses, restored into a session and exported again.
+//!
+//! Invariants: nothing panics; every refusal is INVALID_ARGUMENT (a bad file
+//! is the client's error); a file that parses restores within generous
+//! budgets or answers RESOURCE_EXHAUSTED, and the restored session exports a
+//! file that parses again and restores to the same export.
+#![no_main]
+
+use std::time::Duration;
+
+use layerd::auth::Principal;
+use layerd::checkpoint::{export, parse, restore};
+use layerd::session::{Limits, Store};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let checkpoint = match parse(data) {
+        Ok(checkpoint) => checkpoint,
+        Err(error) => {
+            assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+            return;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let guard = Store::start(Limits {
+            max_sessions: 4,
+            max_layers_per_session: 64,
+            max_session_kept_bytes: 16 << 20,
+            max_total_kept_bytes: 64 << 20,
+            max_work_bytes: 16 << 20,
+            default_idle_timeout: Duration::from_secs(60),
+            max_idle_timeout: Duration::from_secs(60),
+        });
+        let store = guard.store();
+        let owner = Principal::default();
+        let (id, _) = store.create(&owner, "a", 0).unwrap();
+        let session = store.session(&owner, &id).unwrap();
+        if let Err(error) = restore(&session, checkpoint).await {
+            assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error}");
+            return;
+        }
+        let file = export(&session).await.unwrap();
+        let again = parse(&file).expect("an exported file parses");
+        let (id, _) = store.create(&owner, "b", 0).unwrap();
+        let copy = store.session(&owner, &id).unwrap();
+        restore(&copy, again).await.expect("it fitted once");
+        assert_eq!(export(&copy).await.unwrap(), file, "export ∘ import is the identity");
+    });
+});
