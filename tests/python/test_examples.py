@@ -49,3 +49,21 @@ def test_train_digits_matches_the_reference_training(server):
     assert losses[-1] < 0.5 * losses[0] and accuracy > 0.85, (losses[0], losses[-1], accuracy)
     print(f"\ntrain_digits: {steps} steps, max relative loss difference {worst:.2e}, "
           f"test accuracy {accuracy:.4f} ({correct}/{len(t_test)}, the reference's too)")
+
+
+def test_the_node_client_trains_a_network(server):
+    """examples/node: @grpc/grpc-js with layerd.proto loaded at run time; .ci/run installs it
+    (npm ci) and sets LAYERD_REQUIRE_NODE so that a missing Node.js fails instead of skipping."""
+    import os
+    import shutil
+    node_dir = REPO / "examples" / "node"
+    if not (shutil.which("node") and (node_dir / "node_modules").is_dir()):
+        if os.environ.get("LAYERD_REQUIRE_NODE"):
+            pytest.fail("node or examples/node/node_modules missing (cd examples/node && npm ci)")
+        pytest.skip("node or examples/node/node_modules missing (cd examples/node && npm ci)")
+    done = subprocess.run(["node", "train.js", "--addr", server.addr], cwd=node_dir,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step")]
+    assert losses[-1] < 0.25 < losses[0], losses
+    print(f"\nnode example: loss {losses[0]:.3f} → {losses[-1]:.3f}")
