@@ -13,8 +13,6 @@ import argparse
 
 import numpy as np
 
-import layerd
-
 HIDDEN, CLASSES, BATCH, LR, SEED = 50, 10, 100, 0.5, 0
 
 
@@ -63,6 +61,8 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50, help="print the loss every this many steps")
     args = parser.parse_args()
+    import layerd  # here, so the data helpers above import without the client
+
     losses, correct, total = train(layerd.Client(args.addr), args.steps)
     for step in range(0, len(losses), args.every):
         print(f"step {step:5d}  loss {losses[step]:.12f}")

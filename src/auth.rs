@@ -30,6 +30,12 @@ impl Principal {
         &self.0
     }
 
+    /// The principal of that name (one read back from `--state-dir`; "" is
+    /// the anonymous principal of a server without `--auth-tokens`).
+    pub fn named(name: &str) -> Principal {
+        Principal(name.into())
+    }
+
     /// The principal stored with the request by [`Authenticator`]; a request
     /// that did not pass through it is refused (fail closed).
     pub fn of(extensions: &http::Extensions) -> Result<Principal, Error> {

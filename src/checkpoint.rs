@@ -107,6 +107,15 @@ struct ImportedOptimizer {
 
 /// The session as a safetensors file.
 pub async fn export(session: &Session) -> Result<Vec<u8>, Error> {
+    export_with(session, HashMap::new()).await
+}
+
+/// The session as a safetensors file with `extra` entries in its metadata
+/// besides the manifest (`--state-dir` records the session's id and owner).
+pub async fn export_with(
+    session: &Session,
+    mut extra: HashMap<String, String>,
+) -> Result<Vec<u8>, Error> {
     let optimizers = session.optimizers_by_id();
     let mut steps = Vec::with_capacity(optimizers.len());
     for optimizer in &optimizers {
@@ -172,8 +181,8 @@ pub async fn export(session: &Session) -> Result<Vec<u8>, Error> {
     drop(steps);
     let json = serde_json::to_string(&manifest)
         .map_err(|e| Error::Internal(format!("checkpoint manifest: {e}")))?;
-    let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(metadata))
+    extra.insert(METADATA_KEY.to_string(), json);
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(extra))
         .map_err(|e| Error::Internal(format!("writing the checkpoint: {e}")))
 }
 
@@ -211,6 +220,12 @@ impl View for Wire<'_> {
     fn data_len(&self) -> usize {
         self.0.le_bytes().len()
     }
+}
+
+/// The metadata entry `key` of a safetensors file, if it is one and has it.
+pub fn metadata_entry(file: &[u8], key: &str) -> Option<String> {
+    let (_, header) = SafeTensors::read_metadata(file).ok()?;
+    header.metadata().as_ref()?.get(key).cloned()
 }
 
 /// Validates a checkpoint completely (see the module doc); creates nothing.

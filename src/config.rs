@@ -174,6 +174,26 @@ pub struct Config {
     /// On SIGTERM/SIGINT: how long in-flight calls may take to finish before the process exits.
     #[arg(long, env = "LAYERD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Keep sessions that hold parameters across restarts: the shutdown drain writes each to this
+    /// directory (created if missing), and the next start reads them back with their ids, owners
+    /// and remaining idle time. Off by default.
+    #[arg(long, env = "LAYERD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// With --state-dir: also write the sessions this often (e.g. 30s), so that a crash or a
+    /// SIGKILL loses at most this much training. Off by default: only the drain writes them.
+    #[arg(long, env = "LAYERD_SNAPSHOT_INTERVAL", value_parser = positive_duration, requires = "state_dir")]
+    pub snapshot_interval: Option<Duration>,
+}
+
+/// A duration above zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d > Duration::ZERO => Ok(d),
+        Ok(_) => Err("must be above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Idle timeouts travel as whole seconds (`uint32`), so they must be ≥ 1 s.

@@ -21,6 +21,8 @@
 //!   computations run, in-order stream answering.
 //! - [`training`]: Step and TrainStep on that path, all or nothing.
 //! - [`checkpoint`]: a session as a safetensors file (export) and back (import).
+//! - [`persist`]: `--state-dir`: sessions written at the drain (and
+//!   periodically) and read back at start.
 //! - [`service`]: the gRPC handlers of the layer service (thin).
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
 //!   sessions: models, sequence parameters, statistics.
@@ -49,6 +51,7 @@ pub mod layers;
 pub mod metrics;
 pub mod optimizers;
 pub mod overload;
+pub mod persist;
 pub mod server;
 pub mod service;
 pub mod session;

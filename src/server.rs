@@ -3,7 +3,7 @@
 //! reflection (v1 and v1alpha), the HTTP/2 guards, and graceful shutdown
 //! bounded by a grace period.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
 use http::HeaderMap;
 use tokio::net::TcpListener;
@@ -26,6 +26,7 @@ use crate::pb::{
     self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
     layer_service_server::LayerServiceServer,
 };
+use crate::persist;
 use crate::service::LayerService;
 use crate::session::Store;
 
@@ -72,6 +73,13 @@ pub async fn run(
         None => Authenticator::open(),
     };
     let store_guard = Store::start(config.limits());
+    // Sessions of the last run, before the port opens.
+    let snapshots = match &config.state_dir {
+        Some(dir) => {
+            Some(start_state_dir(&store_guard.store(), dir, config.snapshot_interval).await?)
+        }
+        None => None,
+    };
     let inference = InferenceService::new(
         store_guard.store(),
         config.request_timeout,
@@ -164,10 +172,47 @@ pub async fn run(
             server.abort();
         }
     }
+    if let Some((dir, periodic)) = snapshots {
+        drop(periodic);
+        match persist::save(&store_guard.store(), &dir).await {
+            Ok(count) => tracing::info!(dir = %dir.display(), sessions = count, "sessions saved"),
+            Err(error) => tracing::error!(dir = %dir.display(), %error, "cannot save the sessions"),
+        }
+    }
     drop(store_guard);
     drop(metrics_task);
     tracing::info!("layerd stopped");
     Ok(())
+}
+
+/// `--state-dir`: creates it if missing, restores the sessions saved in it,
+/// and with `--snapshot-interval` starts the task that saves them
+/// periodically (stopped when dropped).
+async fn start_state_dir(
+    store: &Store,
+    dir: &std::path::Path,
+    interval: Option<Duration>,
+) -> Result<(std::path::PathBuf, Option<AbortOnDrop<()>>), BoxError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot use --state-dir {}: {e}", dir.display()))?;
+    let restored = persist::load(store, dir)
+        .await
+        .map_err(|e| format!("cannot read --state-dir {}: {e}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), sessions = restored, "state directory read");
+    let periodic = interval.map(|every| {
+        let (store, dir) = (store.clone(), dir.to_path_buf());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(error) = persist::save(&store, &dir).await {
+                    tracing::error!(dir = %dir.display(), %error, "cannot snapshot the sessions");
+                }
+            }
+        }))
+    });
+    Ok((dir.to_path_buf(), periodic))
 }
 
 /// The Prometheus endpoint on `--metrics-addr`, if set; stops when dropped.

@@ -91,6 +91,48 @@ impl Store {
         requested_id: &str,
         idle_timeout_seconds: u32,
     ) -> Result<(String, Duration), Error> {
+        self.open(owner, requested_id, idle_timeout_seconds, None)
+    }
+
+    /// Opens session `id` of `owner` as it was saved (`--state-dir`): its idle
+    /// timeout, and `remaining` of it before it expires.
+    pub fn reopen(
+        &self,
+        owner: &Principal,
+        id: &str,
+        idle_timeout_seconds: u32,
+        remaining: Duration,
+    ) -> Result<(String, Duration), Error> {
+        check_id("session_id", id)?;
+        self.open(owner, id, idle_timeout_seconds, Some(remaining))
+    }
+
+    /// Every live session with its owner and the idle time it has left.
+    pub fn live_sessions(&self) -> Vec<(Principal, Arc<Session>, Duration)> {
+        let now = Instant::now();
+        let state = self.shared.lock_state();
+        state
+            .sessions
+            .iter()
+            .filter(|(_, entry)| entry.deadline > now)
+            .map(|(key, entry)| {
+                let owner = key.split('\0').next().unwrap_or_default();
+                (
+                    Principal::named(owner),
+                    entry.session.clone(),
+                    entry.deadline - now,
+                )
+            })
+            .collect()
+    }
+
+    fn open(
+        &self,
+        owner: &Principal,
+        requested_id: &str,
+        idle_timeout_seconds: u32,
+        remaining: Option<Duration>,
+    ) -> Result<(String, Duration), Error> {
         let limits = &self.shared.limits;
         let requested = match idle_timeout_seconds {
             0 => limits.default_idle_timeout,
@@ -141,7 +183,7 @@ impl Store {
             limits,
             self.shared.total_kept.clone(),
         ));
-        let deadline = now + idle_timeout;
+        let deadline = now + remaining.map_or(idle_timeout, |r| r.min(idle_timeout));
         let wake_purge = state
             .expirations
             .first()

@@ -143,3 +143,33 @@ def test_compose_runs_the_replicas_nginx_routes_to():
     assert build == REPO and (build / replica["build"]["dockerfile"]).exists()
     health = compose["services"]["layerd-0"]["healthcheck"]["test"]
     assert health[1] == "/usr/local/bin/layerd-cli" and health[-1] == "health"
+
+
+def test_the_stateful_overlay_is_the_deployment_with_a_state_directory():
+    base = by_kind(K8S / "base")
+    overlay_dir = K8S / "overlays" / "stateful"
+    overlay = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
+    [stateful] = documents(overlay_dir / "statefulset.yaml")
+    deployment = base[("Deployment", "layerd")]
+    # The delete patch and the autoscaler patch name base objects.
+    deleted = yaml.safe_load(overlay["patches"][0]["patch"])
+    assert deleted["$patch"] == "delete" and ("Deployment", deleted["metadata"]["name"]) in base
+    hpa = documents(overlay_dir / overlay["patches"][1]["path"])[0]
+    assert ("HorizontalPodAutoscaler", hpa["metadata"]["name"]) in base
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                             "name": stateful["metadata"]["name"]}
+    assert ("Service", stateful["spec"]["serviceName"]) in base
+    # Equal to the Deployment but for the state directory.
+    spec = {k: v for k, v in stateful["spec"].items() if k not in ("serviceName", "podManagementPolicy", "volumeClaimTemplates")}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"].pop("fsGroup") == pod["securityContext"]["runAsGroup"]
+    [container] = pod["containers"]
+    [mount] = container.pop("volumeMounts")
+    [claim] = stateful["spec"]["volumeClaimTemplates"]
+    assert mount["name"] == claim["metadata"]["name"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LAYERD_STATE_DIR"] == mount["mountPath"] and env["LAYERD_SNAPSHOT_INTERVAL"] == "30s"
+    container["env"] = [e for e in container["env"] if e["name"] not in ("LAYERD_STATE_DIR", "LAYERD_SNAPSHOT_INTERVAL")]
+    assert spec == deployment["spec"]
+    help_text = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, check=True).stdout
+    assert {"LAYERD_STATE_DIR", "LAYERD_SNAPSHOT_INTERVAL"} <= set(re.findall(r"env: (LAYERD_[A-Z_]+)", help_text))
