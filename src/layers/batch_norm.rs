@@ -128,14 +128,29 @@ impl<F: Float> Kept<F> {
 }
 
 /// `x` (N, D) or (N, C, H, W) as the matrix of feature rows (N, D) or (N·H·W, C).
+///
+/// The 4-D case is one (C, H·W) → (H·W, C) transpose per image, in plain
+/// loops: ndarray's general copy of a permuted view walks every element by
+/// index and took most of a small convnet's step.
 pub fn to_rows<F: Float>(x: ArrayViewD<'_, F>) -> Array2<F> {
     match *x.shape() {
-        [n, c, h, w] => x
-            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
-            .as_standard_layout()
-            .into_owned()
-            .into_shape_with_order((n * h * w, c))
-            .expect("N·H·W × C"),
+        [n, c, h, w] => {
+            let x = x.as_standard_layout();
+            let data = x.as_slice().expect("standard layout");
+            let plane = h * w;
+            let mut rows = vec![F::zero(); n * plane * c];
+            for (image, out) in data
+                .chunks_exact(c * plane)
+                .zip(rows.chunks_exact_mut(plane * c))
+            {
+                for (channel, values) in image.chunks_exact(plane).enumerate() {
+                    for (p, &v) in values.iter().enumerate() {
+                        out[p * c + channel] = v;
+                    }
+                }
+            }
+            Array2::from_shape_vec((n * plane, c), rows).expect("N·H·W × C")
+        }
         [n, d] => x.into_shape_with_order((n, d)).expect("2-D").to_owned(),
         _ => panic!("batch_norm takes 2-D or 4-D input (validated by the caller)"),
     }
@@ -144,12 +159,23 @@ pub fn to_rows<F: Float>(x: ArrayViewD<'_, F>) -> Array2<F> {
 /// The inverse of [`to_rows`] for an input of `shape`.
 pub fn from_rows<F: Float>(rows: Array2<F>, shape: &[usize]) -> ndarray::ArrayD<F> {
     match *shape {
-        [n, c, h, w] => rows
-            .into_shape_with_order(IxDyn(&[n, h, w, c]))
-            .expect("N·H·W × C")
-            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
-            .as_standard_layout()
-            .into_owned(),
+        [n, c, h, w] => {
+            let rows = rows.as_standard_layout();
+            let data = rows.as_slice().expect("standard layout");
+            let plane = h * w;
+            let mut x = vec![F::zero(); n * c * plane];
+            for (values, image) in data
+                .chunks_exact(plane * c)
+                .zip(x.chunks_exact_mut(c * plane))
+            {
+                for (channel, out) in image.chunks_exact_mut(plane).enumerate() {
+                    for (p, v) in out.iter_mut().enumerate() {
+                        *v = values[p * c + channel];
+                    }
+                }
+            }
+            ndarray::ArrayD::from_shape_vec(IxDyn(shape), x).expect("N × C × H × W")
+        }
         _ => rows.into_dyn(),
     }
 }
@@ -273,6 +299,27 @@ pub fn backward<F: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_are_the_channel_last_transpose_and_back() {
+        let x = ndarray::Array::from_shape_fn((3, 4, 2, 5), |(n, c, h, w)| {
+            (n * 1000 + c * 100 + h * 10 + w) as f64
+        })
+        .into_dyn();
+        let rows = to_rows(x.view());
+        let want = x
+            .view()
+            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((3 * 2 * 5, 4))
+            .unwrap();
+        assert_eq!(rows, want);
+        assert_eq!(from_rows(rows, x.shape()), x);
+        // A non-standard input (a transposed view) too.
+        let t = x.view().reversed_axes().reversed_axes();
+        assert_eq!(to_rows(t), want);
+    }
     use crate::layers::testing::{central_difference, filled, max_relative_error};
     use ndarray::Array1;
 

@@ -67,3 +67,37 @@ def test_the_node_client_trains_a_network(server):
     losses = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.25 < losses[0], losses
     print(f"\nnode example: loss {losses[0]:.3f} → {losses[-1]:.3f}")
+
+
+def test_split_learning_matches_the_network_trained_in_one_process(server):
+    pytest.importorskip("sklearn")
+    import train_digits as data
+    steps = 200
+    out = run_example("split_learning.py", server, "--steps", str(steps), "--every", "1")
+    printed = {int(line.split()[1]): float(line.split()[3]) for line in out.splitlines() if line.startswith("step")}
+    assert sorted(printed) == list(range(steps))
+    # The whole network in one process: the same data, weights, batches and SGD.
+    (x, t), _ = data.digits()
+    w = data.initial_weights()
+    fc1, fc2 = ref.Affine(w["fc1.W"].copy(), w["fc1.b"].copy()), ref.Affine(w["fc2.W"].copy(), w["fc2.b"].copy())
+    net = ref.Sequential([("fc1", fc1), ("relu", ref.Relu()), ("fc2", fc2), ("loss", ref.SoftmaxWithLoss())])
+    sgd = ref.SGD(lr=data.LR)
+    losses = []
+    for rows in data.batches(len(x), steps):
+        losses.append(float(net.forward(x[rows], t=t[rows])))
+        net.backward()
+        sgd.update({"fc1.W": fc1.W, "fc1.b": fc1.b, "fc2.W": fc2.W, "fc2.b": fc2.b}, net.grads())
+    worst = max(abs(printed[s] - losses[s]) / abs(losses[s]) for s in printed)
+    assert worst <= 1e-9, f"loss curves differ by {worst:.3g} relative"
+    assert losses[-1] < 0.5 * losses[0]
+    print(f"\nsplit_learning: {steps} steps, max relative loss difference {worst:.2e}")
+
+
+def test_train_convnet_reaches_its_accuracy_across_a_checkpoint(server):
+    pytest.importorskip("sklearn")
+    out = run_example("train_convnet.py", server, "--steps", "150")
+    correct, total = map(int, out.splitlines()[-1].split()[-1].strip("()").split("/"))
+    losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
+    assert losses[-1] < losses[0] / 10, losses
+    assert correct / total >= 0.97, out
+    print(f"\ntrain_convnet: 150 steps with a save/load at 75, test accuracy {correct / total:.4f}")
