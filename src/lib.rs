@@ -34,10 +34,12 @@
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
 //! - [`drain`]: ends health Watch streams when shutdown drains.
-//! - [`telemetry`], [`signal`]: logging setup and shutdown signals.
+//! - [`telemetry`], [`signal`]: logging setup and shutdown signals;
+//!   [`allocator`]: glibc malloc settings for the server process.
 //! - [`client`]: connecting, for the bundled tools `layerd-bench` (a verifying
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 
+pub mod allocator;
 pub mod auth;
 pub mod checkpoint;
 pub mod client;

@@ -5,9 +5,18 @@ use std::process::ExitCode;
 use clap::Parser;
 use layerd::config::Config;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    layerd::allocator::tune();
     let config = Config::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
     layerd::telemetry::init(config.log_format);
     match layerd::server::serve(config).await {
         Ok(()) => ExitCode::SUCCESS,

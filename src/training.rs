@@ -131,7 +131,7 @@ pub async fn train_step_on(
     let out = compute(elements, move || {
         let forwarded = chain.forward(&members, &x, Some(&t), &plan, false, true);
         let kept = forwarded.kept.expect("a keeping Forward keeps");
-        let backwarded = chain.backward(&members, &kept, None);
+        let (dx, grads) = chain.backward_for_step(&members, &kept, None, options.return_dx);
         let loss = scalar(&forwarded.y);
         let scores = options.return_scores.then(|| forwarded.scores.unwrap_or(x));
         // The new buffers and generator positions, then the update from the new gradients.
@@ -140,7 +140,7 @@ pub async fn train_step_on(
         let update = LayerUpdate {
             chain,
             members: after_forward,
-            grads: backwarded.grads,
+            grads,
             state: trained_state,
         };
         let trained = update.run(&algorithm, step);
@@ -148,7 +148,7 @@ pub async fn train_step_on(
             .into_iter()
             .map(|w| w.run(&algorithm, step))
             .collect();
-        (loss, backwarded.dx, scores, kept, trained, others)
+        (loss, dx, scores, kept, trained, others)
     })
     .await?;
     let (loss, dx, scores, kept, trained_update, others) = out;
@@ -167,7 +167,7 @@ pub async fn train_step_on(
     steps.count = step;
     Ok(TrainAnswer {
         loss,
-        dx: options.return_dx.then_some(dx),
+        dx,
         scores,
         steps: step,
     })

@@ -103,6 +103,57 @@ async fn every_mode_and_kind_verifies_clean() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_step_mode_verifies_each_network() {
+    let server = start(|_| {}).await;
+    // (The convnet's reference is minutes of loops in a debug build: it is
+    // verified in the release run of bench/train.py.)
+    for (network, dtype, cycle) in [("two-layer", "f64", "4"), ("mlp", "f32", "3")] {
+        let output = bench(
+            &server,
+            &[
+                "--mode",
+                "train-step",
+                "--network",
+                network,
+                "--dtype",
+                dtype,
+                "--cycle-steps",
+                cycle,
+                "--requests",
+                "6",
+            ],
+        )
+        .await;
+        assert!(output.status.success(), "{network}: {}", text(&output));
+        let out = text(&output);
+        assert!(
+            out.contains("mismatches    0") && out.contains(&format!("network {network}")),
+            "{out}"
+        );
+    }
+    // A reference trained with another learning rate: from the second step on
+    // every loss differs, and the run must say so.
+    let output = bench(
+        &server,
+        &[
+            "--mode",
+            "train-step",
+            "--network",
+            "two-layer",
+            "--cycle-steps",
+            "3",
+            "--requests",
+            "6",
+            "--verify-lr",
+            "0.2",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn wrong_answers_make_the_exit_code_non_zero() {
     // The server computes identity; the reference expects ReLU: every answer

@@ -94,6 +94,18 @@ impl Layer for Affine {
             grads: vec![g.dw.into_dyn(), g.db.into_dyn()],
         }
     }
+
+    fn param_grads<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        kept: &Kept<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Vec<ndarray::ArrayD<F>> {
+        let dout = dout.as_standard_layout();
+        let dout = rows(dout.view(), self.out_features);
+        let g = backward(kept.x.view(), param2(&values[0]), dout, false);
+        vec![g.dw.into_dyn(), g.db.into_dyn()]
+    }
 }
 
 /// A standard-layout tensor as the (N, features) matrix of its rows.

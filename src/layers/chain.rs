@@ -523,7 +523,21 @@ impl Chain {
         kept: &Kept,
         dout: Option<&Tensor>,
     ) -> Backwarded {
-        with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout))
+        with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout, true))
+    }
+
+    /// [`Chain::backward`] for a training step: without `need_dx`, the first
+    /// member computes only its parameter gradients (affine and convolution
+    /// then skip a matrix product) and `dx` is `None`.
+    pub fn backward_for_step(
+        &self,
+        states: &[MemberState],
+        kept: &Kept,
+        dout: Option<&Tensor>,
+        need_dx: bool,
+    ) -> (Option<Tensor>, Vec<Option<Vec<Tensor>>>) {
+        let out = with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout, need_dx));
+        (need_dx.then_some(out.dx), out.grads)
     }
 
     fn backward_as<F: Float>(
@@ -531,6 +545,7 @@ impl Chain {
         states: &[MemberState],
         kept: &Kept,
         dout: Option<&Tensor>,
+        need_dx: bool,
     ) -> Backwarded {
         let mut d: CowArray<'_, F, IxDyn> = match dout {
             Some(dout) => dout.view::<F>(),
@@ -543,6 +558,15 @@ impl Chain {
             let values: Vec<CowArray<'_, F, IxDyn>> =
                 state.values.iter().map(Tensor::view::<F>).collect();
             let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
+            if i == 0 && !need_dx {
+                let out = with_spec!(&member.spec, l => run_param_grads(l, &views, kept.members[0].as_ref(), d.view()));
+                if !out.is_empty() {
+                    grads[0] = Some(out.into_iter().map(Tensor::from_array).collect());
+                }
+                // Not asked for: an empty placeholder, dropped by the caller.
+                d = ArrayD::zeros(IxDyn(&[0])).into();
+                break;
+            }
             let out = with_spec!(&member.spec, l => run_backward(l, &views, kept.members[i].as_ref(), d.view()));
             if !out.grads.is_empty() {
                 grads[i] = Some(out.grads.into_iter().map(Tensor::from_array).collect());
@@ -671,6 +695,18 @@ fn run_forward<L: Layer, F: Float>(layer: &L, step: Step<'_, F>) -> MemberForwar
     let out = layer.forward(step);
     let kept = out.kept.map(|k| Box::new(k) as Box<dyn Any + Send + Sync>);
     (out.y, kept, out.buffers)
+}
+
+fn run_param_grads<L: Layer, F: Float>(
+    layer: &L,
+    values: &[ArrayViewD<'_, F>],
+    kept: &(dyn Any + Send + Sync),
+    dout: ArrayViewD<'_, F>,
+) -> Vec<ArrayD<F>> {
+    let kept = kept
+        .downcast_ref::<L::Kept<F>>()
+        .expect("kept state was made by this member at this dtype");
+    layer.param_grads(values, kept, dout)
 }
 
 fn run_backward<L: Layer, F: Float>(

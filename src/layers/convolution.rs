@@ -138,6 +138,23 @@ impl Layer for Convolution {
             grads: vec![g.dw.into_dyn(), g.db.into_dyn()],
         }
     }
+
+    fn param_grads<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        x: &Array4<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Vec<ndarray::ArrayD<F>> {
+        let w = values[0]
+            .view()
+            .into_dimensionality::<Ix4>()
+            .expect("4-D W");
+        let dout = dout
+            .into_dimensionality::<Ix4>()
+            .expect("the output's shape");
+        let g = backward(x.view(), w, dout, self.geometry, false);
+        vec![g.dw.into_dyn(), g.db.into_dyn()]
+    }
 }
 
 /// Stride and zero padding; validated by the caller (stride at least 1,
@@ -532,6 +549,19 @@ mod tests {
     /// Several blocks of images, the last one short, with padding (whose
     /// column entries the reused buffer keeps at zero): the same as one
     /// product over the whole batch.
+    /// Without dx (a training step's first layer), the parameter gradients
+    /// are the same bits.
+    #[test]
+    fn gradients_without_dx_are_backwards() {
+        let g = Geometry { stride: 2, pad: 1 };
+        let (x, w) = (filled((3, 2, 9, 9), 1), filled((4, 2, 3, 3), 2));
+        let dout = filled((3, 4, 5, 5), 3);
+        let all = backward(x.view(), w.view(), dout.view(), g, true);
+        let without = backward(x.view(), w.view(), dout.view(), g, false);
+        assert!(without.dx.is_none());
+        assert_eq!((all.dw, all.db), (without.dw, without.db));
+    }
+
     #[test]
     fn blocks_give_what_the_whole_batch_gives() {
         let g = Geometry { stride: 1, pad: 1 };

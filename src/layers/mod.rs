@@ -228,6 +228,18 @@ pub trait Layer: Send + Sync + 'static {
         kept: &Self::Kept<F>,
         dout: ArrayViewD<'_, F>,
     ) -> Backwarded<F>;
+
+    /// Only the parameter gradients of [`Layer::backward`], for the first
+    /// layer of a training step whose `dx` nobody asked for. Kinds whose
+    /// `dx` costs a matrix product skip it; the default computes and drops it.
+    fn param_grads<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        kept: &Self::Kept<F>,
+        dout: ArrayViewD<'_, F>,
+    ) -> Vec<ArrayD<F>> {
+        self.backward(values, kept, dout).grads
+    }
 }
 
 /// The layer kinds this server offers, by name (sorted).

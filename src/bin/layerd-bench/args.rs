@@ -41,6 +41,9 @@ pub enum Mode {
     Train,
     /// Forward and Backward steps over one Run stream per worker.
     Stream,
+    /// TrainStep of a named network (--network) with the server's SGD,
+    /// each step's loss checked against a float64 reference training.
+    TrainStep,
 }
 
 /// The server's own list of kinds; the bench drives and verifies each but
@@ -79,6 +82,22 @@ pub struct RunArgs {
     /// What each worker does.
     #[arg(long, value_enum, default_value_t = Mode::Train)]
     pub mode: Mode,
+
+    /// With --mode train-step: the network to train (the shapes of bench/train.py).
+    #[arg(long, value_enum, default_value_t = crate::network::Network::Mlp)]
+    pub network: crate::network::Network,
+
+    /// With --mode train-step: steps per cycle. Each cycle restores the
+    /// initial parameters (SetParams, not measured) and trains this many
+    /// steps, so every answer can be checked against the reference.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
+    pub cycle_steps: usize,
+
+    /// With --mode train-step: train the reference with this learning rate
+    /// instead of the server's. Only useful to prove that the verifier
+    /// catches wrong answers.
+    #[arg(long, hide = true)]
+    pub verify_lr: Option<f64>,
 
     /// Layer kind(s) to drive; several only with --sweep. The trainable kinds
     /// get fixed configurations, client-given parameters and, without --shape,

@@ -6,6 +6,7 @@
 
 mod args;
 mod chart;
+mod network;
 mod reference;
 mod report;
 mod trainable;
@@ -37,6 +38,9 @@ async fn main() -> ExitCode {
 
 /// One run, or a sweep of runs; prints the table(s), writes JSON and chart.
 async fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    if args.mode == args::Mode::TrainStep {
+        return train_step(args).await;
+    }
     if args.sweep.is_none() && args.kind.len() > 1 {
         return Err("several --kind values need --sweep".into());
     }
@@ -57,17 +61,7 @@ async fn run(args: &RunArgs) -> Result<ExitCode, String> {
         for shape in &sizes {
             let measured = match workload::run(args, kind, shape).await {
                 Ok(measured) => measured,
-                Err(SetupError::Unfit(message)) => return Err(message),
-                Err(SetupError::Unreachable(message)) => {
-                    eprintln!("layerd-bench: {message}");
-                    return Ok(ExitCode::from(2));
-                }
-                Err(SetupError::Rejected(status)) => {
-                    return Err(format!(
-                        "the server refused to set up the run: {}",
-                        layerd::client::status_text(&status)
-                    ))
-                }
+                Err(error) => return setup_failed(error),
             };
             let summary = Summary::new(args, kind, shape, &measured);
             if args.sweep.is_none() {
@@ -88,6 +82,11 @@ async fn run(args: &RunArgs) -> Result<ExitCode, String> {
     if args.sweep.is_some() {
         print!("{}", report::sweep_table(&summaries));
     }
+    finish(args, summaries)
+}
+
+/// Writes the JSON and the chart, and says how the run ended.
+fn finish(args: &RunArgs, summaries: Vec<Summary>) -> Result<ExitCode, String> {
     if let Some(path) = &args.json {
         let json =
             serde_json::to_string_pretty(&Report::new(summaries.clone())).expect("serialisable");
@@ -108,6 +107,39 @@ async fn run(args: &RunArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `--mode train-step`: one run of the named network.
+async fn train_step(args: &RunArgs) -> Result<ExitCode, String> {
+    let measured = match network::run(args, args.network).await {
+        Ok(measured) => measured,
+        Err(error) => return setup_failed(error),
+    };
+    let mut summary = Summary::new(
+        args,
+        args::Kind::Sequential,
+        &args.network.x_shape(),
+        &measured,
+    );
+    summary.kind = format!("network {}", args.network.name());
+    print!("{}", summary.table());
+    finish(args, vec![summary])
+}
+
+/// How a run that could not start ends: exit 2 when the server cannot be
+/// reached, else an error message (exit 1).
+fn setup_failed(error: SetupError) -> Result<ExitCode, String> {
+    match error {
+        SetupError::Unfit(message) => Err(message),
+        SetupError::Unreachable(message) => {
+            eprintln!("layerd-bench: {message}");
+            Ok(ExitCode::from(2))
+        }
+        SetupError::Rejected(status) => Err(format!(
+            "the server refused to set up the run: {}",
+            layerd::client::status_text(&status)
+        )),
+    }
 }
 
 fn merge_charts(args: &args::ChartArgs) -> Result<ExitCode, String> {

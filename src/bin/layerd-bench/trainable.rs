@@ -51,7 +51,7 @@ pub fn default_shape(kind: Kind) -> Option<Vec<u64>> {
 }
 
 /// Deterministic values in [-scale, scale), never exactly zero.
-fn values(len: usize, salt: u64, scale: f64) -> Vec<f64> {
+pub(crate) fn values(len: usize, salt: u64, scale: f64) -> Vec<f64> {
     (0..len as u64)
         .map(|i| {
             let h = (i ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03))
@@ -63,7 +63,7 @@ fn values(len: usize, salt: u64, scale: f64) -> Vec<f64> {
 }
 
 /// The values as the dtype holds them, and back in f64 for the reference.
-fn rounded<F: Element>(values: Vec<f64>) -> (Vec<F>, Vec<f64>) {
+pub(crate) fn rounded<F: Element>(values: Vec<f64>) -> (Vec<F>, Vec<f64>) {
     let as_f: Vec<F> = values
         .iter()
         .map(|&v| F::from(v).expect("representable"))
@@ -176,15 +176,15 @@ pub fn build<F: Element>(kind: Kind, shape: &[u64]) -> Result<Reference, String>
 }
 
 /// dx and each parameter's gradient.
-type Gradients = (ArrayD<f64>, Vec<(&'static str, ArrayD<f64>)>);
+pub(crate) type Gradients = (ArrayD<f64>, Vec<(&'static str, ArrayD<f64>)>);
 
 /// Backward as a function of dout.
-type BackwardFn = Box<dyn Fn(&ArrayD<f64>) -> Gradients>;
+pub(crate) type BackwardFn = Box<dyn Fn(&ArrayD<f64>) -> Gradients>;
 
 /// The reference's answers: y, and Backward as a function of dout.
-struct Expected {
-    y: ArrayD<f64>,
-    backward: BackwardFn,
+pub(crate) struct Expected {
+    pub(crate) y: ArrayD<f64>,
+    pub(crate) backward: BackwardFn,
 }
 
 /// The workload of a kind with a reference: a loss (labels given) is
@@ -290,7 +290,7 @@ fn close<F: Element>(data: &Bytes, want: &ArrayD<f64>, tolerance: f64) -> bool {
     })
 }
 
-fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
+pub(crate) fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
     let n = x.shape()[0];
     let x2 = x
         .clone()
@@ -319,7 +319,7 @@ fn affine(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
 }
 
 /// Cross-correlation, stride 1, no padding, by its definition.
-fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
+pub(crate) fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix4>()
@@ -368,7 +368,7 @@ fn convolution(x: &ArrayD<f64>, w: ArrayD<f64>, b: ArrayD<f64>) -> Expected {
 }
 
 /// Max pooling 2×2, stride 2: the first maximum of each window in row-major order.
-fn pooling(x: &ArrayD<f64>) -> Expected {
+pub(crate) fn pooling(x: &ArrayD<f64>) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix4>()
@@ -468,7 +468,7 @@ fn batch_norm(x: &ArrayD<f64>, gamma: ArrayD<f64>, beta: ArrayD<f64>, eps: f64) 
 
 /// Softmax over the last axis and the mean cross-entropy with class labels;
 /// Backward (no dout) is (softmax − one-hot) / N.
-fn softmax_with_loss(x: &ArrayD<f64>, labels: &[i64]) -> Expected {
+pub(crate) fn softmax_with_loss(x: &ArrayD<f64>, labels: &[i64]) -> Expected {
     let x = x
         .clone()
         .into_dimensionality::<ndarray::Ix2>()

@@ -23,7 +23,7 @@ use tonic::{
 use crate::args::{Kind, Mode, RunArgs};
 use crate::reference::Reference;
 
-type Client = LayerServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
+pub(crate) type Client = LayerServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
 
 /// Largest message the bench sends or accepts.
 const MAX_MESSAGE: usize = 1 << 30;
@@ -54,7 +54,7 @@ pub struct Measured {
 }
 
 impl Measured {
-    fn new() -> Measured {
+    pub(crate) fn new() -> Measured {
         Measured {
             seconds: 0.0,
             calls: 0,
@@ -69,7 +69,7 @@ impl Measured {
         }
     }
 
-    fn merge(&mut self, other: Measured) {
+    pub(crate) fn merge(&mut self, other: Measured) {
         self.calls += other.calls;
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
@@ -84,6 +84,36 @@ impl Measured {
             self.error_examples.entry(code).or_insert(example);
         }
         self.mismatches += other.mismatches;
+    }
+
+    /// A measured call sent at `sent` that failed with `status` at `done`.
+    pub(crate) fn error(&mut self, sent: Instant, status: &Status, done: Instant) {
+        let code = code_name(status.code());
+        *self.errors.entry(code.clone()).or_default() += 1;
+        let micros = done.duration_since(sent).as_micros().max(1) as u64;
+        self.error_latency_us.saturating_record(micros);
+        self.error_examples
+            .entry(code)
+            .or_insert_with(|| status.message().to_string());
+    }
+
+    /// A measured call that answered (`right` or not) at `done`.
+    pub(crate) fn call(
+        &mut self,
+        sent: Instant,
+        done: Instant,
+        bytes_sent: usize,
+        bytes_received: usize,
+        right: bool,
+    ) {
+        if !right {
+            self.mismatches += 1;
+        }
+        self.calls += 1;
+        self.bytes_sent += bytes_sent as u64;
+        self.bytes_received += bytes_received as u64;
+        let micros = done.duration_since(sent).as_micros().max(1) as u64;
+        self.latency_us.saturating_record(micros);
     }
 }
 
@@ -293,7 +323,7 @@ async fn open_sessions(
 }
 
 /// A request carrying `x-session-id` when --session-header is set.
-fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request<T> {
+pub(crate) fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     if args.session_header {
         let value = MetadataValue::try_from(session_id).expect("session ids are ASCII");
@@ -305,14 +335,14 @@ fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request<T> {
 }
 
 /// A value that differs between runs of one process (sweeps open many sessions).
-fn unique() -> u64 {
+pub(crate) fn unique() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Closes the run's sessions so a sweep does not pile them up; a failure here
 /// is not the run's (they would expire anyway).
-async fn close_sessions(args: &RunArgs, mut client: Client, session_ids: Vec<String>) {
+pub(crate) async fn close_sessions(args: &RunArgs, mut client: Client, session_ids: Vec<String>) {
     for session_id in session_ids {
         let request = routed(
             args,
@@ -491,31 +521,18 @@ impl Worker {
             Err(status) => {
                 shared.progress_errors.fetch_add(1, Ordering::Relaxed);
                 if measuring {
-                    let code = code_name(status.code());
-                    *self.measured.errors.entry(code.clone()).or_default() += 1;
-                    let micros = done.duration_since(scheduled).as_micros().max(1) as u64;
-                    self.measured.error_latency_us.saturating_record(micros);
-                    self.measured
-                        .error_examples
-                        .entry(code)
-                        .or_insert_with(|| status.message().to_string());
+                    self.measured.error(scheduled, status, done);
                 }
             }
-            Ok(_) if !right => {
-                shared.progress_mismatches.fetch_add(1, Ordering::Relaxed);
+            Ok(reply) => {
+                if !right {
+                    shared.progress_mismatches.fetch_add(1, Ordering::Relaxed);
+                }
                 if measuring {
-                    self.measured.mismatches += 1;
+                    self.measured
+                        .call(scheduled, done, sent, reply.bytes(), right);
                 }
             }
-            Ok(_) => {}
-        }
-        if measuring && answer.is_ok() {
-            let received = answer.as_ref().map_or(0, Reply::bytes);
-            self.measured.calls += 1;
-            self.measured.bytes_sent += sent as u64;
-            self.measured.bytes_received += received as u64;
-            let micros = done.duration_since(scheduled).as_micros().max(1) as u64;
-            self.measured.latency_us.saturating_record(micros);
         }
         right
     }
