@@ -281,7 +281,8 @@ def test_a_train_step_that_fails_or_is_abandoned_changes_nothing(pb, stub):
         else:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.TrainStep(request, timeout=0.005)
-            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # grpcio says CANCELLED ("Timeout expired") when the deadline passes while it sends.
+            assert caught.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
             abandoned += 1
     time.sleep(1.0)  # calls the server still had in hand are dropped
     after = snapshot()
