@@ -115,15 +115,14 @@ mod tests {
     /// On every core the same bits as on one (the split is of the output).
     #[test]
     fn parallel_products_are_the_serial_bits() {
-        let a = Array2::from_shape_fn((257, 300), |(i, j)| {
-            ((i * 31 + j * 17) % 97) as f32 / 7.0 - 5.0
-        });
-        let b = Array2::from_shape_fn((300, 203), |(i, j)| {
-            ((i * 13 + j * 29) % 89) as f32 / 9.0 - 4.0
-        });
-        assert!(257 * 203 * 300 >= PARALLEL_FLOPS);
-        let mut serial = Array2::zeros((257, 203));
-        let mut parallel = Array2::zeros((257, 203));
+        const M: usize = 457;
+        const N: usize = 303;
+        const K: usize = 300;
+        const { assert!(M * N * K >= PARALLEL_FLOPS) };
+        let a = Array2::from_shape_fn((M, K), |(i, j)| ((i * 31 + j * 17) % 97) as f32 / 7.0 - 5.0);
+        let b = Array2::from_shape_fn((K, N), |(i, j)| ((i * 13 + j * 29) % 89) as f32 / 9.0 - 4.0);
+        let mut serial = Array2::zeros((M, N));
+        let mut parallel = Array2::zeros((M, N));
         product(
             a.view(),
             b.view(),
