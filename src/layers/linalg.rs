@@ -1,10 +1,6 @@
-//! Matrix products for the trainable layers, by the `gemm` crate (run-time
-//! dispatch up to AVX-512), on ndarray views of any strides — so a transpose
-//! (`W.t()`, `x.t()`) costs nothing. Products of at least
-//! [`PARALLEL_FLOPS`] use every core (gemm's rayon pool splits the output,
-//! not the sums, so the result is the same bits as on one thread); smaller
-//! ones stay on the calling thread, where a pool's hand-off would cost more
-//! than it saves.
+//! Matrix products for the trainable layers, by the `gemm` crate (one thread,
+//! run-time dispatch up to AVX-512), on ndarray views of any strides — so a
+//! transpose (`W.t()`, `x.t()`) costs nothing.
 //!
 //! Products are not bit-reproducible across libraries (numpy's OpenBLAS sums
 //! in another order, and uses fused multiply-add); layers built on them are
@@ -15,12 +11,6 @@
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use super::Float;
-
-/// Multiply-adds (m·n·k) from which a product runs on every core: about
-/// 0.35 ms of one core's work. A convolution's 86 M products gain (a convnet
-/// step +5 %); an affine 784→100 on 100 rows (7.8 M) does not, measured with
-/// layerd-bench --mode train-step: the hand-off costs what it saves.
-pub const PARALLEL_FLOPS: usize = 32 << 20;
 
 /// `a · b`, a new standard-layout matrix.
 pub fn matmul<F: Float>(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>) -> Array2<F> {
@@ -37,21 +27,8 @@ pub fn matmul<F: Float>(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>) -> Array2<F>
 pub fn matmul_into<F: Float>(
     a: ArrayView2<'_, F>,
     b: ArrayView2<'_, F>,
-    c: ArrayViewMut2<'_, F>,
-    accumulate: bool,
-) {
-    let (m, k) = a.dim();
-    let n = b.ncols();
-    product(a, b, c, accumulate, parallelism(m, n, k));
-}
-
-/// [`matmul_into`] with the given parallelism.
-fn product<F: Float>(
-    a: ArrayView2<'_, F>,
-    b: ArrayView2<'_, F>,
     mut c: ArrayViewMut2<'_, F>,
     accumulate: bool,
-    parallelism: gemm::Parallelism,
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
@@ -94,16 +71,8 @@ fn product<F: Float>(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
-    }
-}
-
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
-    if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_FLOPS {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
     }
 }
 
@@ -111,37 +80,6 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 mod tests {
     use super::*;
     use ndarray::{s, Array2};
-
-    /// On every core the same bits as on one (the split is of the output).
-    #[test]
-    fn parallel_products_are_the_serial_bits() {
-        const M: usize = 457;
-        const N: usize = 303;
-        const K: usize = 300;
-        const { assert!(M * N * K >= PARALLEL_FLOPS) };
-        let a = Array2::from_shape_fn((M, K), |(i, j)| ((i * 31 + j * 17) % 97) as f32 / 7.0 - 5.0);
-        let b = Array2::from_shape_fn((K, N), |(i, j)| ((i * 13 + j * 29) % 89) as f32 / 9.0 - 4.0);
-        let mut serial = Array2::zeros((M, N));
-        let mut parallel = Array2::zeros((M, N));
-        product(
-            a.view(),
-            b.view(),
-            serial.view_mut(),
-            false,
-            gemm::Parallelism::None,
-        );
-        product(
-            a.view(),
-            b.t().t(),
-            parallel.view_mut(),
-            false,
-            gemm::Parallelism::Rayon(2),
-        );
-        assert!(serial
-            .iter()
-            .zip(&parallel)
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
-    }
 
     /// The textbook triple loop, in f64.
     fn naive(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> Array2<f64> {
