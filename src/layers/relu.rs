@@ -8,6 +8,8 @@
 //! through Backward; `-0.0 <= 0` is true, so `-0.0` becomes `+0.0`.
 //! (`max(x, 0.0)` would turn NaN into 0 and differ from numpy.)
 
+use std::mem::MaybeUninit;
+
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
@@ -51,9 +53,11 @@ impl Relu {
     pub fn keep<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Mask) {
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
-        let mut y = vec![F::zero(); xs.len()];
+        let mut y = Vec::with_capacity(xs.len());
         let mut words = vec![0u64; xs.len().div_ceil(64)];
-        forward_kernel(xs, &mut y, &mut words);
+        forward_kernel(xs, &mut y.spare_capacity_mut()[..xs.len()], &mut words);
+        // SAFETY: the kernel wrote every one of the first xs.len() elements.
+        unsafe { y.set_len(xs.len()) };
         let mask = Mask {
             words,
             len: xs.len(),
@@ -71,8 +75,10 @@ impl Relu {
         let dout = dout.as_standard_layout();
         let ds = dout.as_slice().expect("standard layout is contiguous");
         assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
-        let mut dx = vec![F::zero(); ds.len()];
-        backward_kernel(ds, &mask.words, &mut dx);
+        let mut dx = Vec::with_capacity(ds.len());
+        backward_kernel(ds, &mask.words, &mut dx.spare_capacity_mut()[..ds.len()]);
+        // SAFETY: the kernel wrote every one of the first ds.len() elements.
+        unsafe { dx.set_len(ds.len()) };
         into_shape(dout.raw_dim(), dx)
     }
 }
@@ -115,12 +121,15 @@ impl Layer for Relu {
 
 /// `y` and the mask bits, 64 elements per word. Two plain passes per word
 /// (select, then compare-and-pack) so each vectorises; compiled for several
-/// SIMD levels and picked at run time.
+/// SIMD levels and picked at run time. `y` (as long as `xs`) is written
+/// whole, so it need not be zeroed first (that memset took as long as the
+/// kernel on large tensors).
 #[multiversion::multiversion(targets = "simd")]
-fn forward_kernel<F: Float>(xs: &[F], y: &mut [F], words: &mut [u64]) {
+fn forward_kernel<F: Float>(xs: &[F], y: &mut [MaybeUninit<F>], words: &mut [u64]) {
+    assert_eq!(xs.len(), y.len());
     for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(words) {
         for (yi, &xi) in y64.iter_mut().zip(x64) {
-            *yi = if masked(xi) { F::zero() } else { xi };
+            yi.write(if masked(xi) { F::zero() } else { xi });
         }
         *word = x64
             .iter()
@@ -129,12 +138,14 @@ fn forward_kernel<F: Float>(xs: &[F], y: &mut [F], words: &mut [u64]) {
     }
 }
 
-/// `dx = dout` where the mask bit is clear, else `+0.0`.
+/// `dx = dout` where the mask bit is clear, else `+0.0`; writes all of `dx`
+/// (as long as `ds`).
 #[multiversion::multiversion(targets = "simd")]
-fn backward_kernel<F: Float>(ds: &[F], words: &[u64], dx: &mut [F]) {
+fn backward_kernel<F: Float>(ds: &[F], words: &[u64], dx: &mut [MaybeUninit<F>]) {
+    assert_eq!(ds.len(), dx.len());
     for ((d64, dx64), &bits) in ds.chunks(64).zip(dx.chunks_mut(64)).zip(words) {
         for (i, (dxi, &di)) in dx64.iter_mut().zip(d64).enumerate() {
-            *dxi = if bits >> i & 1 == 1 { F::zero() } else { di };
+            dxi.write(if bits >> i & 1 == 1 { F::zero() } else { di });
         }
     }
 }
