@@ -125,14 +125,7 @@ impl Layer for Convolution {
         x: &Array4<F>,
         dout: ArrayViewD<'_, F>,
     ) -> Backwarded<F> {
-        let w = values[0]
-            .view()
-            .into_dimensionality::<Ix4>()
-            .expect("4-D W");
-        let dout = dout
-            .into_dimensionality::<Ix4>()
-            .expect("the output's shape");
-        let g = backward(x.view(), w, dout, self.geometry, true);
+        let g = self.gradients(values, x, dout, true);
         Backwarded {
             dx: g.dx.expect("asked for").into_dyn(),
             grads: vec![g.dw.into_dyn(), g.db.into_dyn()],
@@ -145,6 +138,20 @@ impl Layer for Convolution {
         x: &Array4<F>,
         dout: ArrayViewD<'_, F>,
     ) -> Vec<ndarray::ArrayD<F>> {
+        let g = self.gradients(values, x, dout, false);
+        vec![g.dw.into_dyn(), g.db.into_dyn()]
+    }
+}
+
+impl Convolution {
+    /// [`backward`] on the layer's W and the kept x.
+    fn gradients<F: Float>(
+        &self,
+        values: &[ArrayViewD<'_, F>],
+        x: &Array4<F>,
+        dout: ArrayViewD<'_, F>,
+        want_dx: bool,
+    ) -> Gradients<F> {
         let w = values[0]
             .view()
             .into_dimensionality::<Ix4>()
@@ -152,8 +159,7 @@ impl Layer for Convolution {
         let dout = dout
             .into_dimensionality::<Ix4>()
             .expect("the output's shape");
-        let g = backward(x.view(), w, dout, self.geometry, false);
-        vec![g.dw.into_dyn(), g.db.into_dyn()]
+        backward(x.view(), w, dout, self.geometry, want_dx)
     }
 }
 
