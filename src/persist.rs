@@ -123,15 +123,15 @@ async fn load_one(store: &Store, path: &Path) -> Result<String, String> {
     let parsed = checkpoint::parse(&file).map_err(|e| e.to_string())?;
     let owner = Principal::named(&saved.owner);
     let remaining = Duration::from_millis(saved.remaining_ms);
-    let (id, _) = store
+    let session = store
         .reopen(&owner, &saved.id, saved.idle_timeout_seconds, remaining)
         .map_err(|e| e.to_string())?;
+    let id = session.id().to_string();
     let created = CloseOnDrop {
         store: store.clone(),
         owner: owner.clone(),
         session_id: Some(id.clone()),
     };
-    let session = store.session(&owner, &id).map_err(|e| e.to_string())?;
     checkpoint::restore(&session, parsed)
         .await
         .map_err(|e| e.to_string())?;

@@ -91,20 +91,24 @@ impl Store {
         requested_id: &str,
         idle_timeout_seconds: u32,
     ) -> Result<(String, Duration), Error> {
-        self.open(owner, requested_id, idle_timeout_seconds, None)
+        let (id, idle_timeout, _) = self.open(owner, requested_id, idle_timeout_seconds, None)?;
+        Ok((id, idle_timeout))
     }
 
     /// Opens session `id` of `owner` as it was saved (`--state-dir`): its idle
-    /// timeout, and `remaining` of it before it expires.
+    /// timeout, and `remaining` of it before it expires. Returns the session
+    /// itself: looking it up with [`Store::session`] would restart its idle
+    /// time.
     pub fn reopen(
         &self,
         owner: &Principal,
         id: &str,
         idle_timeout_seconds: u32,
         remaining: Duration,
-    ) -> Result<(String, Duration), Error> {
+    ) -> Result<Arc<Session>, Error> {
         check_id("session_id", id)?;
-        self.open(owner, id, idle_timeout_seconds, Some(remaining))
+        let (_, _, session) = self.open(owner, id, idle_timeout_seconds, Some(remaining))?;
+        Ok(session)
     }
 
     /// Every live session with its owner and the idle time it has left.
@@ -132,7 +136,7 @@ impl Store {
         requested_id: &str,
         idle_timeout_seconds: u32,
         remaining: Option<Duration>,
-    ) -> Result<(String, Duration), Error> {
+    ) -> Result<(String, Duration, Arc<Session>), Error> {
         let limits = &self.shared.limits;
         let requested = match idle_timeout_seconds {
             0 => limits.default_idle_timeout,
@@ -192,7 +196,7 @@ impl Store {
         state.sessions.insert(
             key,
             Entry {
-                session,
+                session: session.clone(),
                 deadline,
                 filed: deadline,
             },
@@ -203,7 +207,7 @@ impl Store {
             self.shared.purge_wakeup.notify_one();
         }
         drop(expired);
-        Ok((id, idle_timeout))
+        Ok((id, idle_timeout, session))
     }
 
     /// `owner`'s live session `id`, with its idle deadline moved to now + its
