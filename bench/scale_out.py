@@ -31,6 +31,10 @@ def bench(binary, addr, label, size, args, tmp):
     cmd = [str(binary), "--addr", addr, "--label", label, "--mode", "train", "--kind", "relu", "--dtype", "f32",
            "--elements", str(size), "--concurrency", str(args.concurrency), "--duration", args.duration,
            "--warmup", args.warmup, "--session-header", "--quiet", "--json", str(out)]
+    if args.quick:
+        # The smoke run checks that the script works end to end; its failed calls are printed,
+        # not fatal (a full run still requires none).
+        cmd.insert(-2, "--allow-errors")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"layerd-bench failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}{done.stderr}")
@@ -56,7 +60,11 @@ def main():
             for size in SIZES:
                 for label, addr in routes:
                     run, command = bench(target / "layerd-bench", addr, label, size, args, tmp)
-                    assert run["mismatches"] == 0 and not run["errors"], run
+                    assert run["mismatches"] == 0, run
+                    if run["errors"]:
+                        assert args.quick, run
+                        print(f"  #{repeat} {label:8} {size:>8}: failed calls {run['errors']}: "
+                              f"{run['error_examples']}", flush=True)
                     commands.add(command)
                     run.update(route=label, size=size, repeat=repeat)
                     runs.append(run)
