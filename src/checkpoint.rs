@@ -33,12 +33,13 @@ use bytes::Bytes;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Principal;
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::layers::{rng::Rng, Spec};
 use crate::optimizers::Algorithm;
 use crate::pb;
-use crate::session::{OptimizerState, Session};
+use crate::session::{CloseOnDrop, OptimizerState, Session, Store};
 use crate::spec::{self, NewLayer, Recipe};
 use crate::tensor::Tensor;
 
@@ -281,14 +282,12 @@ pub fn parse(file: &[u8]) -> Result<Checkpoint, Error> {
     let mut layers: Vec<ImportedLayer> = Vec::with_capacity(manifest.layers.len());
     for (i, entry) in manifest.layers.into_iter().enumerate() {
         let at = format!("{FIELD}.__metadata__.{METADATA_KEY}.layers[{i}]");
-        crate::session::check_id(&format!("{at}.id"), &entry.id)?;
-        if layers.iter().any(|l| l.id == entry.id) {
-            return Err(bad(
-                format!("{at}.id"),
-                "each layer once",
-                format!("{:?} again", entry.id),
-            ));
-        }
+        check_new_id(
+            &at,
+            &entry.id,
+            layers.iter().map(|l| l.id.as_str()),
+            "layer",
+        )?;
         let dtype = match &entry.dtype {
             None => pb::DType::DtypeUnspecified,
             Some(name) => pb::DType::from_str_name(name).ok_or_else(|| {
@@ -362,14 +361,12 @@ pub fn parse(file: &[u8]) -> Result<Checkpoint, Error> {
     let mut optimizers: Vec<ImportedOptimizer> = Vec::with_capacity(manifest.optimizers.len());
     for (i, entry) in manifest.optimizers.into_iter().enumerate() {
         let at = format!("{FIELD}.__metadata__.{METADATA_KEY}.optimizers[{i}]");
-        crate::session::check_id(&format!("{at}.id"), &entry.id)?;
-        if optimizers.iter().any(|o| o.id == entry.id) {
-            return Err(bad(
-                format!("{at}.id"),
-                "each optimizer once",
-                format!("{:?} again", entry.id),
-            ));
-        }
+        check_new_id(
+            &at,
+            &entry.id,
+            optimizers.iter().map(|o| o.id.as_str()),
+            "optimizer",
+        )?;
         let algorithm = spec::algorithm(&pb::CreateOptimizerRequest {
             algorithm: Some(entry.algorithm),
             ..Default::default()
@@ -458,6 +455,25 @@ pub async fn restore(session: &Session, checkpoint: Checkpoint) -> Result<(), Er
     Ok(())
 }
 
+/// [`restore`] into `session`, just opened for `owner`, which is closed
+/// again unless the restore succeeds (a failure, a timeout or a cancelled
+/// call leaves no session behind).
+pub async fn restore_new(
+    store: &Store,
+    owner: &Principal,
+    session: &Session,
+    checkpoint: Checkpoint,
+) -> Result<(), Error> {
+    let created = CloseOnDrop {
+        store: store.clone(),
+        owner: owner.clone(),
+        session_id: Some(session.id().to_string()),
+    };
+    restore(session, checkpoint).await?;
+    created.disarm();
+    Ok(())
+}
+
 /// A safetensors tensor as a validated float tensor.
 fn tensor_of(view: &safetensors::tensor::TensorView<'_>, field: &str) -> Result<Tensor, Error> {
     let dtype = match view.dtype() {
@@ -479,6 +495,24 @@ fn tensor_of(view: &safetensors::tensor::TensorView<'_>, field: &str) -> Result<
         }),
         field,
     )
+}
+
+/// Checks the id of the manifest entry at `at`: the id rules, and not one of `earlier`.
+fn check_new_id<'a>(
+    at: &str,
+    id: &str,
+    mut earlier: impl Iterator<Item = &'a str>,
+    what: &str,
+) -> Result<(), Error> {
+    crate::session::check_id(&format!("{at}.id"), id)?;
+    if earlier.any(|e| e == id) {
+        return Err(bad(
+            format!("{at}.id"),
+            format!("each {what} once"),
+            format!("{id:?} again"),
+        ));
+    }
+    Ok(())
 }
 
 fn bad(field: impl Into<String>, expected: impl Into<String>, got: impl Into<String>) -> Error {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Principal;
 use crate::checkpoint;
-use crate::session::{CloseOnDrop, Store};
+use crate::session::Store;
 
 /// The metadata entry naming the session a file holds.
 const SESSION_KEY: &str = "layerd.session";
@@ -126,17 +126,10 @@ async fn load_one(store: &Store, path: &Path) -> Result<String, String> {
     let session = store
         .reopen(&owner, &saved.id, saved.idle_timeout_seconds, remaining)
         .map_err(|e| e.to_string())?;
-    let id = session.id().to_string();
-    let created = CloseOnDrop {
-        store: store.clone(),
-        owner: owner.clone(),
-        session_id: Some(id.clone()),
-    };
-    checkpoint::restore(&session, parsed)
+    checkpoint::restore_new(store, &owner, &session, parsed)
         .await
         .map_err(|e| e.to_string())?;
-    created.disarm();
-    Ok(id)
+    Ok(session.id().to_string())
 }
 
 /// `session-<owner in hex>-<id>.safetensors`: ids are safe in file names,

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::layers::Kind;
 use crate::metrics;
 use crate::pb::{self, layer_service_server};
-use crate::session::{check_id, CloseOnDrop, LayerInstance, Optimizer, Session, Store};
+use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
 use crate::spec;
 use crate::tensor::{Target, Tensor};
 use crate::training::{step_on, train_step_on, TrainOptions};
@@ -400,14 +400,8 @@ impl layer_service_server::LayerService for LayerService {
                 self.store
                     .create(&owner, &message.session_id, message.idle_timeout_seconds)?;
             Span::current().record("session", session_id.as_str());
-            let created = CloseOnDrop {
-                store: self.store.clone(),
-                owner: owner.clone(),
-                session_id: Some(session_id.clone()),
-            };
             let session = self.store.session(&owner, &session_id)?;
-            checkpoint::restore(&session, checkpoint).await?;
-            created.disarm();
+            checkpoint::restore_new(&self.store, &owner, &session, checkpoint).await?;
             Ok(pb::ImportSessionResponse {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,

@@ -44,10 +44,7 @@ pub struct TrainOptions {
 pub async fn step_on(optimizer: &Optimizer) -> Result<u64, Error> {
     let mut steps = optimizer.steps.lock().await;
     check_live(optimizer, steps.live)?;
-    let mut states = Vec::with_capacity(optimizer.layers.len());
-    for (_, layer) in &optimizer.layers {
-        states.push(layer.state.lock().await);
-    }
+    let mut states = optimizer.lock_layers().await;
     let mut work = Vec::with_capacity(states.len());
     for ((layer_id, layer), state) in optimizer.layers.iter().zip(&states) {
         let grads = stored_grads(optimizer, layer_id, layer, &state.members)?;
@@ -105,10 +102,7 @@ pub async fn train_step_on(
 
     let mut steps = optimizer.steps.lock().await;
     check_live(optimizer, steps.live)?;
-    let mut states = Vec::with_capacity(optimizer.layers.len());
-    for (_, layer) in &optimizer.layers {
-        states.push(layer.state.lock().await);
-    }
+    let mut states = optimizer.lock_layers().await;
     let mut others = Vec::with_capacity(states.len());
     for (i, ((id, layer), state)) in optimizer.layers.iter().zip(&states).enumerate() {
         if i != trained {

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use super::{Charge, LayerInstance, Session};
+use super::{Charge, InstanceState, LayerInstance, Session};
 use crate::error::Error;
 use crate::layers::{with_float, Float};
 use crate::optimizers::Algorithm;
@@ -46,6 +46,18 @@ pub struct Steps {
 pub struct OptimizerState {
     pub optimizer_id: String,
     pub values: Vec<Vec<Vec<Tensor>>>,
+}
+
+impl Optimizer {
+    /// Locks every layer it owns, in id order (the order that keeps two
+    /// updating calls from deadlocking); the guards are in `layers` order.
+    pub async fn lock_layers(&self) -> Vec<tokio::sync::MutexGuard<'_, InstanceState>> {
+        let mut states = Vec::with_capacity(self.layers.len());
+        for (_, layer) in &self.layers {
+            states.push(layer.state.lock().await);
+        }
+        states
+    }
 }
 
 impl Session {
@@ -97,10 +109,7 @@ impl Session {
             }
             optimizers.insert(optimizer_id.to_string(), optimizer.clone());
         }
-        let mut states = Vec::with_capacity(optimizer.layers.len());
-        for (_, layer) in &optimizer.layers {
-            states.push(layer.state.lock().await);
-        }
+        let mut states = optimizer.lock_layers().await;
         let taken = optimizer
             .layers
             .iter()
