@@ -4,7 +4,9 @@
 //!
 //! Candidates: ndarray's `dot` (the `matrixmultiply` crate, already in the
 //! tree), and the `gemm` crate (pure Rust, run-time dispatch up to AVX-512)
-//! through `layers::linalg`, the wrapper the layers use.
+//! through `layers::linalg`, the wrapper the layers use; and the same on two
+//! threads (the rows of C split in halves, the second half on a scoped thread),
+//! to show whether these shapes gain from the second core.
 //! BLAS (OpenBLAS) is measured through numpy by `bench/matmul.py`, which runs
 //! this and prints one table.
 //!
@@ -12,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 
 /// (name, m, k, n): C (m×n) = A (m×k) · B (k×n).
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -44,6 +46,21 @@ impl Candidate for Gemm {
     fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
         // The layers' own wrapper, so this measures exactly what they run.
         layerd::layers::linalg::matmul_into(a, b, c, false);
+    }
+}
+
+struct GemmTwoThreads;
+
+impl Candidate for GemmTwoThreads {
+    const NAME: &'static str = "gemm crate, two threads";
+    fn matmul(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, c: ArrayViewMut2<'_, f32>) {
+        let half = a.nrows() / 2;
+        let (a1, a2) = a.split_at(Axis(0), half);
+        let (c1, c2) = c.split_at(Axis(0), half);
+        std::thread::scope(|scope| {
+            scope.spawn(move || Gemm::matmul(a2, b, c2));
+            Gemm::matmul(a1, b, c1);
+        });
     }
 }
 
@@ -87,21 +104,32 @@ fn main() {
     let json = std::env::args().any(|a| a == "--json");
     for &(name, m, k, n) in SHAPES {
         let (a, b) = (matrix(m, k, 1), matrix(k, n, 2));
-        let (mut c1, mut c2) = (Array2::zeros((m, n)), Array2::zeros((m, n)));
-        // Interleaved rounds, so drift on a shared machine hits both alike.
-        let (mut t1, mut t2) = (Vec::new(), Vec::new());
+        let (mut c1, mut c2, mut c3) = (
+            Array2::zeros((m, n)),
+            Array2::zeros((m, n)),
+            Array2::zeros((m, n)),
+        );
+        // Interleaved rounds, so drift on a shared machine hits all alike.
+        let (mut t1, mut t2, mut t3) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
             t1.extend(time::<NdarrayDot>(&a, &b, &mut c1));
             t2.extend(time::<Gemm>(&a, &b, &mut c2));
+            t3.extend(time::<GemmTwoThreads>(&a, &b, &mut c3));
         }
         let scale = c1.iter().fold(0f32, |s, v| s.max(v.abs()));
-        let diff = c1
-            .iter()
-            .zip(&c2)
-            .fold(0f32, |d, (x, y)| d.max((x - y).abs()));
-        assert!(diff <= 1e-5 * scale, "{name}: candidates differ by {diff}");
+        for other in [&c2, &c3] {
+            let diff = c1
+                .iter()
+                .zip(other)
+                .fold(0f32, |d, (x, y)| d.max((x - y).abs()));
+            assert!(diff <= 1e-5 * scale, "{name}: candidates differ by {diff}");
+        }
         let flops = 2.0 * (m * k * n) as f64;
-        for (candidate, seconds) in [(NdarrayDot::NAME, median(t1)), (Gemm::NAME, median(t2))] {
+        for (candidate, seconds) in [
+            (NdarrayDot::NAME, median(t1)),
+            (Gemm::NAME, median(t2)),
+            (GemmTwoThreads::NAME, median(t3)),
+        ] {
             let gflops = flops / seconds / 1e9;
             if json {
                 println!(

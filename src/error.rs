@@ -91,6 +91,17 @@ pub enum Error {
         param: String,
     },
 
+    /// A Step or TrainStep ordered by `x-layerd-after-steps` found its
+    /// optimizer past the count it was to follow.
+    #[error(
+        "x-layerd-after-steps: this call was to follow update {expected} of optimizer {optimizer_id:?}, which has applied {got}"
+    )]
+    StepOutOfOrder {
+        optimizer_id: String,
+        expected: u64,
+        got: u64,
+    },
+
     #[error(
         "layer {layer_id:?} has nothing kept for Backward: call Forward without no_grad first"
     )]
@@ -153,7 +164,8 @@ impl Error {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NothingKept { .. }
             | Error::SequenceRequired { .. }
-            | Error::NoGradients { .. } => Code::FailedPrecondition,
+            | Error::NoGradients { .. }
+            | Error::StepOutOfOrder { .. } => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::Overloaded { .. } => Code::Unavailable,
@@ -175,6 +187,7 @@ impl Error {
             Error::OptimizerExists { .. } => "OPTIMIZER_EXISTS",
             Error::ParamsOwned { .. } => "PARAMS_OWNED",
             Error::NoGradients { .. } => "NO_GRADIENTS",
+            Error::StepOutOfOrder { .. } => "STEP_OUT_OF_ORDER",
             Error::InvalidArgument { reason, .. } | Error::Unauthenticated { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
@@ -227,6 +240,17 @@ impl Error {
                 ("layer_id", layer_id),
                 ("param", param),
             ],
+            Error::StepOutOfOrder {
+                optimizer_id,
+                expected,
+                got,
+            } => {
+                return HashMap::from([
+                    ("optimizer_id".to_string(), optimizer_id.clone()),
+                    ("expected".to_string(), expected.to_string()),
+                    ("got".to_string(), got.to_string()),
+                ])
+            }
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],

@@ -22,7 +22,7 @@ use crate::pb::{self, layer_service_server};
 use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
 use crate::spec;
 use crate::tensor::{Target, Tensor};
-use crate::training::{step_on, train_step_on, TrainOptions};
+use crate::training::{after_steps, step_on, train_step_on, TrainOptions};
 
 /// The layer service; cheap to clone.
 #[derive(Clone)]
@@ -359,9 +359,10 @@ impl layer_service_server::LayerService for LayerService {
         let span = rpc_span("Step", &message.session_id, "");
         let response = self.observe(span, async {
             let caller = Caller::from_parts(metadata, &extensions)?;
+            let after = after_steps(&caller.metadata)?;
             let (_, optimizer) =
                 self.optimizer_of(&caller, &message.session_id, &message.optimizer_id)?;
-            let steps = step_on(&optimizer).await?;
+            let steps = step_on(&optimizer, after).await?;
             Ok(pb::StepResponse { steps })
         });
         Ok(Response::new(response.await?))
@@ -418,6 +419,7 @@ impl layer_service_server::LayerService for LayerService {
         let span = rpc_span("TrainStep", &message.session_id, &message.layer_id);
         let response = self.observe(span, async {
             let caller = Caller::from_parts(metadata, &extensions)?;
+            let after = after_steps(&caller.metadata)?;
             let x = Tensor::from_proto(message.x, "x")?;
             let t = Target::from_proto(message.t, "t")?.ok_or_else(|| {
                 Error::invalid(
@@ -436,8 +438,16 @@ impl layer_service_server::LayerService for LayerService {
                 return_dx: message.return_dx,
                 return_scores: message.return_scores,
             };
-            let answer =
-                train_step_on(&session, &optimizer, &message.layer_id, x, t, options).await?;
+            let answer = train_step_on(
+                &session,
+                &optimizer,
+                &message.layer_id,
+                x,
+                t,
+                options,
+                after,
+            )
+            .await?;
             Ok(pb::TrainStepResponse {
                 loss: answer.loss,
                 dx: answer.dx.map(Tensor::into_proto),

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use ndarray::ArrayD;
+use tonic::metadata::MetadataMap;
 
 use crate::engine::{commit_forward, compute, cost};
 use crate::error::Error;
@@ -20,6 +21,29 @@ use crate::layers::{with_float, Chain, Float, MemberState};
 use crate::optimizers::Algorithm;
 use crate::session::{KeptEntry, LayerInstance, Optimizer, OptimizerState, Session};
 use crate::tensor::{Target, Tensor};
+
+/// Metadata that orders a Step or TrainStep: the call runs as its
+/// optimizer's update N + 1, after N updates (waiting for them if they have
+/// not all been applied yet), and fails with STEP_OUT_OF_ORDER if the
+/// optimizer is already past N. A client may then send its next steps
+/// without waiting for the answers of the earlier ones.
+pub const AFTER_STEPS_HEADER: &str = "x-layerd-after-steps";
+
+/// The call's `x-layerd-after-steps`, if it carries one.
+pub fn after_steps(metadata: &MetadataMap) -> Result<Option<u64>, Error> {
+    let Some(value) = metadata.get(AFTER_STEPS_HEADER) else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    text.parse::<u64>().map(Some).map_err(|_| {
+        Error::invalid(
+            AFTER_STEPS_HEADER,
+            "the optimizer's update count this call follows, a decimal integer ≥ 0",
+            format!("{text:?}"),
+            "INVALID_HEADER",
+        )
+    })
+}
 
 /// Per member: its parameter gradients (None: no parameters, or none yet).
 type Grads = Vec<Option<Vec<Tensor>>>;
@@ -41,8 +65,9 @@ pub struct TrainOptions {
 
 /// One update of every parameter `optimizer` owns from the gradients stored
 /// by the last Backward of each layer; answers the updates applied so far.
-pub async fn step_on(optimizer: &Optimizer) -> Result<u64, Error> {
-    let mut steps = optimizer.steps.lock().await;
+/// `after`: run only as update `after + 1` ([`Optimizer::lock_steps`]).
+pub async fn step_on(optimizer: &Optimizer, after: Option<u64>) -> Result<u64, Error> {
+    let mut steps = optimizer.lock_steps(after).await?;
     check_live(optimizer, steps.live)?;
     let mut states = optimizer.lock_layers().await;
     let mut work = Vec::with_capacity(states.len());
@@ -67,7 +92,7 @@ pub async fn step_on(optimizer: &Optimizer) -> Result<u64, Error> {
         state.members = members;
         state.optimizer = Some(optimizer_state);
     }
-    steps.count = t;
+    optimizer.set_count(&mut steps, t);
     Ok(t)
 }
 
@@ -82,6 +107,7 @@ pub async fn train_step_on(
     x: Tensor,
     t: Target,
     options: TrainOptions,
+    after: Option<u64>,
 ) -> Result<TrainAnswer, Error> {
     let Some(trained) = optimizer.layers.iter().position(|(id, _)| id == layer_id) else {
         let owned: Vec<&str> = optimizer.layers.iter().map(|(id, _)| id.as_str()).collect();
@@ -100,7 +126,7 @@ pub async fn train_step_on(
     let plan = chain.plan(&x, Some(&t), false)?;
     session.check_work(plan.work_bytes)?;
 
-    let mut steps = optimizer.steps.lock().await;
+    let mut steps = optimizer.lock_steps(after).await?;
     check_live(optimizer, steps.live)?;
     let mut states = optimizer.lock_layers().await;
     let mut others = Vec::with_capacity(states.len());
@@ -158,7 +184,7 @@ pub async fn train_step_on(
         state.optimizer = Some(optimizer_state);
     }
     states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
-    steps.count = step;
+    optimizer.set_count(&mut steps, step);
     Ok(TrainAnswer {
         loss,
         dx,

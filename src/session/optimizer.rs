@@ -7,6 +7,11 @@
 //! - a call that updates parameters locks the optimizer's step count first,
 //!   then its layers in id order: two such calls cannot deadlock, and a
 //!   Forward or Backward (one layer lock) never waits on an optimizer;
+//! - a call ordered by `x-layerd-after-steps: N` runs only as update N + 1:
+//!   it waits (unlocked) until `progress` shows N, then checks the count
+//!   again under the lock, so calls sent without waiting for each other's
+//!   answers (a pipelining client) apply in the order the client numbered
+//!   them, whatever order they arrive in;
 //! - the state's bytes are charged to the session's budgets when the
 //!   optimizer is created, before the zeros are allocated, and released with
 //!   the optimizer.
@@ -27,6 +32,9 @@ pub struct Optimizer {
     pub layers: Vec<(String, Arc<LayerInstance>)>,
     /// Updates applied so far; locked for the whole of a Step or TrainStep.
     pub steps: tokio::sync::Mutex<Steps>,
+    /// The count as of the last commit, for calls waiting for their turn
+    /// (set only through [`Optimizer::set_count`], under `steps`' lock).
+    progress: tokio::sync::watch::Sender<u64>,
     /// The bytes of its state.
     _held: Charge,
 }
@@ -49,6 +57,36 @@ pub struct OptimizerState {
 }
 
 impl Optimizer {
+    /// Locks the step count for an update; with `after` (the call's
+    /// `x-layerd-after-steps`), first waits until `after` updates are
+    /// applied, and fails if more are: the call was to be update `after + 1`.
+    /// The wait ends with the call (its deadline, or the client cancelling).
+    pub async fn lock_steps(
+        &self,
+        after: Option<u64>,
+    ) -> Result<tokio::sync::MutexGuard<'_, Steps>, Error> {
+        if let Some(after) = after {
+            let mut progress = self.progress.subscribe();
+            // The sender lives as long as `self`, so this cannot fail.
+            let _ = progress.wait_for(|&count| count >= after).await;
+        }
+        let steps = self.steps.lock().await;
+        match after {
+            Some(expected) if steps.count != expected => Err(Error::StepOutOfOrder {
+                optimizer_id: self.id.clone(),
+                expected,
+                got: steps.count,
+            }),
+            _ => Ok(steps),
+        }
+    }
+
+    /// Commits a new step count and wakes the calls waiting for it.
+    pub fn set_count(&self, steps: &mut Steps, count: u64) {
+        steps.count = count;
+        self.progress.send_replace(count);
+    }
+
     /// Locks every layer it owns, in id order (the order that keeps two
     /// updating calls from deadlocking); the guards are in `layers` order.
     pub async fn lock_layers(&self) -> Vec<tokio::sync::MutexGuard<'_, InstanceState>> {
@@ -94,6 +132,7 @@ impl Session {
                 count: 0,
                 live: false,
             }),
+            progress: tokio::sync::watch::Sender::new(0),
             _held: held,
         });
         // Named first (under its own lock, so no call runs on it before it

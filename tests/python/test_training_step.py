@@ -294,3 +294,73 @@ def test_a_train_step_that_fails_or_is_abandoned_changes_nothing(pb, stub):
     # The step count too: the next step is the second, and gives what an untouched session gives.
     assert stub.TrainStep(request).steps == 2
     assert abandoned >= 4
+
+
+AFTER = "x-layerd-after-steps"
+
+
+def test_numbered_steps_apply_in_their_order_whatever_order_they_arrive_in(pb, stub):
+    """Eight TrainSteps sent at once in reverse order, each numbered with x-layerd-after-steps,
+    give bit for bit the parameters and losses of the same steps one after another."""
+    pb2, _ = pb
+    batches = [data(np.float64, seed=s) for s in range(8)]
+
+    def trained(ordered):
+        sid = session(pb2, stub)
+        two_layer(pb2, stub, sid, np.float64)
+        stub.CreateOptimizer(pb2.CreateOptimizerRequest(session_id=sid, optimizer_id="opt",
+                                                        momentum=pb2.Momentum(lr=0.1, momentum=0.9)))
+        requests = [pb2.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="opt",
+                                         x=to_tensor(pb2, x), t=to_tensor(pb2, t)) for x, t in batches]
+        if not ordered:
+            answers = [stub.TrainStep(r) for r in requests]
+        else:
+            futures = {}
+            for k in reversed(range(len(requests))):  # the last step first
+                futures[k] = stub.TrainStep.future(requests[k], metadata=((AFTER, str(k)),))
+                time.sleep(0.01)  # so it really arrives before the steps it follows
+            answers = [futures[k].result(timeout=30) for k in range(len(requests))]
+        assert [a.steps for a in answers] == list(range(1, 9))
+        return [a.loss for a in answers], params_of(pb2, stub, sid, "net")[0]
+
+    (want_losses, want), (got_losses, got) = trained(False), trained(True)
+    assert got_losses == want_losses
+    for k in want:
+        bits_equal(got[k], want[k], k)
+
+
+def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stub):
+    pb2, _ = pb
+    sid = session(pb2, stub)
+    two_layer(pb2, stub, sid, np.float64)
+    stub.CreateOptimizer(pb2.CreateOptimizerRequest(session_id=sid, optimizer_id="opt", sgd=pb2.Sgd(lr=0.1)))
+    x, t = data(np.float64)
+    request = pb2.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="opt",
+                                   x=to_tensor(pb2, x), t=to_tensor(pb2, t))
+    assert stub.TrainStep(request, metadata=((AFTER, "0"),)).steps == 1
+    assert stub.TrainStep(request, metadata=((AFTER, "1"),)).steps == 2
+    before = params_of(pb2, stub, sid, "net", include_grads=True)
+    # Step 2 again (a client's view gone stale): refused, with what was expected and found.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.TrainStep(request, metadata=((AFTER, "1"),))
+    assert code_and_reason(caught.value) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER")
+    assert "follow update 1" in caught.value.details() and "has applied 2" in caught.value.details()
+    fails(lambda: stub.Step(pb2.StepRequest(session_id=sid, optimizer_id="opt"), metadata=((AFTER, "0"),)),
+          grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER", '"opt"')
+    after = params_of(pb2, stub, sid, "net", include_grads=True)
+    for b, a in zip(before, after):
+        for k in b:
+            bits_equal(a[k], b[k], k)
+    # A step numbered ahead waits for its turn; its deadline ends the wait, with nothing changed.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.TrainStep(request, metadata=((AFTER, "5"),), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for b, a in zip(before, params_of(pb2, stub, sid, "net", include_grads=True)):
+        for k in b:
+            bits_equal(a[k], b[k], k)
+    # Step (from the stored gradients) takes the header too; so does an unnumbered call after it.
+    assert stub.Step(pb2.StepRequest(session_id=sid, optimizer_id="opt"), metadata=((AFTER, "2"),)).steps == 3
+    assert stub.TrainStep(request).steps == 4
+    for bad in ("-1", "two", "", "18446744073709551616"):
+        fails(lambda: stub.TrainStep(request, metadata=((AFTER, bad),)),
+              grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HEADER", AFTER)

@@ -1,5 +1,7 @@
 """The client's trainable layers against a real server: configs as keyword arguments, targets,
 parameter gradients, params/grads/set_params, sequentials, and typed config errors."""
+import time
+
 import numpy as np
 import pytest
 
@@ -90,15 +92,21 @@ def test_config_errors_are_typed_and_name_the_field(client):
             s.layer("relu", ratio=0.5)
 
 
+def two_layer(rng):
+    """The members of affine 8→6 → relu → affine 6→3 → softmax_with_loss and random params."""
+    members = [("fc1", "affine", {"in_features": 8, "out_features": 6}), ("relu", "relu"),
+               ("fc2", "affine", {"in_features": 6, "out_features": 3}), ("loss", "softmax_with_loss")]
+    params = {"fc1.W": rng.standard_normal((8, 6)) * 0.5, "fc1.b": np.zeros(6),
+              "fc2.W": rng.standard_normal((6, 3)) * 0.5, "fc2.b": np.zeros(3)}
+    return members, params
+
+
 def test_server_side_optimizers_and_train_step(client):
     """s.optimizer + net.train_step: the same updates as Forward, Backward and Optimizer.step,
     bit for bit, with dx and scores on request; optimizer errors are typed."""
     rng = np.random.default_rng(8)
     x, t = rng.standard_normal((16, 8)), rng.integers(0, 3, 16)
-    members = [("fc1", "affine", {"in_features": 8, "out_features": 6}), ("relu", "relu"),
-               ("fc2", "affine", {"in_features": 6, "out_features": 3}), ("loss", "softmax_with_loss")]
-    params = {"fc1.W": rng.standard_normal((8, 6)) * 0.5, "fc1.b": np.zeros(6),
-              "fc2.W": rng.standard_normal((6, 3)) * 0.5, "fc2.b": np.zeros(3)}
+    members, params = two_layer(rng)
     with client.session() as a, client.session() as b:
         net_a, net_b = a.sequential(members, params=params), b.sequential(members, params=params)
         opt_a = a.optimizer("adam", lr=0.01, layers=[net_a])
@@ -129,6 +137,51 @@ def test_server_side_optimizers_and_train_step(client):
         assert caught.value.reason == "NOT_OWNED"
         with pytest.raises(ValueError):
             a.optimizer("lbfgs")
+
+
+def test_pipelined_train_steps_give_the_same_bits_and_stop_cleanly(client):
+    """net.train_steps: the losses, dx and parameters of train_step one after another, with up
+    to `depth` calls in flight; an error raises at its step with the steps before it applied and
+    none after; leaving the loop early waits for the steps already sent; a stale optimizer count
+    is refused."""
+    rng = np.random.default_rng(9)
+    batches = [(rng.standard_normal((16, 8)), rng.integers(0, 3, 16)) for _ in range(12)]
+    members, params = two_layer(rng)
+    with client.session() as a, client.session() as b:
+        net_a, net_b = a.sequential(members, params=params), b.sequential(members, params=params)
+        opt_a, opt_b = a.optimizer("adam", lr=0.01), b.optimizer("adam", lr=0.01)
+        want = [net_a.train_step(x, t, opt_a, return_dx=True) for x, t in batches]
+        got = list(net_b.train_steps(batches, opt_b, depth=4, return_dx=True))
+        assert [loss for loss, _ in got] == [loss for loss, _ in want]
+        assert all(np.array_equal(g[1], w[1]) for g, w in zip(got, want))
+        assert opt_b.steps == opt_a.steps == 12
+        for name, value in net_a.params().items():
+            assert np.array_equal(net_b.params()[name], value), name
+        with pytest.raises(ValueError):
+            next(net_b.train_steps(batches, opt_b, depth=0))
+
+    with client.session() as s:
+        net = s.sequential(members, params=params)
+        opt = s.optimizer("sgd", lr=0.1)
+        bad = batches[:3] + [(batches[3][0].astype(np.float32), batches[3][1])] + batches[4:]
+        seen = []
+        with pytest.raises(layerd.InvalidArgument) as caught:
+            for loss in net.train_steps(bad, opt, depth=3):
+                seen.append(loss)
+        assert caught.value.reason == "DTYPE_MISMATCH" and len(seen) == 3
+        time.sleep(0.3)  # the cancelled later steps are gone, not waiting
+        assert opt.steps == 3 and net.train_step(*batches[0], opt) and opt.steps == 4
+
+        for k, _ in enumerate(net.train_steps(batches, opt, depth=3)):
+            if k == 1:
+                break  # two answered and two more sent (depth 3 in flight): those are waited for
+        assert opt.steps == 4 + 4
+        assert net.train_step(*batches[0], opt) and opt.steps == 9
+
+        opt.steps = 2  # a stale view: the server's optimizer has applied 9
+        with pytest.raises(layerd.FailedPrecondition) as caught:
+            list(net.train_steps(batches, opt))
+        assert caught.value.reason == "STEP_OUT_OF_ORDER"
 
 
 def test_checkpoints_save_load_and_train_on(client, tmp_path):

@@ -1,8 +1,10 @@
 """The numpy-friendly wrapper: Client -> Session -> Layer."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import os
 import random
 import secrets
@@ -12,12 +14,14 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import grpc
 import numpy as np
 
-from .errors import from_rpc_error
+from .errors import LayerdError, from_rpc_error
 from .v1 import layerd_pb2 as pb
 from .v1 import layerd_pb2_grpc
 
 #: The metadata key load balancers hash on; sent on every call of a session.
 SESSION_HEADER = "x-session-id"
+#: Metadata that orders a Step or TrainStep: run as the optimizer's update N + 1.
+AFTER_STEPS_HEADER = "x-layerd-after-steps"
 
 _DTYPES = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float64): pb.DTYPE_FLOAT64,
            np.dtype(np.int64): pb.DTYPE_INT64}
@@ -473,12 +477,65 @@ class Layer:
         return_dx, (loss, dx) — dloss/dx, for a client that trains the layers below
         (split learning); with return_scores, the scores (the loss layer's input) follow."""
         s = self.session
-        request = pb.TrainStepRequest(session_id=s.id, layer_id=self.id, optimizer_id=optimizer.id,
-                                      x=to_tensor(x), t=to_tensor(t), return_dx=return_dx,
-                                      return_scores=return_scores)
-        answer = s._call(s._stub.TrainStep, request, idempotent=False)
+        request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
+        return self._train_step_answer(s._call(s._stub.TrainStep, request, idempotent=False), optimizer)
+
+    def train_steps(self, batches: Iterable, optimizer: "Optimizer", *, depth: int = 3,
+                    return_dx: bool = False, return_scores: bool = False):
+        """train_step for each (x, t) of `batches`, pipelined: up to `depth` TrainSteps in
+        flight, so the server computes one step while the next is encoded and sent. Yields
+        what train_step answers, in order. The parameters are exactly those of the same steps
+        one after another: each call carries `x-layerd-after-steps`, numbered from
+        `optimizer.steps`, and the server runs them in that order (if another client has
+        stepped the optimizer since, the first raises FailedPrecondition STEP_OUT_OF_ORDER).
+        Not retried. On an error the later calls are cancelled, then it is raised; the steps
+        before it were applied. Leaving the loop early waits for the steps already sent."""
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1; got {depth}")
+        s = self.session
+        pending = collections.deque()
+        batches, after, failed = iter(batches), optimizer.steps, False
+
+        def result(future):
+            try:
+                return self._train_step_answer(future.result(), optimizer)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
+
+        try:
+            while True:
+                for x, t in itertools.islice(batches, depth - len(pending)):
+                    request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
+                    metadata = s._metadata + ((AFTER_STEPS_HEADER, str(after)),)
+                    pending.append(s._stub.TrainStep.future(request, metadata=metadata, timeout=s._client.timeout))
+                    after += 1
+                if not pending:
+                    return
+                yield result(pending.popleft())
+        except BaseException as error:
+            failed = not isinstance(error, GeneratorExit)
+            raise
+        finally:
+            while pending:  # cancelled after an error; waited for when the caller stops early
+                future = pending.popleft()
+                if failed:
+                    future.cancel()
+                else:
+                    try:
+                        result(future)
+                    except LayerdError:
+                        failed = True
+
+    def _train_step_request(self, x, t, optimizer, return_dx, return_scores):
+        return pb.TrainStepRequest(session_id=self.session.id, layer_id=self.id, optimizer_id=optimizer.id,
+                                   x=to_tensor(x), t=to_tensor(t), return_dx=return_dx,
+                                   return_scores=return_scores)
+
+    def _train_step_answer(self, answer, optimizer):
+        """The loss, with dx and the scores after it when they were asked for."""
         optimizer.steps = answer.steps
-        extra = ([from_tensor(answer.dx)] if return_dx else []) + ([from_tensor(answer.scores)] if return_scores else [])
+        extra = ([from_tensor(answer.dx)] if answer.HasField("dx") else []) + (
+            [from_tensor(answer.scores)] if answer.HasField("scores") else [])
         return tuple([answer.loss] + extra) if extra else answer.loss
 
     def __repr__(self):
