@@ -172,3 +172,25 @@ def test_installs_and_runs_beside_tritonclient(client):
     with client.session() as s:
         assert s.layer("relu").forward(np.array([-1.0, 2.0])).tolist() == [0.0, 2.0]
     assert int(google.protobuf.__version__.split(".")[0]) in (6, 7)
+
+
+@pytest.mark.parametrize("x, t", [
+    (np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0, 2, 1])),
+    (np.float64(2.5), np.array(3)),                                      # 0-d
+    (np.zeros((0, 5)), np.zeros(0, dtype=np.int64)),                     # empty
+    (np.arange(6.0).reshape(2, 3).T, np.ones((3, 2), "f4")),            # transposed: not C order
+    (np.random.default_rng(0).standard_normal((200, 300)), np.arange(200)),  # lengths past one varint byte
+])
+@pytest.mark.parametrize("flags", [(False, False), (True, True)])
+def test_train_step_requests_encoded_by_hand_parse_as_protobuf_builds_them(x, t, flags):
+    """TrainStep's request is serialized by hand (the batch copied once): it must be the same
+    message as the protobuf classes build, for any dtype, shape and layout."""
+    from layerd.client import _train_step_bytes
+    from layerd.v1 import layerd_pb2 as pb
+    wire = _train_step_bytes("s" * 40, "net", "opt", x, t, *flags)
+    want = pb.TrainStepRequest(session_id="s" * 40, layer_id="net", optimizer_id="opt",
+                               x=layerd.to_tensor(x), t=layerd.to_tensor(t), return_dx=flags[0],
+                               return_scores=flags[1])
+    assert pb.TrainStepRequest.FromString(wire) == want
+    with pytest.raises(TypeError):
+        _train_step_bytes("s", "net", "opt", x.astype(np.float16) if hasattr(x, "astype") else x, t, *flags)

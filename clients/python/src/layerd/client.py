@@ -36,15 +36,50 @@ Array = Union[np.ndarray, Sequence[float], float]
 Step = Tuple[str, "Layer", Array]
 
 
-def to_tensor(array: Array) -> pb.Tensor:
-    """A float32 or float64 array (any shape), or int64 class ids, as a wire tensor:
-    C order, little-endian."""
+def _wire_array(array: Array) -> Tuple[int, Tuple[int, ...], np.ndarray]:
+    """The wire dtype and shape of an array, and its elements as the wire has them: C order,
+    little-endian (at least 1-d: numpy's contiguous copies are)."""
     a = np.asarray(array)
     if a.dtype not in _DTYPES:
         raise TypeError(f"layerd computes float32 and float64 arrays (and takes int64 class ids as "
                         f"targets); got {a.dtype} (convert with .astype(np.float32) or np.float64)")
-    data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
-    return pb.Tensor(dtype=_DTYPES[a.dtype], shape=a.shape, data=data)
+    return _DTYPES[a.dtype], a.shape, np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def to_tensor(array: Array) -> pb.Tensor:
+    """A float32 or float64 array (any shape), or int64 class ids, as a wire tensor:
+    C order, little-endian."""
+    dtype, shape, a = _wire_array(array)
+    return pb.Tensor(dtype=dtype, shape=shape, data=a.tobytes())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tensor_field(number: int, array: Array) -> list:
+    """Field `number` of a message, holding `array` as a Tensor, as the pieces of its wire
+    bytes; the elements are the array's own buffer, so joining the pieces copies them once
+    (building a pb.Tensor, setting it in the request and serializing copy them three times)."""
+    dtype, shape, a = _wire_array(array)
+    head = pb.Tensor(dtype=dtype, shape=shape).SerializeToString()
+    size = a.nbytes
+    data_key = bytes([(3 << 3) | 2])  # Tensor.data: field 3, length-delimited
+    body = len(head) + len(data_key) + len(_varint(size)) + size
+    return [bytes([(number << 3) | 2]), _varint(body), head, data_key, _varint(size), a.reshape(-1).view(np.uint8)]
+
+
+def _train_step_bytes(session_id, layer_id, optimizer_id, x, t, return_dx, return_scores) -> bytes:
+    """A serialized TrainStepRequest, x and t copied once (see _tensor_field): a training step
+    sends its batch every step, so the copies are a good part of the client's time."""
+    head = pb.TrainStepRequest(session_id=session_id, layer_id=layer_id, optimizer_id=optimizer_id,
+                               return_dx=return_dx, return_scores=return_scores).SerializeToString()
+    return b"".join([head] + _tensor_field(4, x) + _tensor_field(5, t))
 
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
@@ -202,6 +237,10 @@ class Client:
             channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._stub = layerd_pb2_grpc.LayerServiceStub(self._channel)
+        # TrainStep with requests serialized by _train_step_bytes.
+        self._train_step = self._channel.unary_unary("/layerd.v1.LayerService/TrainStep",
+                                                     request_serializer=None,
+                                                     response_deserializer=pb.TrainStepResponse.FromString)
         self.timeout = timeout
         self.retry = retry
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
@@ -478,7 +517,7 @@ class Layer:
         (split learning); with return_scores, the scores (the loss layer's input) follow."""
         s = self.session
         request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
-        return self._train_step_answer(s._call(s._stub.TrainStep, request, idempotent=False), optimizer)
+        return self._train_step_answer(s._call(s._client._train_step, request, idempotent=False), optimizer)
 
     def train_steps(self, batches: Iterable, optimizer: "Optimizer", *, depth: int = 3,
                     return_dx: bool = False, return_scores: bool = False):
@@ -507,7 +546,7 @@ class Layer:
                 for x, t in itertools.islice(batches, depth - len(pending)):
                     request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
                     metadata = s._metadata + ((AFTER_STEPS_HEADER, str(after)),)
-                    pending.append(s._stub.TrainStep.future(request, metadata=metadata, timeout=s._client.timeout))
+                    pending.append(s._client._train_step.future(request, metadata=metadata, timeout=s._client.timeout))
                     after += 1
                 if not pending:
                     return
@@ -526,10 +565,8 @@ class Layer:
                     except LayerdError:
                         failed = True
 
-    def _train_step_request(self, x, t, optimizer, return_dx, return_scores):
-        return pb.TrainStepRequest(session_id=self.session.id, layer_id=self.id, optimizer_id=optimizer.id,
-                                   x=to_tensor(x), t=to_tensor(t), return_dx=return_dx,
-                                   return_scores=return_scores)
+    def _train_step_request(self, x, t, optimizer, return_dx, return_scores) -> bytes:
+        return _train_step_bytes(self.session.id, self.id, optimizer.id, x, t, return_dx, return_scores)
 
     def _train_step_answer(self, answer, optimizer):
         """The loss, with dx and the scores after it when they were asked for."""
