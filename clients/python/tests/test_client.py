@@ -182,15 +182,20 @@ def test_installs_and_runs_beside_tritonclient(client):
     (np.random.default_rng(0).standard_normal((200, 300)), np.arange(200)),  # lengths past one varint byte
 ])
 @pytest.mark.parametrize("flags", [(False, False), (True, True)])
-def test_train_step_requests_encoded_by_hand_parse_as_protobuf_builds_them(x, t, flags):
-    """TrainStep's request is serialized by hand (the batch copied once): it must be the same
-    message as the protobuf classes build, for any dtype, shape and layout."""
-    from layerd.client import _train_step_bytes
+def test_requests_serialized_by_hand_parse_as_protobuf_builds_them(x, t, flags):
+    """Forward, Backward and TrainStep requests are serialized by hand (each tensor copied once):
+    they must be the messages the protobuf classes build, for any dtype, shape and layout, with
+    a tensor left out when None."""
+    from layerd.client import _serialized
     from layerd.v1 import layerd_pb2 as pb
-    wire = _train_step_bytes("s" * 40, "net", "opt", x, t, *flags)
-    want = pb.TrainStepRequest(session_id="s" * 40, layer_id="net", optimizer_id="opt",
-                               x=layerd.to_tensor(x), t=layerd.to_tensor(t), return_dx=flags[0],
-                               return_scores=flags[1])
-    assert pb.TrainStepRequest.FromString(wire) == want
+    head = dict(session_id="s" * 40, layer_id="net", optimizer_id="opt", return_dx=flags[0], return_scores=flags[1])
+    wire = _serialized(pb.TrainStepRequest(**head), x=x, t=t)
+    assert pb.TrainStepRequest.FromString(wire) == pb.TrainStepRequest(**head, x=layerd.to_tensor(x), t=layerd.to_tensor(t))
+    wire = _serialized(pb.ForwardRequest(session_id="s", layer_id="net", no_grad=flags[0]), x=x, t=None)
+    assert pb.ForwardRequest.FromString(wire) == pb.ForwardRequest(session_id="s", layer_id="net", no_grad=flags[0],
+                                                                   x=layerd.to_tensor(x))
+    assert not pb.ForwardRequest.FromString(wire).HasField("t")
+    wire = _serialized(pb.BackwardRequest(session_id="s", layer_id="net"), dout=t)
+    assert pb.BackwardRequest.FromString(wire) == pb.BackwardRequest(session_id="s", layer_id="net", dout=layerd.to_tensor(t))
     with pytest.raises(TypeError):
-        _train_step_bytes("s", "net", "opt", x.astype(np.float16) if hasattr(x, "astype") else x, t, *flags)
+        _serialized(pb.ForwardRequest(), x=np.asarray(x).astype(np.float16))

@@ -74,12 +74,16 @@ def _tensor_field(number: int, array: Array) -> list:
     return [bytes([(number << 3) | 2]), _varint(body), head, data_key, _varint(size), a.reshape(-1).view(np.uint8)]
 
 
-def _train_step_bytes(session_id, layer_id, optimizer_id, x, t, return_dx, return_scores) -> bytes:
-    """A serialized TrainStepRequest, x and t copied once (see _tensor_field): a training step
-    sends its batch every step, so the copies are a good part of the client's time."""
-    head = pb.TrainStepRequest(session_id=session_id, layer_id=layer_id, optimizer_id=optimizer_id,
-                               return_dx=return_dx, return_scores=return_scores).SerializeToString()
-    return b"".join([head] + _tensor_field(4, x) + _tensor_field(5, t))
+def _serialized(head, **tensors) -> bytes:
+    """`head` (a request message without its tensors) serialized with `tensors` (field name:
+    array, or None to leave the field unset), each array copied once (see _tensor_field): a call
+    with a large tensor spends a good part of the client's time copying it."""
+    fields = head.DESCRIPTOR.fields_by_name
+    parts = [head.SerializeToString()]
+    for name, array in tensors.items():
+        if array is not None:
+            parts += _tensor_field(fields[name].number, array)
+    return b"".join(parts)
 
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
@@ -237,10 +241,12 @@ class Client:
             channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._stub = layerd_pb2_grpc.LayerServiceStub(self._channel)
-        # TrainStep with requests serialized by _train_step_bytes.
-        self._train_step = self._channel.unary_unary("/layerd.v1.LayerService/TrainStep",
-                                                     request_serializer=None,
-                                                     response_deserializer=pb.TrainStepResponse.FromString)
+        # The calls that carry large tensors, with requests serialized by _serialized.
+        self._forward, self._backward, self._train_step = (
+            self._channel.unary_unary(f"/layerd.v1.LayerService/{method}", request_serializer=None,
+                                      response_deserializer=answer.FromString)
+            for method, answer in (("Forward", pb.ForwardResponse), ("Backward", pb.BackwardResponse),
+                                   ("TrainStep", pb.TrainStepResponse)))
         self.timeout = timeout
         self.retry = retry
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
@@ -467,20 +473,18 @@ class Layer:
         BatchNorm uses its running statistics). Unless no_grad, the server keeps what
         Backward needs."""
         s = self.session
-        request = pb.ForwardRequest(session_id=s.id, layer_id=self.id, x=to_tensor(x), no_grad=no_grad, eval=eval)
-        if t is not None:
-            request.t.CopyFrom(to_tensor(t))
-        return from_tensor(s._call(s._stub.Forward, request).y)
+        request = _serialized(pb.ForwardRequest(session_id=s.id, layer_id=self.id, no_grad=no_grad, eval=eval),
+                              x=x, t=t)
+        return from_tensor(s._call(s._client._forward, request).y)
 
     def backward(self, dout: Optional[Array] = None, *, return_grads: bool = False):
         """dx for the upstream gradient dout (the dtype and shape of the last keeping
         Forward's y; None after a loss, meaning 1). The layer stores its parameter
         gradients; with return_grads the answer is (dx, {name: gradient})."""
         s = self.session
-        request = pb.BackwardRequest(session_id=s.id, layer_id=self.id, return_grads=return_grads)
-        if dout is not None:
-            request.dout.CopyFrom(to_tensor(dout))
-        answer = s._call(s._stub.Backward, request)
+        request = _serialized(pb.BackwardRequest(session_id=s.id, layer_id=self.id, return_grads=return_grads),
+                              dout=dout)
+        answer = s._call(s._client._backward, request)
         dx = from_tensor(answer.dx)
         return (dx, _arrays(answer.grads)) if return_grads else dx
 
@@ -566,7 +570,9 @@ class Layer:
                         failed = True
 
     def _train_step_request(self, x, t, optimizer, return_dx, return_scores) -> bytes:
-        return _train_step_bytes(self.session.id, self.id, optimizer.id, x, t, return_dx, return_scores)
+        return _serialized(pb.TrainStepRequest(session_id=self.session.id, layer_id=self.id,
+                                               optimizer_id=optimizer.id, return_dx=return_dx,
+                                               return_scores=return_scores), x=x, t=t)
 
     def _train_step_answer(self, answer, optimizer):
         """The loss, with dx and the scores after it when they were asked for."""
