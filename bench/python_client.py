@@ -13,12 +13,9 @@ the MLP answering dx (split learning: x up, dx down). Each measurement runs in a
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,13 +53,8 @@ def rust(case, seconds, addr, binary):
     if case == "mlp train_step return_dx":
         return None  # its train-step mode does not ask for dx
     mode, kind = ("forward", "identity") if case == "identity forward" else ("train", "relu")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "run.json"
-        subprocess.run([binary, "--addr", addr, "--mode", mode, "--kind", kind, "--shape", "100,784",
-                        "--dtype", "f32", "--duration", f"{seconds}s", "--warmup", "0.5s", "--quiet",
-                        "--json", str(report)], check=True, stdout=subprocess.DEVNULL)
-        run = json.loads(report.read_text())["runs"][0]
-    assert run["mismatches"] == 0 and not run["errors"], run
+    run = train.layerd_bench(binary, addr, "--mode", mode, "--kind", kind, "--shape", "100,784", "--dtype", "f32",
+                             "--duration", f"{seconds}s", "--warmup", "0.5s")
     # A train cycle is two calls; report cycles/s, as the Python rows do.
     return run["calls_per_s"] / (2 if mode == "train" else 1)
 
@@ -80,21 +72,13 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds = 0.3, 1
-    binaries = REPO / "target" / args.profile
-    if not (binaries / "layerd").exists() or not (binaries / "layerd-bench").exists():
-        profile = ["--release"] if args.profile == "release" else []
-        subprocess.run(["cargo", "build", *profile, "--bin", "layerd", "--bin", "layerd-bench"], cwd=REPO, check=True)
+    binaries = train.built(args.profile)
     addr = f"127.0.0.1:{train.free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAYERD_", "MALLOC_"))}
     server = subprocess.Popen([str(binaries / "layerd"), "--addr", addr], stderr=subprocess.DEVNULL, env=env)
     samples = {(c, s): [] for c in CASES for s in SETTINGS}
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(addr.split(":"), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        train.wait_for_port(addr)
         for r in range(args.rounds):
             for case in CASES:
                 for setting in SETTINGS:

@@ -109,20 +109,13 @@ def worker_layerd(network, seconds, addr, pipelined):
         sgd = s.optimizer("sgd", lr=LR, layers=[net])
         if not pipelined:
             return timed(lambda x, t: net.train_step(x, t, sgd), batches, seconds)
-        # train_steps: the same TrainSteps, numbered, up to 3 in flight (its default).
-        def endless():
-            for k in itertools.count():
-                yield batches[k % len(batches)]
-        losses = net.train_steps(endless(), sgd)
-        for _ in range(10):
-            next(losses)
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            next(losses)
-            steps += 1
-        rate = steps / (time.perf_counter() - start)
-        losses.close()
-        return rate
+        # train_steps: the same TrainSteps, numbered, up to 3 in flight (its default); it draws
+        # the batches itself, in the same order, so each timed step takes the next answer.
+        losses = net.train_steps(itertools.cycle(batches), sgd)
+        try:
+            return timed(lambda _x, _t: next(losses), batches, seconds)
+        finally:
+            losses.close()
 
 
 def worker_numpy(network, seconds, threads):
@@ -189,19 +182,43 @@ def worker_jax(network, seconds):
 def worker_layerd_bench(network, seconds, addr):
     """layerd-bench --mode train-step: the same network from a Rust client, every loss checked
     against its own float64 reference (it exits 3 on a wrong answer)."""
-    import tempfile
     binary = os.environ.get("LAYERD_BENCH_BINARY", str(REPO / "target" / "release" / "layerd-bench"))
     if network == "convnet" and "debug" in binary:
         return float("nan")  # its float64 reference takes minutes in a debug build
     dtype = "f64" if network == "two-layer" else "f32"
+    return layerd_bench(binary, addr, "--mode", "train-step", "--network", network, "--dtype", dtype,
+                        "--duration", f"{seconds}s", "--warmup", "1s")["calls_per_s"]
+
+
+def layerd_bench(binary, addr, *args):
+    """One layerd-bench run's report, which must have no wrong answer and no failed call."""
+    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "run.json"
-        subprocess.run([binary, "--addr", addr, "--mode", "train-step",
-                        "--network", network, "--dtype", dtype, "--duration", f"{seconds}s", "--warmup", "1s",
-                        "--quiet", "--json", str(report)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([binary, "--addr", addr, *args, "--quiet", "--json", str(report)], check=True,
+                       stdout=subprocess.DEVNULL)
         run = json.loads(report.read_text())["runs"][0]
     assert run["mismatches"] == 0 and not run["errors"], run
-    return run["calls_per_s"]
+    return run
+
+
+def built(profile):
+    """target/<profile>, with layerd and layerd-bench built there if they are missing."""
+    binaries = REPO / "target" / profile
+    if not (binaries / "layerd").exists() or not (binaries / "layerd-bench").exists():
+        flags = ["--release"] if profile == "release" else []
+        subprocess.run(["cargo", "build", *flags, "--bin", "layerd", "--bin", "layerd-bench"], cwd=REPO, check=True)
+    return binaries
+
+
+def wait_for_port(addr):
+    """Waits (up to 10 s) until something accepts connections at host:port."""
+    for _ in range(100):
+        try:
+            socket.create_connection(addr.split(":"), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def worker(system, network, seconds, addr):
@@ -289,23 +306,15 @@ def main():
         args.seconds, args.rounds = 0.5, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    binaries = REPO / "target" / args.profile
-    if not (binaries / "layerd").exists() or not (binaries / "layerd-bench").exists():
-        profile = ["--release"] if args.profile == "release" else []
-        subprocess.run(["cargo", "build", *profile, "--bin", "layerd", "--bin", "layerd-bench"], cwd=REPO, check=True)
+    binaries = built(args.profile)
     os.environ["LAYERD_BENCH_BINARY"] = str(binaries / "layerd-bench")
     addr, metrics_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
     server = subprocess.Popen([str(binaries / "layerd"), "--addr", addr, "--metrics-addr", metrics_addr],
                               stderr=subprocess.DEVNULL, env=env)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(addr.split(":"), timeout=0.2).close()
-                urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(addr)
+        wait_for_port(metrics_addr)
         samples = {(n, s): [] for n in NETWORKS for s in SYSTEMS}
         server_time = {n: [0.0, 0.0] for n in NETWORKS}
         for r in range(args.rounds):

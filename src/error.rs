@@ -198,6 +198,8 @@ impl Error {
     }
 
     fn metadata(&self) -> HashMap<String, String> {
+        // Numbers, formatted for the pairs below to borrow.
+        let numbers: [String; 2];
         let pairs: Vec<(&str, &str)> = match self {
             Error::SessionNotFound { session_id } | Error::SessionExists { session_id } => {
                 vec![("session_id", session_id)]
@@ -245,11 +247,12 @@ impl Error {
                 expected,
                 got,
             } => {
-                return HashMap::from([
-                    ("optimizer_id".to_string(), optimizer_id.clone()),
-                    ("expected".to_string(), expected.to_string()),
-                    ("got".to_string(), got.to_string()),
-                ])
+                numbers = [expected.to_string(), got.to_string()];
+                vec![
+                    ("optimizer_id", optimizer_id),
+                    ("expected", &numbers[0]),
+                    ("got", &numbers[1]),
+                ]
             }
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],

@@ -345,6 +345,11 @@ def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stu
         stub.TrainStep(request, metadata=((AFTER, "1"),))
     assert code_and_reason(caught.value) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER")
     assert "follow update 1" in caught.value.details() and "has applied 2" in caught.value.details()
+    from grpc_status import rpc_status
+    from google.rpc import error_details_pb2
+    info = error_details_pb2.ErrorInfo()
+    assert rpc_status.from_call(caught.value).details[0].Unpack(info)
+    assert dict(info.metadata) == {"optimizer_id": "opt", "expected": "1", "got": "2"}
     fails(lambda: stub.Step(pb2.StepRequest(session_id=sid, optimizer_id="opt"), metadata=((AFTER, "0"),)),
           grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER", '"opt"')
     after = params_of(pb2, stub, sid, "net", include_grads=True)
