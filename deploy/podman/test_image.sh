@@ -19,7 +19,7 @@ ADDR=127.0.0.1:50097
 GRACE=10
 
 # layerd-bench too, in the same build (it drives the container from the host).
-RUSTFLAGS="-C target-feature=+crt-static" \
+RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=symbols \
   cargo build --release --locked --target x86_64-unknown-linux-gnu \
     --bin layerd --bin layerd-cli --bin layerd-bench
 BIN=target/x86_64-unknown-linux-gnu/release
