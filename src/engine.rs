@@ -304,15 +304,14 @@ pub async fn compute<T: Send + 'static>(
     elements: usize,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Error> {
-    if elements <= INLINE_COMPUTE_MAX_ELEMENTS {
+    if is_small(elements) {
         return Ok(work());
     }
-    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    let slots = SLOTS.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Arc::new(Semaphore::new(cores))
-    });
-    let slot = slots.clone().acquire_owned().await.expect("never closed");
+    let slot = compute_slots()
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
     // The slot moves into the computation: a cancelled call frees it only
     // when its computation has really ended.
     tokio::task::spawn_blocking(move || {
@@ -321,6 +320,34 @@ pub async fn compute<T: Send + 'static>(
     })
     .await
     .map_err(|e| Error::Internal(format!("layer computation failed: {e}")))
+}
+
+/// [`compute`] for a thread already off the async workers (a training
+/// step's runner): waits for a slot if the work is large, then runs it here.
+/// Small work runs at once, so this may be called on an async worker then.
+pub fn compute_here<T>(elements: usize, work: impl FnOnce() -> T) -> T {
+    if is_small(elements) {
+        return work();
+    }
+    let _slot = tokio::runtime::Handle::current()
+        .block_on(compute_slots().acquire())
+        .expect("never closed");
+    work()
+}
+
+/// Whether work of this many elements is computed inline on the async
+/// executor rather than on the blocking pool.
+pub fn is_small(elements: usize) -> bool {
+    elements <= INLINE_COMPUTE_MAX_ELEMENTS
+}
+
+/// One slot per core for large computations.
+fn compute_slots() -> &'static Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Arc::new(Semaphore::new(cores))
+    })
 }
 
 /// tonic answers an oversize message with OUT_OF_RANGE; layerd answers every

@@ -19,7 +19,8 @@
 //! - [`engine`]: the compute path both protocols share: Forward and Backward
 //!   on a layer instance, timeout, tracing and metrics per call, where
 //!   computations run, in-order stream answering.
-//! - [`training`]: Step and TrainStep on that path, all or nothing.
+//! - [`training`]: Step and TrainStep on that path, all or nothing;
+//!   `training::queue` runs an optimizer's large TrainSteps back to back.
 //! - [`checkpoint`]: a session as a safetensors file (export) and back (import).
 //! - [`persist`]: `--state-dir`: sessions written at the drain (and
 //!   periodically) and read back at start.

@@ -7,11 +7,13 @@
 //! - a call that updates parameters locks the optimizer's step count first,
 //!   then its layers in id order: two such calls cannot deadlock, and a
 //!   Forward or Backward (one layer lock) never waits on an optimizer;
-//! - a call ordered by `x-layerd-after-steps: N` runs only as update N + 1:
-//!   it waits (unlocked) until `progress` shows N, then checks the count
-//!   again under the lock, so calls sent without waiting for each other's
-//!   answers (a pipelining client) apply in the order the client numbered
-//!   them, whatever order they arrive in;
+//! - a call ordered by `x-layerd-after-steps: N` runs only as update N + 1,
+//!   so calls sent without waiting for each other's answers (a pipelining
+//!   client) apply in the order the client numbered them, whatever order
+//!   they arrive in: a Step or a small TrainStep waits (unlocked) until
+//!   `progress` shows N, then checks the count again under the lock; a large
+//!   TrainStep waits in the optimizer's `queue` for its runner
+//!   ([`crate::training::queue`]), which every change of the count wakes;
 //! - the state's bytes are charged to the session's budgets when the
 //!   optimizer is created, before the zeros are allocated, and released with
 //!   the optimizer.
@@ -23,6 +25,7 @@ use crate::error::Error;
 use crate::layers::{with_float, Float};
 use crate::optimizers::Algorithm;
 use crate::tensor::Tensor;
+use crate::training::queue::{self, StepQueue};
 
 /// One optimizer of a session.
 pub struct Optimizer {
@@ -35,6 +38,8 @@ pub struct Optimizer {
     /// The count as of the last commit, for calls waiting for their turn
     /// (set only through [`Optimizer::set_count`], under `steps`' lock).
     progress: tokio::sync::watch::Sender<u64>,
+    /// TrainSteps waiting for their turn.
+    pub(crate) queue: StepQueue,
     /// The bytes of its state.
     _held: Charge,
 }
@@ -82,9 +87,15 @@ impl Optimizer {
     }
 
     /// Commits a new step count and wakes the calls waiting for it.
-    pub fn set_count(&self, steps: &mut Steps, count: u64) {
+    pub fn set_count(self: &Arc<Self>, steps: &mut Steps, count: u64) {
         steps.count = count;
         self.progress.send_replace(count);
+        queue::kick(self, count);
+    }
+
+    /// The count as of the last commit (read without the lock).
+    pub fn committed_count(&self) -> u64 {
+        *self.progress.borrow()
     }
 
     /// Locks every layer it owns, in id order (the order that keeps two
@@ -95,6 +106,14 @@ impl Optimizer {
             states.push(layer.state.lock().await);
         }
         states
+    }
+
+    /// [`Optimizer::lock_layers`] for a thread off the async workers.
+    pub fn lock_layers_blocking(&self) -> Vec<tokio::sync::MutexGuard<'_, InstanceState>> {
+        self.layers
+            .iter()
+            .map(|(_, layer)| layer.state.blocking_lock())
+            .collect()
     }
 }
 
@@ -133,6 +152,7 @@ impl Session {
                 live: false,
             }),
             progress: tokio::sync::watch::Sender::new(0),
+            queue: StepQueue::default(),
             _held: held,
         });
         // Named first (under its own lock, so no call runs on it before it

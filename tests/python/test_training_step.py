@@ -299,15 +299,21 @@ def test_a_train_step_that_fails_or_is_abandoned_changes_nothing(pb, stub):
 AFTER = "x-layerd-after-steps"
 
 
-def test_numbered_steps_apply_in_their_order_whatever_order_they_arrive_in(pb, stub):
+#: Input widths of a TrainStep computed inline by the async worker that decoded it (6), and of one
+#: large enough for the blocking pool (8 x 3000 elements), which waits in its optimizer's queue.
+WIDTHS = pytest.mark.parametrize("inputs", [6, 3000], ids=["inline", "queued"])
+
+
+@WIDTHS
+def test_numbered_steps_apply_in_their_order_whatever_order_they_arrive_in(pb, stub, inputs):
     """Eight TrainSteps sent at once in reverse order, each numbered with x-layerd-after-steps,
     give bit for bit the parameters and losses of the same steps one after another."""
     pb2, _ = pb
-    batches = [data(np.float64, seed=s) for s in range(8)]
+    batches = [data(np.float64, seed=s, inputs=inputs) for s in range(8)]
 
     def trained(ordered):
         sid = session(pb2, stub)
-        two_layer(pb2, stub, sid, np.float64)
+        two_layer(pb2, stub, sid, np.float64, inputs=inputs)
         stub.CreateOptimizer(pb2.CreateOptimizerRequest(session_id=sid, optimizer_id="opt",
                                                         momentum=pb2.Momentum(lr=0.1, momentum=0.9)))
         requests = [pb2.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="opt",
@@ -329,14 +335,20 @@ def test_numbered_steps_apply_in_their_order_whatever_order_they_arrive_in(pb, s
         bits_equal(got[k], want[k], k)
 
 
-def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stub):
-    pb2, _ = pb
+def sgd_session(pb2, stub, inputs):
+    """A session with the two-layer network and SGD "opt" over it, and a TrainStep request for it."""
     sid = session(pb2, stub)
-    two_layer(pb2, stub, sid, np.float64)
+    two_layer(pb2, stub, sid, np.float64, inputs=inputs)
     stub.CreateOptimizer(pb2.CreateOptimizerRequest(session_id=sid, optimizer_id="opt", sgd=pb2.Sgd(lr=0.1)))
-    x, t = data(np.float64)
-    request = pb2.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="opt",
-                                   x=to_tensor(pb2, x), t=to_tensor(pb2, t))
+    x, t = data(np.float64, inputs=inputs)
+    return sid, pb2.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="opt",
+                                     x=to_tensor(pb2, x), t=to_tensor(pb2, t))
+
+
+@WIDTHS
+def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stub, inputs):
+    pb2, _ = pb
+    sid, request = sgd_session(pb2, stub, inputs)
     assert stub.TrainStep(request, metadata=((AFTER, "0"),)).steps == 1
     assert stub.TrainStep(request, metadata=((AFTER, "1"),)).steps == 2
     before = params_of(pb2, stub, sid, "net", include_grads=True)
@@ -369,3 +381,29 @@ def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stu
     for bad in ("-1", "two", "", "18446744073709551616"):
         fails(lambda: stub.TrainStep(request, metadata=((AFTER, bad),)),
               grpc.StatusCode.INVALID_ARGUMENT, "INVALID_HEADER", AFTER)
+
+
+@WIDTHS
+def test_a_waiting_numbered_step_runs_when_another_call_moves_the_count_and_fails_when_passed(pb, stub, inputs):
+    """A numbered TrainStep waits until the count is its number, whichever call moves the count
+    (here a Step, which never queues); of two with the same number, one is applied and the other,
+    still waiting then, fails with STEP_OUT_OF_ORDER."""
+    pb2, _ = pb
+    sid, request = sgd_session(pb2, stub, inputs)
+    assert stub.TrainStep(request).steps == 1  # gradients for the Step below
+    first = stub.TrainStep.future(request, metadata=((AFTER, "2"),))
+    time.sleep(0.2)
+    second = stub.TrainStep.future(request, metadata=((AFTER, "2"),))
+    time.sleep(0.2)
+    assert not first.done() and not second.done()
+    assert stub.Step(pb2.StepRequest(session_id=sid, optimizer_id="opt")).steps == 2
+    applied, refused = [], []
+    for future in (first, second):
+        try:
+            applied.append(future.result(timeout=30).steps)
+        except grpc.RpcError as error:
+            refused.append(error)
+    assert applied == [3] and len(refused) == 1
+    assert code_and_reason(refused[0]) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER")
+    assert "follow update 2" in refused[0].details() and "has applied 3" in refused[0].details()
+    assert stub.TrainStep(request).steps == 4

@@ -9,18 +9,28 @@
 //! and step count are committed together at the end, under the locks taken
 //! at the start (the optimizer's, then its layers' in id order). A failed,
 //! timed-out or cancelled call therefore leaves all of them as they were.
+//!
+//! A TrainStep large enough for the blocking pool runs on its optimizer's
+//! runner thread ([`queue`]), which applies queued steps back to back; a
+//! small one computes inline on the async worker that decoded it.
 
 use std::sync::Arc;
 
 use ndarray::ArrayD;
+use tokio::sync::MutexGuard;
 use tonic::metadata::MetadataMap;
 
-use crate::engine::{commit_forward, compute, cost};
+use crate::engine::{commit_forward, compute, compute_here, cost, is_small};
 use crate::error::Error;
+use crate::layers::chain::ForwardPlan;
 use crate::layers::{with_float, Chain, Float, MemberState};
 use crate::optimizers::Algorithm;
-use crate::session::{KeptEntry, LayerInstance, Optimizer, OptimizerState, Session};
+use crate::session::{
+    InstanceState, KeptEntry, LayerInstance, Optimizer, OptimizerState, Session, Steps,
+};
 use crate::tensor::{Target, Tensor};
+
+pub mod queue;
 
 /// Metadata that orders a Step or TrainStep: the call runs as its
 /// optimizer's update N + 1, after N updates (waiting for them if they have
@@ -66,20 +76,11 @@ pub struct TrainOptions {
 /// One update of every parameter `optimizer` owns from the gradients stored
 /// by the last Backward of each layer; answers the updates applied so far.
 /// `after`: run only as update `after + 1` ([`Optimizer::lock_steps`]).
-pub async fn step_on(optimizer: &Optimizer, after: Option<u64>) -> Result<u64, Error> {
+pub async fn step_on(optimizer: &Arc<Optimizer>, after: Option<u64>) -> Result<u64, Error> {
     let mut steps = optimizer.lock_steps(after).await?;
     check_live(optimizer, steps.live)?;
     let mut states = optimizer.lock_layers().await;
-    let mut work = Vec::with_capacity(states.len());
-    for ((layer_id, layer), state) in optimizer.layers.iter().zip(&states) {
-        let grads = stored_grads(optimizer, layer_id, layer, &state.members)?;
-        work.push(LayerUpdate::new(
-            layer,
-            &state.members,
-            grads,
-            &state.optimizer,
-        ));
-    }
+    let work = stored_updates(optimizer, &states, None)?;
     let (algorithm, t) = (optimizer.algorithm, steps.count + 1);
     let elements = work.iter().map(LayerUpdate::elements).sum();
     let updated = compute(elements, move || {
@@ -99,10 +100,12 @@ pub async fn step_on(optimizer: &Optimizer, after: Option<u64>) -> Result<u64, E
 /// Forward (keeping, training mode) of `x` with target `t` through
 /// `layer_id`, Backward from its loss, and one update by `optimizer` of every
 /// parameter it owns: `layer_id`'s from the new gradients, any other layer's
-/// from its stored ones.
+/// from its stored ones. The call is checked here; then a small one runs here
+/// and a large one is queued for its optimizer's runner ([`queue`]).
+/// `after`: run only as update `after + 1`.
 pub async fn train_step_on(
-    session: &Session,
-    optimizer: &Optimizer,
+    session: &Arc<Session>,
+    optimizer: &Arc<Optimizer>,
     layer_id: &str,
     x: Tensor,
     t: Target,
@@ -122,75 +125,121 @@ pub async fn train_step_on(
             "NOT_OWNED",
         ));
     };
-    let chain = optimizer.layers[trained].1.chain.clone();
+    let chain = &optimizer.layers[trained].1.chain;
     let plan = chain.plan(&x, Some(&t), false)?;
     session.check_work(plan.work_bytes)?;
+    let elements = cost(chain, x.len(), plan.work_bytes)
+        + optimizer
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != trained)
+            .map(|(_, (_, layer))| update_elements(&layer.chain))
+            .sum::<usize>();
+    let call = TrainCall {
+        session: session.clone(),
+        trained,
+        x,
+        t,
+        plan,
+        options,
+        elements,
+    };
+    if is_small(elements) {
+        // Computed inline, like any small call: no thread to wake.
+        let mut steps = optimizer.lock_steps(after).await?;
+        let mut states = optimizer.lock_layers().await;
+        return call.run(optimizer, &mut steps, &mut states, || false);
+    }
+    queue::submit(optimizer, after, call).await
+}
 
-    let mut steps = optimizer.lock_steps(after).await?;
-    check_live(optimizer, steps.live)?;
-    let mut states = optimizer.lock_layers().await;
-    let mut others = Vec::with_capacity(states.len());
-    for (i, ((id, layer), state)) in optimizer.layers.iter().zip(&states).enumerate() {
-        if i != trained {
-            let grads = stored_grads(optimizer, id, layer, &state.members)?;
-            others.push(LayerUpdate::new(
-                layer,
-                &state.members,
+/// A checked TrainStep waiting for its turn.
+struct TrainCall {
+    session: Arc<Session>,
+    /// Which of the optimizer's layers it trains.
+    trained: usize,
+    x: Tensor,
+    t: Target,
+    plan: ForwardPlan,
+    options: TrainOptions,
+    /// Its cost, for [`compute_here`].
+    elements: usize,
+}
+
+impl TrainCall {
+    /// Runs the step as update `steps.count + 1`, on this thread, under the
+    /// optimizer's step lock and its layers' locks (`states`, in `layers`
+    /// order), held by the caller; the results are committed unless
+    /// `abandoned()` says nobody waits for them any more.
+    fn run(
+        self,
+        optimizer: &Arc<Optimizer>,
+        steps: &mut Steps,
+        states: &mut [MutexGuard<'_, InstanceState>],
+        abandoned: impl Fn() -> bool,
+    ) -> Result<TrainAnswer, Error> {
+        let TrainCall {
+            session,
+            trained,
+            x,
+            t,
+            plan,
+            options,
+            elements,
+        } = self;
+        check_live(optimizer, steps.live)?;
+        let others = stored_updates(optimizer, states, Some(trained))?;
+        // Reserved before computing; old and new kept state both exist until the commit.
+        let charge = session.reserve(plan.kept_bytes)?;
+        let chain = optimizer.layers[trained].1.chain.clone();
+        let (algorithm, step) = (optimizer.algorithm, steps.count + 1);
+        let members = &states[trained].members;
+        let (loss, dx, scores, kept, trained_update, others) = compute_here(elements, || {
+            let forwarded = chain.forward(members, &x, Some(&t), &plan, false, true);
+            let kept = forwarded.kept.expect("a keeping Forward keeps");
+            let (dx, grads) = chain.backward_for_step(members, &kept, None, options.return_dx);
+            let loss = scalar(&forwarded.y);
+            let scores = options.return_scores.then(|| forwarded.scores.unwrap_or(x));
+            // The new buffers and generator positions, then the update from the new gradients.
+            let mut after_forward = members.clone();
+            commit_forward(&mut after_forward, forwarded.updates);
+            let update = LayerUpdate {
+                chain: chain.clone(),
+                members: after_forward,
                 grads,
-                &state.optimizer,
-            ));
+                state: states[trained].optimizer.clone(),
+            };
+            let trained = update.run(&algorithm, step);
+            let others: Vec<_> = others
+                .into_iter()
+                .map(|w| w.run(&algorithm, step))
+                .collect();
+            (loss, dx, scores, kept, trained, others)
+        });
+        if abandoned() {
+            return Err(Error::Internal("the caller went away".into()));
         }
+        let mut trained_update = Some(trained_update);
+        let mut others = others.into_iter();
+        for (i, state) in states.iter_mut().enumerate() {
+            let (members, optimizer_state) = if i == trained {
+                trained_update.take().expect("one trained layer")
+            } else {
+                others.next().expect("one per other layer")
+            };
+            state.members = members;
+            state.optimizer = Some(optimizer_state);
+        }
+        states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+        optimizer.set_count(steps, step);
+        Ok(TrainAnswer {
+            loss,
+            dx,
+            scores,
+            steps: step,
+        })
     }
-    // Reserved before computing; old and new kept state both exist until the commit.
-    let charge = session.reserve(plan.kept_bytes)?;
-    let members = states[trained].members.clone();
-    let trained_state = states[trained].optimizer.clone();
-    let (algorithm, step) = (optimizer.algorithm, steps.count + 1);
-    let elements = cost(&chain, x.len(), plan.work_bytes)
-        + others.iter().map(LayerUpdate::elements).sum::<usize>();
-    let out = compute(elements, move || {
-        let forwarded = chain.forward(&members, &x, Some(&t), &plan, false, true);
-        let kept = forwarded.kept.expect("a keeping Forward keeps");
-        let (dx, grads) = chain.backward_for_step(&members, &kept, None, options.return_dx);
-        let loss = scalar(&forwarded.y);
-        let scores = options.return_scores.then(|| forwarded.scores.unwrap_or(x));
-        // The new buffers and generator positions, then the update from the new gradients.
-        let mut after_forward = members;
-        commit_forward(&mut after_forward, forwarded.updates);
-        let update = LayerUpdate {
-            chain,
-            members: after_forward,
-            grads,
-            state: trained_state,
-        };
-        let trained = update.run(&algorithm, step);
-        let others: Vec<_> = others
-            .into_iter()
-            .map(|w| w.run(&algorithm, step))
-            .collect();
-        (loss, dx, scores, kept, trained, others)
-    })
-    .await?;
-    let (loss, dx, scores, kept, trained_update, others) = out;
-    let mut trained_update = Some(trained_update);
-    let mut others = others.into_iter();
-    for (i, state) in states.iter_mut().enumerate() {
-        let (members, optimizer_state) = if i == trained {
-            trained_update.take().expect("one trained layer")
-        } else {
-            others.next().expect("one per other layer")
-        };
-        state.members = members;
-        state.optimizer = Some(optimizer_state);
-    }
-    states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
-    optimizer.set_count(&mut steps, step);
-    Ok(TrainAnswer {
-        loss,
-        dx,
-        scores,
-        steps: step,
-    })
 }
 
 /// Fails if the optimizer never came to own its layers (its creation lost a
@@ -203,6 +252,28 @@ fn check_live(optimizer: &Optimizer, live: bool) -> Result<(), Error> {
         "optimizer {:?} was not created",
         optimizer.id
     )))
+}
+
+/// The updates of the optimizer's layers (but `except`) from their stored
+/// gradients; `states` are the layers' locked states, in `layers` order.
+fn stored_updates(
+    optimizer: &Optimizer,
+    states: &[MutexGuard<'_, InstanceState>],
+    except: Option<usize>,
+) -> Result<Vec<LayerUpdate>, Error> {
+    let mut updates = Vec::with_capacity(states.len());
+    for (i, ((layer_id, layer), state)) in optimizer.layers.iter().zip(states).enumerate() {
+        if Some(i) != except {
+            let grads = stored_grads(optimizer, layer_id, layer, &state.members)?;
+            updates.push(LayerUpdate::new(
+                layer,
+                &state.members,
+                grads,
+                &state.optimizer,
+            ));
+        }
+    }
+    Ok(updates)
 }
 
 /// The stored gradients of `layer`, or which parameter has none.
@@ -251,7 +322,7 @@ impl LayerUpdate {
 
     /// Elements it reads and writes, for [`compute`].
     fn elements(&self) -> usize {
-        (self.chain.param_bytes() / 4) as usize
+        update_elements(&self.chain)
     }
 
     /// The members with updated parameters and the gradients they were
@@ -279,6 +350,11 @@ impl LayerUpdate {
         }
         (members, state)
     }
+}
+
+/// Elements an update of `chain`'s parameters reads and writes.
+fn update_elements(chain: &Chain) -> usize {
+    (chain.param_bytes() / 4) as usize
 }
 
 /// Replaces `param` and `slots` by their values after update `t`.
