@@ -371,7 +371,9 @@ def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stu
     # A step numbered ahead waits for its turn; its deadline ends the wait, with nothing changed.
     with pytest.raises(grpc.RpcError) as caught:
         stub.TrainStep(request, metadata=((AFTER, "5"),), timeout=0.3)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # grpcio says CANCELLED ("Timeout expired") when the deadline passes before the server answers
+    # it, as on a busy machine; the server's own answer is DEADLINE_EXCEEDED.
+    assert caught.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
     for b, a in zip(before, params_of(pb2, stub, sid, "net", include_grads=True)):
         for k in b:
             bits_equal(a[k], b[k], k)
