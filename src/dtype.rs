@@ -37,23 +37,90 @@ impl DType {
         }
     }
 
-    pub(crate) fn from_kserve(name: &str, field: &str) -> Result<DType, Error> {
+    /// How a tensor of this dtype travels.
+    pub const fn wire(self) -> Wire {
+        match self {
+            DType::F32 => Wire::F32,
+            DType::F64 => Wire::F64,
+        }
+    }
+}
+
+/// How a float tensor travels: as its compute dtype, or as a half type that
+/// is widened to float32 on arrival and rounded back (to nearest, ties to
+/// even) on the way out — the wire is half, the math is float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Wire {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+impl Wire {
+    /// The dtype its values are computed in.
+    pub const fn compute(self) -> DType {
+        match self {
+            Wire::F32 | Wire::F16 | Wire::BF16 => DType::F32,
+            Wire::F64 => DType::F64,
+        }
+    }
+
+    /// Bytes per element on the wire.
+    pub const fn itemsize(self) -> usize {
+        match self {
+            Wire::F32 => 4,
+            Wire::F64 => 8,
+            Wire::F16 | Wire::BF16 => 2,
+        }
+    }
+
+    /// Whether values are rounded to a half type on the wire.
+    pub const fn is_half(self) -> bool {
+        matches!(self, Wire::F16 | Wire::BF16)
+    }
+
+    /// The proto enum value name, as clients see it.
+    pub const fn proto_name(self) -> &'static str {
+        match self {
+            Wire::F32 => "DTYPE_FLOAT32",
+            Wire::F64 => "DTYPE_FLOAT64",
+            Wire::F16 => "DTYPE_FLOAT16",
+            Wire::BF16 => "DTYPE_BFLOAT16",
+        }
+    }
+
+    /// The KServe v2 datatype name.
+    pub const fn kserve_name(self) -> &'static str {
+        match self {
+            Wire::F32 => "FP32",
+            Wire::F64 => "FP64",
+            Wire::F16 => "FP16",
+            Wire::BF16 => "BF16",
+        }
+    }
+
+    pub(crate) fn from_kserve(name: &str, field: &str) -> Result<Wire, Error> {
         match name {
-            "FP32" => Ok(DType::F32),
-            "FP64" => Ok(DType::F64),
+            "FP32" => Ok(Wire::F32),
+            "FP64" => Ok(Wire::F64),
+            "FP16" => Ok(Wire::F16),
+            "BF16" => Ok(Wire::BF16),
             other => Err(Error::invalid(
                 format!("{field}.datatype"),
-                "FP32 or FP64",
+                "FP32, FP64, FP16 or BF16",
                 format!("{other:?}"),
                 "INVALID_TENSOR",
             )),
         }
     }
 
-    pub(crate) fn from_proto(value: i32, field: &str) -> Result<DType, Error> {
+    pub(crate) fn from_proto(value: i32, field: &str) -> Result<Wire, Error> {
         match pb::DType::try_from(value) {
-            Ok(pb::DType::DtypeFloat32) => Ok(DType::F32),
-            Ok(pb::DType::DtypeFloat64) => Ok(DType::F64),
+            Ok(pb::DType::DtypeFloat32) => Ok(Wire::F32),
+            Ok(pb::DType::DtypeFloat64) => Ok(Wire::F64),
+            Ok(pb::DType::DtypeFloat16) => Ok(Wire::F16),
+            Ok(pb::DType::DtypeBfloat16) => Ok(Wire::BF16),
             Ok(pb::DType::DtypeInt64) => Err(bad_dtype(
                 field,
                 "DTYPE_INT64 (3), which only a loss target t accepts".into(),
@@ -67,8 +134,10 @@ impl DType {
 
     pub fn to_proto(self) -> pb::DType {
         match self {
-            DType::F32 => pb::DType::DtypeFloat32,
-            DType::F64 => pb::DType::DtypeFloat64,
+            Wire::F32 => pb::DType::DtypeFloat32,
+            Wire::F64 => pb::DType::DtypeFloat64,
+            Wire::F16 => pb::DType::DtypeFloat16,
+            Wire::BF16 => pb::DType::DtypeBfloat16,
         }
     }
 }
@@ -76,7 +145,7 @@ impl DType {
 fn bad_dtype(field: &str, got: String) -> Error {
     Error::invalid(
         format!("{field}.dtype"),
-        "DTYPE_FLOAT32 (1) or DTYPE_FLOAT64 (2)",
+        "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2), DTYPE_FLOAT16 (4) or DTYPE_BFLOAT16 (5)",
         got,
         "INVALID_TENSOR",
     )

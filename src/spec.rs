@@ -180,15 +180,18 @@ fn tensors(
         .collect()
 }
 
-/// The request's `dtype`: None for UNSPECIFIED.
+/// The request's `dtype` (the one it computes in: float32 for a half type):
+/// None for UNSPECIFIED.
 fn requested_dtype(value: i32) -> Result<Option<DType>, Error> {
     match pb::DType::try_from(value) {
         Ok(pb::DType::DtypeUnspecified) => Ok(None),
-        Ok(pb::DType::DtypeFloat32) => Ok(Some(DType::F32)),
+        Ok(pb::DType::DtypeFloat32 | pb::DType::DtypeFloat16 | pb::DType::DtypeBfloat16) => {
+            Ok(Some(DType::F32))
+        }
         Ok(pb::DType::DtypeFloat64) => Ok(Some(DType::F64)),
         _ => Err(Error::invalid(
             "dtype",
-            "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2) or DTYPE_UNSPECIFIED (0)",
+            "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2), DTYPE_FLOAT16 (4), DTYPE_BFLOAT16 (5) or DTYPE_UNSPECIFIED (0)",
             format!("{value}"),
             "INVALID_CONFIG",
         )),

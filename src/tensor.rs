@@ -5,6 +5,12 @@
 //! viewed as `f32`/`f64` in place when aligned, and copied once when not.
 //! Results are wrapped into `Bytes` without a copy ([`Tensor::from_array`]).
 //!
+//! Half precision (float16, bfloat16) exists only on the wire: such a tensor
+//! is widened to float32 on arrival, and remembers its [`Wire`] dtype, which
+//! answers computed from it take ([`Tensor::answered_as`]) and are rounded
+//! to (to nearest, ties to even) when encoded. Everything between computes
+//! in float32.
+//!
 //! Validation order matters for safety: the byte length implied by the shape
 //! is computed with overflow checks and compared with the bytes actually
 //! received before anything is allocated from the declared shape.
@@ -12,7 +18,7 @@
 use bytes::Bytes;
 use ndarray::{ArcArray, ArcArray1, ArrayD, ArrayViewD, CowArray, IxDyn};
 
-use crate::dtype::{DType, Element};
+use crate::dtype::{DType, Element, Wire};
 use crate::error::Error;
 use crate::metrics;
 use crate::pb::{self, inference};
@@ -25,10 +31,13 @@ compile_error!(
 /// The most dimensions a tensor may have.
 pub const MAX_RANK: usize = 8;
 
-/// A validated tensor: `data` holds exactly `len() * dtype.itemsize()` bytes.
+/// A validated tensor: `data` holds exactly `len() * dtype.itemsize()` bytes
+/// of `dtype`; `wire` is how it travels (`dtype`'s own, or a half type whose
+/// compute dtype is `dtype`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     dtype: DType,
+    wire: Wire,
     shape: Vec<usize>,
     len: usize,
     data: Bytes,
@@ -45,16 +54,16 @@ impl Tensor {
                 "MISSING_TENSOR",
             ));
         };
-        let dtype = DType::from_proto(tensor.dtype, field)?;
+        let wire = Wire::from_proto(tensor.dtype, field)?;
         let (shape, len) =
-            validated_shape(&tensor.shape, dtype.itemsize(), dtype.proto_name(), field)?;
+            validated_shape(&tensor.shape, wire.itemsize(), wire.proto_name(), field)?;
         Tensor::with_data(
-            dtype,
+            wire,
             shape,
             len,
             tensor.data,
             &format!("{field}.data"),
-            dtype.proto_name(),
+            wire.proto_name(),
         )
     }
 
@@ -68,7 +77,7 @@ impl Tensor {
         field: &str,
         raw_field: &str,
     ) -> Result<Tensor, Error> {
-        let dtype = DType::from_kserve(&input.datatype, field)?;
+        let wire = Wire::from_kserve(&input.datatype, field)?;
         let dims: Vec<u64> = input
             .shape
             .iter()
@@ -82,7 +91,7 @@ impl Tensor {
                     "INVALID_TENSOR",
                 )
             })?;
-        let (shape, len) = validated_shape(&dims, dtype.itemsize(), dtype.kserve_name(), field)?;
+        let (shape, len) = validated_shape(&dims, wire.itemsize(), wire.kserve_name(), field)?;
         let contents = input.contents.unwrap_or_default();
         let typed = typed_lengths(&contents);
         let contents_field = format!("{field}.contents");
@@ -95,16 +104,28 @@ impl Tensor {
                     "INVALID_TENSOR",
                 ));
             }
-            return Tensor::with_data(dtype, shape, len, raw, raw_field, dtype.kserve_name());
+            return Tensor::with_data(wire, shape, len, raw, raw_field, wire.kserve_name());
         }
-        let wanted = match dtype {
-            DType::F32 => "fp32_contents",
-            DType::F64 => "fp64_contents",
+        let wanted = match wire {
+            Wire::F32 => "fp32_contents",
+            Wire::F64 => "fp64_contents",
+            // KServe has no typed contents for half types.
+            Wire::F16 | Wire::BF16 => {
+                return Err(Error::invalid(
+                    raw_field,
+                    format!(
+                        "the elements as raw bytes: datatype {} has no typed contents",
+                        wire.kserve_name()
+                    ),
+                    "none (the request has no raw_input_contents)",
+                    "INVALID_TENSOR",
+                ))
+            }
         };
         if let Some((list, _)) = typed.iter().find(|(l, n)| *n > 0 && *l != wanted) {
             return Err(Error::invalid(
                 format!("{contents_field}.{list}"),
-                format!("elements in {wanted} for datatype {}", dtype.kserve_name()),
+                format!("elements in {wanted} for datatype {}", wire.kserve_name()),
                 format!("elements in {list}"),
                 "INVALID_TENSOR",
             ));
@@ -121,10 +142,10 @@ impl Tensor {
                 "INVALID_TENSOR",
             ));
         }
-        metrics::tensor_bytes(metrics::Direction::In, len * dtype.itemsize());
+        metrics::tensor_bytes(metrics::Direction::In, len * wire.itemsize());
         let dim = IxDyn(&shape);
         let array_error = |e: ndarray::ShapeError| Error::Internal(format!("typed contents: {e}"));
-        Ok(match dtype {
+        Ok(match wire.compute() {
             DType::F32 => Tensor::from_shared(
                 ArcArray::from_shape_vec(dim, contents.fp32_contents).map_err(array_error)?,
             ),
@@ -140,20 +161,22 @@ impl Tensor {
         self,
         name: &str,
     ) -> (inference::model_infer_response::InferOutputTensor, Bytes) {
-        metrics::tensor_bytes(metrics::Direction::Out, self.data.len());
+        let data = self.wire_bytes();
+        metrics::tensor_bytes(metrics::Direction::Out, data.len());
         let output = inference::model_infer_response::InferOutputTensor {
             name: name.to_string(),
-            datatype: self.dtype.kserve_name().to_string(),
+            datatype: self.wire.kserve_name().to_string(),
             shape: self.shape.iter().map(|&d| d as i64).collect(),
             ..Default::default()
         };
-        (output, self.data)
+        (output, data)
     }
 
-    /// A validated tensor from a shape and `data` whose byte length is checked
-    /// against it; `data_field` names `data` in errors.
+    /// A validated tensor from a shape and `data` (in `wire`'s dtype) whose
+    /// byte length is checked against it; `data_field` names `data` in errors.
+    /// Half types are widened to float32 here.
     fn with_data(
-        dtype: DType,
+        wire: Wire,
         shape: Vec<usize>,
         len: usize,
         data: Bytes,
@@ -161,24 +184,54 @@ impl Tensor {
         dtype_name: &str,
     ) -> Result<Tensor, Error> {
         metrics::tensor_bytes(metrics::Direction::In, data.len());
-        let want = len * dtype.itemsize();
+        let want = len * wire.itemsize();
         if data.len() != want {
             return Err(Error::invalid(
                 data_field,
                 format!(
                     "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {dtype_name})",
-                    dtype.itemsize(),
+                    wire.itemsize(),
                 ),
                 format!("{} bytes", data.len()),
                 "INVALID_TENSOR",
             ));
         }
+        if wire.is_half() {
+            let widened = ArrayD::from_shape_vec(IxDyn(&shape), half::widen(wire, &data))
+                .expect("length was validated against the shape");
+            return Ok(Tensor::from_array(widened).answered_as(wire));
+        }
         Ok(Tensor {
-            dtype,
+            dtype: wire.compute(),
+            wire,
             shape,
             len,
             data,
         })
+    }
+
+    /// This tensor, answered as `wire` (a request's dtype): encoded rounded
+    /// to it when it is a half type of this tensor's dtype.
+    pub fn answered_as(mut self, wire: Wire) -> Tensor {
+        if wire.compute() == self.dtype {
+            self.wire = wire;
+        }
+        self
+    }
+
+    /// How it travels.
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    /// Its elements' bytes as they go on the wire: rounded to `wire` if that
+    /// is a half type.
+    fn wire_bytes(&self) -> Bytes {
+        if self.wire.is_half() {
+            half::narrow(self.wire, &self.view::<f32>())
+        } else {
+            self.data.clone()
+        }
     }
 
     /// Wraps a computed array; no copy when it is in standard layout.
@@ -196,6 +249,7 @@ impl Tensor {
         };
         Tensor {
             dtype: F::DTYPE,
+            wire: F::DTYPE.wire(),
             shape: array.shape().to_vec(),
             len: array.len(),
             data: Bytes::from_owner(PodBytes(array)),
@@ -203,11 +257,12 @@ impl Tensor {
     }
 
     pub fn into_proto(self) -> pb::Tensor {
-        metrics::tensor_bytes(metrics::Direction::Out, self.data.len());
+        let data = self.wire_bytes();
+        metrics::tensor_bytes(metrics::Direction::Out, data.len());
         pb::Tensor {
-            dtype: self.dtype.to_proto().into(),
+            dtype: self.wire.to_proto().into(),
             shape: self.shape.iter().map(|&d| d as u64).collect(),
-            data: self.data,
+            data,
         }
     }
 
@@ -366,6 +421,61 @@ fn checked_shape(shape: &[u64], itemsize: usize) -> Option<(Vec<usize>, usize)> 
 
 /// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
 /// it uncopied.
+/// float16 / bfloat16 elements to float32 and back.
+mod half {
+    use ::half::slice::HalfFloatSliceExt;
+    use ::half::{bf16, f16};
+    use bytes::Bytes;
+    use ndarray::CowArray;
+
+    use crate::dtype::Wire;
+
+    /// The float32 values of `data`, little-endian elements of half type `wire`.
+    pub fn widen(wire: Wire, data: &[u8]) -> Vec<f32> {
+        let mut out = vec![0.0f32; data.len() / 2];
+        match wire {
+            Wire::F16 => from_bytes::<f16>(data).convert_to_f32_slice(&mut out),
+            Wire::BF16 => from_bytes::<bf16>(data).convert_to_f32_slice(&mut out),
+            Wire::F32 | Wire::F64 => unreachable!("only half types are widened"),
+        }
+        out
+    }
+
+    /// `values` rounded to half type `wire` (to nearest, ties to even), as
+    /// little-endian bytes.
+    pub fn narrow(wire: Wire, values: &CowArray<'_, f32, ndarray::IxDyn>) -> Bytes {
+        let standard = values.as_standard_layout();
+        let values = standard.as_slice().expect("standard layout");
+        let mut out = vec![0u16; values.len()];
+        match wire {
+            Wire::F16 => {
+                bytemuck::cast_slice_mut::<u16, f16>(&mut out).convert_from_f32_slice(values)
+            }
+            Wire::BF16 => {
+                bytemuck::cast_slice_mut::<u16, bf16>(&mut out).convert_from_f32_slice(values)
+            }
+            Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
+        }
+        Bytes::from_owner(Halves(out))
+    }
+
+    /// `data` as elements of `T`: in place when aligned, else copied once.
+    fn from_bytes<T: bytemuck::Pod>(data: &[u8]) -> std::borrow::Cow<'_, [T]> {
+        match bytemuck::try_cast_slice(data) {
+            Ok(values) => values.into(),
+            Err(_) => bytemuck::pod_collect_to_vec(data).into(),
+        }
+    }
+
+    struct Halves(Vec<u16>);
+
+    impl AsRef<[u8]> for Halves {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+}
+
 struct PodBytes<F>(ArcArray<F, IxDyn>);
 
 impl<F: Element> AsRef<[u8]> for PodBytes<F> {
@@ -418,6 +528,118 @@ mod tests {
             (empty.len(), empty.view::<f64>().shape()),
             (0, &[4, 0, 9][..])
         );
+    }
+
+    /// A half tensor of `bits` (little-endian u16 elements), starting at an
+    /// odd address when `unaligned`.
+    fn halves(dtype: i32, bits: &[u16], unaligned: bool) -> Option<pb::Tensor> {
+        let mut raw = vec![0u8; usize::from(unaligned)];
+        raw.extend(bits.iter().flat_map(|b| b.to_le_bytes()));
+        let data = Bytes::from(raw).slice(usize::from(unaligned)..);
+        Some(pb::Tensor {
+            dtype,
+            shape: vec![bits.len() as u64],
+            data,
+        })
+    }
+
+    fn answered_bits(t: Tensor) -> Vec<u16> {
+        let wire = t.into_proto();
+        wire.data
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    #[test]
+    fn every_float16_and_bfloat16_value_widens_exactly_and_comes_back_as_itself() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        for (dtype, wire, nan) in [
+            (
+                4,
+                Wire::F16,
+                (|b| b & 0x7c00 == 0x7c00 && b & 0x03ff != 0) as fn(u16) -> bool,
+            ),
+            (5, Wire::BF16, |b| b & 0x7f80 == 0x7f80 && b & 0x007f != 0),
+        ] {
+            for unaligned in [false, true] {
+                let t = Tensor::from_proto(halves(dtype, &all, unaligned), "x").unwrap();
+                assert_eq!((t.dtype(), t.wire(), t.len()), (DType::F32, wire, 65536));
+                let back = answered_bits(t.clone());
+                let widened = t.view::<f32>();
+                for (i, &b) in all.iter().enumerate() {
+                    let want = match wire {
+                        Wire::F16 => ::half::f16::from_bits(b).to_f32(),
+                        _ => ::half::bf16::from_bits(b).to_f32(),
+                    };
+                    if nan(b) {
+                        assert!(widened[i].is_nan() && nan(back[i]), "{wire:?} {b:#06x}");
+                    } else {
+                        assert_eq!(widened[i].to_bits(), want.to_bits(), "{wire:?} {b:#06x}");
+                        assert_eq!(back[i], b, "{wire:?} {b:#06x}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn answers_round_to_the_nearest_half_value_ties_to_even() {
+        let answer = |values: &[f32], wire| {
+            answered_bits(
+                Tensor::from_array(
+                    ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap(),
+                )
+                .answered_as(wire),
+            )
+        };
+        let ulp16 = 2f32.powi(-10);
+        // Halfway between 1 and 1 + ulp: to 1 (even); between 1 + ulp and 1 + 2 ulp: up (even).
+        assert_eq!(
+            answer(
+                &[
+                    1.0 + ulp16 / 2.0,
+                    1.0 + 1.5 * ulp16,
+                    65519.0,
+                    65520.0,
+                    -1e-8
+                ],
+                Wire::F16
+            ),
+            [0x3c00, 0x3c02, 0x7bff, 0x7c00, 0x8000]
+        );
+        let ulp_bf = 2f32.powi(-7);
+        assert_eq!(
+            answer(
+                &[
+                    1.0 + ulp_bf / 2.0,
+                    1.0 + 1.5 * ulp_bf,
+                    f32::MAX,
+                    f32::NEG_INFINITY
+                ],
+                Wire::BF16
+            ),
+            [0x3f80, 0x3f82, 0x7f80, 0xff80]
+        );
+        // A float64 answer stays float64: only a half type of its own dtype applies.
+        let wide =
+            Tensor::from_array(ArrayD::from_elem(IxDyn(&[2]), 0.1f64)).answered_as(Wire::F16);
+        assert_eq!(wide.into_proto().dtype, pb::DType::DtypeFloat64 as i32);
+    }
+
+    #[test]
+    fn a_half_tensor_is_checked_at_two_bytes_per_element() {
+        let short = message(Tensor::from_proto(wire(4, &[3], vec![0; 5]), "x"));
+        assert!(
+            short.contains("x.data")
+                && short.contains("6 bytes")
+                && short.contains("DTYPE_FLOAT16")
+                && short.contains("5 bytes"),
+            "{short}"
+        );
+        let bf = Tensor::from_proto(wire(5, &[2, 0], vec![]), "x").unwrap();
+        assert_eq!((bf.wire(), bf.shape()), (Wire::BF16, &[2usize, 0][..]));
+        assert_eq!(bf.into_proto().dtype, pb::DType::DtypeBfloat16 as i32);
     }
 
     #[test]
@@ -631,16 +853,17 @@ mod tests {
 
     proptest! {
         /// Arbitrary dtype, shape and byte length never panic, and are accepted
-        /// exactly when the dtype is known, the rank ≤ 8 and the length matches.
+        /// exactly when the dtype is a float one, the rank ≤ 8 and the length
+        /// matches (half types widened to float32).
         #[test]
         fn decoding_never_panics_and_accepts_exactly_the_consistent(
-            dtype in -2i32..5,
+            dtype in -2i32..7,
             shape in prop::collection::vec(
                 prop_oneof![0u64..5, Just(u64::MAX), Just(1u64 << 31), any::<u64>()], 0..11),
             extra in -9i64..9,
             use_exact in any::<bool>(),
         ) {
-            let itemsize = match dtype { 1 => Some(4u128), 2 => Some(8u128), _ => None };
+            let itemsize = match dtype { 1 => Some(4u128), 2 => Some(8u128), 4 | 5 => Some(2u128), _ => None };
             let nonzero: u128 = shape.iter().filter(|&&d| d != 0).fold(1u128, |a, &d| a.saturating_mul(d as u128));
             let elems: u128 = if shape.contains(&0) { 0 } else { nonzero };
             // Only allocate small buffers: a huge declared size gets a small one.

@@ -37,17 +37,17 @@ fuzz_target!(|data: &[u8]| {
     if x.len() > MAX_ELEMENTS {
         return;
     }
-    let (dtype, shape, bytes) = (
-        x.dtype(),
+    let (wire, shape, bytes) = (
+        x.wire(),
         x.shape().to_vec(),
-        x.len() * x.dtype().itemsize(),
+        x.len() * x.wire().itemsize(),
     );
     let chain = model.chain();
     let plan = chain.plan(&x, None, false).expect("an elementwise kind takes any shape");
     let stateless = [MemberState::default()];
     let y = chain.forward(&stateless, &x, None, &plan, false, false).y;
     let (output, raw) = y.into_kserve(model.output());
-    assert_eq!(output.datatype, dtype.kserve_name());
+    assert_eq!(output.datatype, wire.kserve_name());
     assert!(output.shape.iter().map(|&d| d as usize).eq(shape));
     assert_eq!(raw.len(), bytes);
 });

@@ -98,18 +98,18 @@ fuzz_target!(|data: &[u8]| {
     let y = &free.y;
     let ones = Tensor::from_proto(
         Some(pb::Tensor {
-            dtype: y.dtype().to_proto().into(),
+            dtype: y.wire().to_proto().into(),
             shape: y.shape().iter().map(|&d| d as u64).collect(),
-            data: vec![0u8; y.len() * y.dtype().itemsize()].into(),
+            data: vec![0u8; y.len() * y.wire().itemsize()].into(),
         }),
         "dout",
     )
     .expect("a valid tensor");
     let other = Tensor::from_proto(
         Some(pb::Tensor {
-            dtype: y.dtype().to_proto().into(),
+            dtype: y.wire().to_proto().into(),
             shape: vec![y.len() as u64 + 1],
-            data: vec![0u8; (y.len() + 1) * y.dtype().itemsize()].into(),
+            data: vec![0u8; (y.len() + 1) * y.wire().itemsize()].into(),
         }),
         "dout",
     )
@@ -124,8 +124,8 @@ fuzz_target!(|data: &[u8]| {
         .expect("dout of the output's shape and dtype");
     let out = chain.backward(&states, &kept, dout.as_ref());
     assert_eq!(
-        (out.dx.dtype(), out.dx.shape()),
-        (x.dtype(), x.shape()),
+        (out.dx.wire(), out.dx.shape()),
+        (x.wire(), x.shape()),
         "{}: dx",
         chain.kind()
     );

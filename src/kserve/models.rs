@@ -11,8 +11,10 @@
 //! never keeps anything (the native API's `no_grad`): plain stateless models,
 //! for tools that would otherwise treat every model as a sequence model.
 //!
-//! Every model has version "1" and accepts FP32 and FP64 of any shape
-//! (metadata shape `[-1]`, `max_batch_size` 0).
+//! Every model has version "1" and accepts FP32, FP64, FP16 and BF16 of any
+//! shape (metadata shape `[-1]`, `max_batch_size` 0; the half types in raw
+//! contents only, as KServe has no typed contents for them), answering in
+//! the input's datatype.
 
 use std::time::Duration;
 
@@ -29,8 +31,8 @@ pub const VERSION: &str = "1";
 /// The `platform` and `backend` reported for every model.
 pub const PLATFORM: &str = "layerd";
 
-/// The datatype models advertise; FP64 is accepted as well and answered in
-/// FP64 (a KServe input has one advertised datatype).
+/// The datatype models advertise; FP64, FP16 and BF16 are accepted as well
+/// and answered in kind (a KServe input has one advertised datatype).
 const ADVERTISED: DType = DType::F32;
 
 /// Which pass of its layer a model runs.

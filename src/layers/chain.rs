@@ -19,7 +19,7 @@ use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
 
 use super::rng::Rng;
 use super::{init, with_float, with_spec, Fill, Float, Kind, Layer, Plan, Role, Slot, Spec, Step};
-use crate::dtype::DType;
+use crate::dtype::{DType, Wire};
 use crate::error::Error;
 use crate::tensor::{Target, Tensor};
 
@@ -75,6 +75,9 @@ pub struct ForwardPlan {
 /// What a keeping Forward left for Backward.
 pub struct Kept {
     dtype: DType,
+    /// How the keeping Forward's x (and so its y) traveled: Backward's dout
+    /// must come, and its dx goes back, the same way.
+    wire: Wire,
     y_shape: Vec<usize>,
     ran_loss: bool,
     members: Vec<Box<dyn Any + Send + Sync>>,
@@ -318,10 +321,17 @@ impl Chain {
     pub fn plan(&self, x: &Tensor, t: Option<&Target>, eval: bool) -> Result<ForwardPlan, Error> {
         if let Some(dtype) = self.dtype {
             if x.dtype() != dtype {
+                let accepted = match dtype {
+                    DType::F32 => "DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16",
+                    DType::F64 => "DTYPE_FLOAT64",
+                };
                 return Err(Error::invalid(
                     "x.dtype",
-                    format!("{} (the layer's parameters' dtype)", dtype.proto_name()),
-                    x.dtype().proto_name(),
+                    format!(
+                        "{accepted} (the layer's parameters are {})",
+                        dtype.proto_name()
+                    ),
+                    x.wire().proto_name(),
                     "DTYPE_MISMATCH",
                 ));
             }
@@ -422,6 +432,7 @@ impl Chain {
         eval: bool,
         keep: bool,
     ) -> Forwarded {
+        let x_wire = x.wire();
         let x = x.view::<F>();
         let target_values = match t {
             Some(Target::Probabilities(p)) => Some(p.view::<F>()),
@@ -433,7 +444,9 @@ impl Chain {
         let mut scores = None;
         for (member, state) in self.members.iter().zip(states).take(plan.runs) {
             if member.spec.is_loss() {
-                scores = y.clone().map(Tensor::from_shared);
+                scores = y
+                    .clone()
+                    .map(|y| Tensor::from_shared(y).answered_as(x_wire));
             }
             let values: Vec<CowArray<'_, F, IxDyn>> =
                 state.values.iter().map(Tensor::view::<F>).collect();
@@ -473,13 +486,14 @@ impl Chain {
         let y = y.unwrap_or_else(|| x.to_owned().into_shared());
         let kept = keep.then(|| Kept {
             dtype: F::DTYPE,
+            wire: x_wire,
             y_shape: y.shape().to_vec(),
             ran_loss: plan.ran_loss,
             members: kept,
             bytes: plan.kept_bytes,
         });
         Forwarded {
-            y: Tensor::from_shared(y),
+            y: Tensor::from_shared(y).answered_as(x_wire),
             kept,
             updates,
             scores,
@@ -495,21 +509,21 @@ impl Chain {
                 "dout",
                 format!(
                     "a tensor ({}{:?}, the kept Forward's output): only a loss may omit it",
-                    kept.dtype.proto_name(),
+                    kept.wire.proto_name(),
                     kept.y_shape
                 ),
                 "none (field not set)",
                 "MISSING_TENSOR",
             )),
-            Some(dout) if dout.dtype() == kept.dtype && dout.shape() == kept.y_shape => Ok(()),
+            Some(dout) if dout.wire() == kept.wire && dout.shape() == kept.y_shape => Ok(()),
             Some(dout) => Err(Error::invalid(
                 "dout",
                 format!(
                     "the kept Forward's {}{:?}",
-                    kept.dtype.proto_name(),
+                    kept.wire.proto_name(),
                     kept.y_shape
                 ),
-                format!("{}{:?}", dout.dtype().proto_name(), dout.shape()),
+                format!("{}{:?}", dout.wire().proto_name(), dout.shape()),
                 "DOUT_MISMATCH",
             )),
         }
@@ -574,7 +588,7 @@ impl Chain {
             d = out.dx.into();
         }
         Backwarded {
-            dx: Tensor::from_array(d.into_owned()),
+            dx: Tensor::from_array(d.into_owned()).answered_as(kept.wire),
             grads,
         }
     }

@@ -40,6 +40,24 @@ def test_relu_and_sigmoid_match_numpy(client, dtype, shape):
             assert np.array_equal(bits(sig.backward(dout)), bits(ref_sig.backward(dout.copy())))
 
 
+def test_half_precision_travels_as_half_and_computes_in_float32(client):
+    """float16 and bfloat16 arrays go as such and come back in their dtype: ReLU bit for bit; a
+    layer created with a half dtype keeps float32 parameters."""
+    import ml_dtypes
+    rng = np.random.default_rng(9)
+    with client.session() as s:
+        relu = s.layer("relu")
+        fc = s.layer("affine", in_features=4, out_features=3, dtype=np.float16,
+                     params={"W": np.eye(4, 3, dtype=np.float16), "b": np.zeros(3, np.float16)})
+        assert {v.dtype for v in fc.params().values()} == {np.dtype(np.float32)}
+        for half in (np.float16, ml_dtypes.bfloat16):
+            x = rng.standard_normal((5, 4)).astype(half)
+            y = relu.forward(x)
+            assert y.dtype == half and np.array_equal(y.view(np.uint16), np.where(x > 0, x, 0).astype(half).view(np.uint16))
+            # W = I: y = x[:, :3], exactly representable, so exact after rounding.
+            assert fc.forward(x).dtype == half and np.array_equal(fc.forward(x), x[:, :3])
+
+
 def test_a_two_layer_chain(client):
     rng = np.random.default_rng(8)
     x, dout = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
@@ -97,7 +115,7 @@ def test_every_error_is_a_typed_exception(client):
             relu.backward(np.ones(3, np.float32))
         assert caught.value.reason == "DOUT_MISMATCH"
         assert caught.value.violations[0][0] == "dout"
-        with pytest.raises(TypeError, match="float32 and float64"):
+        with pytest.raises(TypeError, match="float32, float64, float16 and bfloat16"):
             relu.forward(np.ones(2, dtype=np.int32))
         # int64 goes on the wire (class ids are int64), and the server names x's dtype.
         with pytest.raises(layerd.InvalidArgument) as caught:
@@ -198,4 +216,4 @@ def test_requests_serialized_by_hand_parse_as_protobuf_builds_them(x, t, flags):
     wire = _serialized(pb.BackwardRequest(session_id="s", layer_id="net"), dout=t)
     assert pb.BackwardRequest.FromString(wire) == pb.BackwardRequest(session_id="s", layer_id="net", dout=layerd.to_tensor(t))
     with pytest.raises(TypeError):
-        _serialized(pb.ForwardRequest(), x=np.asarray(x).astype(np.float16))
+        _serialized(pb.ForwardRequest(), x=np.asarray(x).astype(np.int32))

@@ -24,8 +24,18 @@ SESSION_HEADER = "x-session-id"
 AFTER_STEPS_HEADER = "x-layerd-after-steps"
 
 _DTYPES = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.float64): pb.DTYPE_FLOAT64,
-           np.dtype(np.int64): pb.DTYPE_INT64}
-_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_INT64: np.dtype("<i8")}
+           np.dtype(np.float16): pb.DTYPE_FLOAT16, np.dtype(np.int64): pb.DTYPE_INT64}
+_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_FLOAT16: np.dtype("<f2"),
+          pb.DTYPE_INT64: np.dtype("<i8")}
+try:  # bfloat16 arrays come from ml_dtypes (which JAX and TensorFlow install), when present.
+    import ml_dtypes
+
+    _DTYPES[np.dtype(ml_dtypes.bfloat16)] = pb.DTYPE_BFLOAT16
+    _NUMPY[pb.DTYPE_BFLOAT16] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:
+    pass
+#: The float dtypes a layer computes in or takes on the wire (half ones: float32 math).
+_FLOATS = tuple(d for d in _DTYPES if d != np.dtype(np.int64))
 
 #: Each configurable kind's config message (a LayerConfig member of the same name).
 _CONFIGS = {"affine": pb.AffineConfig, "dropout": pb.DropoutConfig, "batch_norm": pb.BatchNormConfig,
@@ -41,13 +51,13 @@ def _wire_array(array: Array) -> Tuple[int, Tuple[int, ...], np.ndarray]:
     little-endian (at least 1-d: numpy's contiguous copies are)."""
     a = np.asarray(array)
     if a.dtype not in _DTYPES:
-        raise TypeError(f"layerd computes float32 and float64 arrays (and takes int64 class ids as "
-                        f"targets); got {a.dtype} (convert with .astype(np.float32) or np.float64)")
+        raise TypeError(f"layerd takes float32, float64, float16 and bfloat16 arrays (and int64 class "
+                        f"ids as targets); got {a.dtype} (convert with .astype(np.float32) or np.float64)")
     return _DTYPES[a.dtype], a.shape, np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
 def to_tensor(array: Array) -> pb.Tensor:
-    """A float32 or float64 array (any shape), or int64 class ids, as a wire tensor:
+    """A float32, float64, float16 or bfloat16 array (any shape), or int64 class ids, as a wire tensor:
     C order, little-endian."""
     dtype, shape, a = _wire_array(array)
     return pb.Tensor(dtype=dtype, shape=shape, data=a.tobytes())
@@ -88,6 +98,9 @@ def _serialized(head, **tensors) -> bytes:
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     """A wire tensor as a new, writable numpy array of its dtype and shape."""
+    if tensor.dtype not in _NUMPY:
+        raise TypeError(f"a {pb.DType.Name(tensor.dtype)} tensor needs ml_dtypes for its numpy dtype "
+                        "(pip install ml_dtypes)")
     return np.frombuffer(tensor.data, dtype=_NUMPY[tensor.dtype]).reshape(tuple(tensor.shape)).astype(
         _NUMPY[tensor.dtype].newbyteorder("="), copy=True)
 
@@ -134,8 +147,8 @@ def _dtype(dtype) -> int:
     if dtype is None:
         return pb.DTYPE_UNSPECIFIED
     d = np.dtype(dtype)
-    if d not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64; got {d}")
+    if d not in _FLOATS:
+        raise TypeError(f"dtype must be float32, float64, float16 or bfloat16; got {d}")
     return _DTYPES[d]
 
 
@@ -341,7 +354,8 @@ class Session:
 
         params: initial values by name ({"W": ..., "b": ...}); the others are initialized as
         the config says. dtype: np.float32 or np.float64 for a layer with parameters
-        (default: that of params, else float32); it then takes x of that dtype only.
+        (default: that of params, else float32); it then takes x of that dtype only (a float32
+        layer also x in float16 or bfloat16; np.float16 or bfloat16 here make a float32 layer).
         """
         request = pb.CreateLayerRequest(kind=kind, params=_tensors(params), dtype=_dtype(dtype))
         config = layer_config(kind, **config)
@@ -467,7 +481,8 @@ class Layer:
 
     def forward(self, x: Array, t: Optional[Array] = None, *, eval: bool = False,
                 no_grad: bool = False) -> np.ndarray:
-        """y for x (float32 or float64; a layer with parameters takes its own dtype). t: the
+        """y for x, in x's dtype (float32, float64, float16 or bfloat16; a layer with parameters
+        takes its own dtype, a float32 one also the half types). t: the
         target of a loss layer (int64 class ids (N,), or probabilities like the scores); a
         loss answers the loss as a 0-d array. eval: evaluation mode (Dropout scales,
         BatchNorm uses its running statistics). Unless no_grad, the server keeps what
