@@ -216,10 +216,10 @@ impl View for Wire<'_> {
         self.0.shape()
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(self.0.le_bytes())
+        self.0.le_bytes()
     }
     fn data_len(&self) -> usize {
-        self.0.le_bytes().len()
+        self.0.len() * self.0.dtype().itemsize()
     }
 }
 

@@ -324,7 +324,7 @@ impl layer_service_server::LayerService for LayerService {
                 .into_iter()
                 .map(|(name, t)| {
                     let tensor = Tensor::from_proto(Some(t), &format!("values[{name:?}]"))?;
-                    Ok((name, tensor))
+                    Ok((name, tensor.into_computed()))
                 })
                 .collect::<Result<_, Error>>()?;
             let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;

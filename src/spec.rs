@@ -175,7 +175,7 @@ fn tensors(
     map.iter()
         .map(|(name, t)| {
             let tensor = Tensor::from_proto(Some(t.clone()), &format!("{field}[{name:?}]"))?;
-            Ok((format!("{prefix}{name}"), tensor))
+            Ok((format!("{prefix}{name}"), tensor.into_computed()))
         })
         .collect()
 }

@@ -6,10 +6,12 @@
 //! Results are wrapped into `Bytes` without a copy ([`Tensor::from_array`]).
 //!
 //! Half precision (float16, bfloat16) exists only on the wire: such a tensor
-//! is widened to float32 on arrival, and remembers its [`Wire`] dtype, which
-//! answers computed from it take ([`Tensor::answered_as`]) and are rounded
-//! to (to nearest, ties to even) when encoded. Everything between computes
-//! in float32.
+//! keeps its received 16-bit elements, is widened to float32 when viewed
+//! (`view::<f32>`), and remembers its [`Wire`] dtype, which answers computed
+//! from it take ([`Tensor::answered_as`]) and are rounded to (to nearest,
+//! ties to even) when encoded. Everything between computes in float32 —
+//! except ReLU, exact in any float type, which works on the 16-bit values
+//! directly ([`Tensor::halves`], [`Tensor::from_halves`]).
 //!
 //! Validation order matters for safety: the byte length implied by the shape
 //! is computed with overflow checks and compared with the bytes actually
@@ -31,12 +33,13 @@ compile_error!(
 /// The most dimensions a tensor may have.
 pub const MAX_RANK: usize = 8;
 
-/// A validated tensor: `data` holds exactly `len() * dtype.itemsize()` bytes
-/// of `dtype`; `wire` is how it travels (`dtype`'s own, or a half type whose
-/// compute dtype is `dtype`).
+/// A validated tensor: `data` holds exactly `len() * stored.itemsize()`
+/// bytes of `stored`, which is `dtype` itself or a half type computed as
+/// `dtype` (float32); `wire` is how it travels out (the same choice).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     dtype: DType,
+    stored: Wire,
     wire: Wire,
     shape: Vec<usize>,
     len: usize,
@@ -196,18 +199,44 @@ impl Tensor {
                 "INVALID_TENSOR",
             ));
         }
-        if wire.is_half() {
-            let widened = ArrayD::from_shape_vec(IxDyn(&shape), half::widen(wire, &data))
-                .expect("length was validated against the shape");
-            return Ok(Tensor::from_array(widened).answered_as(wire));
-        }
         Ok(Tensor {
             dtype: wire.compute(),
+            stored: wire,
             wire,
             shape,
             len,
             data,
         })
+    }
+
+    /// This tensor with its elements stored as its compute dtype (half ones
+    /// widened once), for values kept and viewed many times: parameters.
+    pub fn into_computed(self) -> Tensor {
+        if !self.stored.is_half() {
+            return self;
+        }
+        let wire = self.wire;
+        Tensor::from_array(self.view::<f32>().into_owned()).answered_as(wire)
+    }
+
+    /// The 16-bit elements and their half type, when it is stored as one.
+    pub fn halves(&self) -> Option<(Wire, std::borrow::Cow<'_, [u16]>)> {
+        self.stored
+            .is_half()
+            .then(|| (self.stored, half::from_bytes(&self.data)))
+    }
+
+    /// A float32 tensor of `shape` stored (and answered) as half type `wire`.
+    pub fn from_halves(wire: Wire, shape: &[usize], values: Vec<u16>) -> Tensor {
+        debug_assert!(wire.is_half() && values.len() == shape.iter().product::<usize>());
+        Tensor {
+            dtype: wire.compute(),
+            stored: wire,
+            wire,
+            shape: shape.to_vec(),
+            len: values.len(),
+            data: Bytes::from_owner(half::Halves(values)),
+        }
     }
 
     /// This tensor, answered as `wire` (a request's dtype): encoded rounded
@@ -225,12 +254,14 @@ impl Tensor {
     }
 
     /// Its elements' bytes as they go on the wire: rounded to `wire` if that
-    /// is a half type.
+    /// is a half type it is not stored as.
     fn wire_bytes(&self) -> Bytes {
-        if self.wire.is_half() {
+        if self.wire == self.stored {
+            self.data.clone()
+        } else if self.wire.is_half() {
             half::narrow(self.wire, &self.view::<f32>())
         } else {
-            self.data.clone()
+            Bytes::copy_from_slice(&self.le_bytes())
         }
     }
 
@@ -249,6 +280,7 @@ impl Tensor {
         };
         Tensor {
             dtype: F::DTYPE,
+            stored: F::DTYPE.wire(),
             wire: F::DTYPE.wire(),
             shape: array.shape().to_vec(),
             len: array.len(),
@@ -266,9 +298,14 @@ impl Tensor {
         }
     }
 
-    /// The elements' bytes: row-major, little-endian, packed (as on the wire).
-    pub fn le_bytes(&self) -> &[u8] {
-        &self.data
+    /// The elements' bytes in its compute dtype: row-major, little-endian,
+    /// packed (borrowed unless stored as a half type).
+    pub fn le_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.stored.is_half() {
+            let wide = half::widen(self.stored, &self.data);
+            return bytemuck::cast_slice::<f32, u8>(&wide).to_vec().into();
+        }
+        (&self.data[..]).into()
     }
 
     pub fn dtype(&self) -> DType {
@@ -296,6 +333,14 @@ impl Tensor {
     pub fn view<F: Element>(&self) -> CowArray<'_, F, IxDyn> {
         assert_eq!(F::DTYPE, self.dtype, "viewed a tensor as the wrong dtype");
         let dim = IxDyn(&self.shape);
+        if self.stored.is_half() {
+            let wide = half::widen(self.stored, &self.data);
+            // F is f32 (checked above: half types compute as float32).
+            let wide: Vec<F> = bytemuck::allocation::cast_vec(wide);
+            return ArrayD::from_shape_vec(dim, wide)
+                .expect("length was validated against the shape")
+                .into();
+        }
         match bytemuck::try_cast_slice::<u8, F>(&self.data) {
             Ok(values) => ArrayViewD::from_shape(dim, values)
                 .expect("length was validated against the shape")
@@ -422,6 +467,10 @@ fn checked_shape(shape: &[u64], itemsize: usize) -> Option<(Vec<usize>, usize)> 
 /// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
 /// it uncopied.
 /// float16 / bfloat16 elements to float32 and back.
+///
+/// Both directions go through small aligned buffers on the stack, a chunk at
+/// a time: the source may be unaligned (prost's buffer), and the large
+/// destination is written once, never zero-filled first.
 mod half {
     use ::half::slice::HalfFloatSliceExt;
     use ::half::{bf16, f16};
@@ -430,13 +479,25 @@ mod half {
 
     use crate::dtype::Wire;
 
+    /// Elements per chunk: 24 KiB of stack for both buffers.
+    const CHUNK: usize = 4096;
+
     /// The float32 values of `data`, little-endian elements of half type `wire`.
     pub fn widen(wire: Wire, data: &[u8]) -> Vec<f32> {
-        let mut out = vec![0.0f32; data.len() / 2];
-        match wire {
-            Wire::F16 => from_bytes::<f16>(data).convert_to_f32_slice(&mut out),
-            Wire::BF16 => from_bytes::<bf16>(data).convert_to_f32_slice(&mut out),
-            Wire::F32 | Wire::F64 => unreachable!("only half types are widened"),
+        let mut out = Vec::with_capacity(data.len() / 2);
+        let mut halves = [0u16; CHUNK];
+        let mut wide = [0f32; CHUNK];
+        for bytes in data.chunks(2 * CHUNK) {
+            let n = bytes.len() / 2;
+            bytemuck::cast_slice_mut::<u16, u8>(&mut halves[..n]).copy_from_slice(bytes);
+            match wire {
+                Wire::F16 => bytemuck::cast_slice::<u16, f16>(&halves[..n])
+                    .convert_to_f32_slice(&mut wide[..n]),
+                Wire::BF16 => bytemuck::cast_slice::<u16, bf16>(&halves[..n])
+                    .convert_to_f32_slice(&mut wide[..n]),
+                Wire::F32 | Wire::F64 => unreachable!("only half types are widened"),
+            }
+            out.extend_from_slice(&wide[..n]);
         }
         out
     }
@@ -446,28 +507,34 @@ mod half {
     pub fn narrow(wire: Wire, values: &CowArray<'_, f32, ndarray::IxDyn>) -> Bytes {
         let standard = values.as_standard_layout();
         let values = standard.as_slice().expect("standard layout");
-        let mut out = vec![0u16; values.len()];
-        match wire {
-            Wire::F16 => {
-                bytemuck::cast_slice_mut::<u16, f16>(&mut out).convert_from_f32_slice(values)
+        let mut out: Vec<u16> = Vec::with_capacity(values.len());
+        let mut halves = [0u16; CHUNK];
+        for chunk in values.chunks(CHUNK) {
+            let halves = &mut halves[..chunk.len()];
+            match wire {
+                Wire::F16 => {
+                    bytemuck::cast_slice_mut::<u16, f16>(halves).convert_from_f32_slice(chunk)
+                }
+                Wire::BF16 => {
+                    bytemuck::cast_slice_mut::<u16, bf16>(halves).convert_from_f32_slice(chunk)
+                }
+                Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
             }
-            Wire::BF16 => {
-                bytemuck::cast_slice_mut::<u16, bf16>(&mut out).convert_from_f32_slice(values)
-            }
-            Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
+            out.extend_from_slice(halves);
         }
         Bytes::from_owner(Halves(out))
     }
 
-    /// `data` as elements of `T`: in place when aligned, else copied once.
-    fn from_bytes<T: bytemuck::Pod>(data: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    /// `data` as 16-bit elements: in place when aligned, else copied once.
+    pub fn from_bytes(data: &[u8]) -> std::borrow::Cow<'_, [u16]> {
         match bytemuck::try_cast_slice(data) {
             Ok(values) => values.into(),
             Err(_) => bytemuck::pod_collect_to_vec(data).into(),
         }
     }
 
-    struct Halves(Vec<u16>);
+    /// 16-bit elements as the bytes of a tensor.
+    pub struct Halves(pub Vec<u16>);
 
     impl AsRef<[u8]> for Halves {
         fn as_ref(&self) -> &[u8] {

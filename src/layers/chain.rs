@@ -17,6 +17,7 @@ use std::{any::Any, collections::HashMap, fmt};
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
 
+use super::relu::{self, Mask, Relu};
 use super::rng::Rng;
 use super::{init, with_float, with_spec, Fill, Float, Kind, Layer, Plan, Role, Slot, Spec, Step};
 use crate::dtype::{DType, Wire};
@@ -420,7 +421,43 @@ impl Chain {
         eval: bool,
         keep: bool,
     ) -> Forwarded {
+        if let Some(forwarded) = self.relu_on_halves(states, x, plan, keep) {
+            return forwarded;
+        }
         with_float!(x.dtype(), F => self.forward_as::<F>(states, x, t, plan, eval, keep))
+    }
+
+    /// A lone ReLU on a half x: computed on its 16-bit elements, never
+    /// widened (exact, see `relu.rs`); None for anything else.
+    fn relu_on_halves(
+        &self,
+        states: &[MemberState],
+        x: &Tensor,
+        plan: &ForwardPlan,
+        keep: bool,
+    ) -> Option<Forwarded> {
+        let [member] = &self.members[..] else {
+            return None;
+        };
+        if !matches!(member.spec, Spec::Relu(_)) {
+            return None;
+        }
+        let (wire, xs) = x.halves()?;
+        let (y, mask) = Relu::keep_halves(&xs, half_infinity(wire));
+        let kept = keep.then(|| Kept {
+            dtype: x.dtype(),
+            wire,
+            y_shape: x.shape().to_vec(),
+            ran_loss: false,
+            members: vec![Box::new(mask) as Box<dyn Any + Send + Sync>],
+            bytes: plan.kept_bytes,
+        });
+        Some(Forwarded {
+            y: Tensor::from_halves(wire, x.shape(), y),
+            kept,
+            updates: vec![(Vec::new(), states[0].rng)],
+            scores: None,
+        })
     }
 
     fn forward_as<F: Float>(
@@ -537,7 +574,29 @@ impl Chain {
         kept: &Kept,
         dout: Option<&Tensor>,
     ) -> Backwarded {
+        if let Some(backwarded) = self.relu_back_on_halves(kept, dout) {
+            return backwarded;
+        }
         with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout, true))
+    }
+
+    /// [`Chain::relu_on_halves`]'s Backward, from a half dout.
+    fn relu_back_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
+        let [member] = &self.members[..] else {
+            return None;
+        };
+        if !matches!(member.spec, Spec::Relu(_)) {
+            return None;
+        }
+        let dout = dout?;
+        let (wire, ds) = dout.halves()?;
+        let mask = kept.members[0]
+            .downcast_ref::<Mask>()
+            .expect("a ReLU keeps its mask");
+        Some(Backwarded {
+            dx: Tensor::from_halves(wire, dout.shape(), Relu::backward_halves(mask, &ds)),
+            grads: vec![None],
+        })
     }
 
     /// [`Chain::backward`] for a training step: without `need_dx`, the first
@@ -733,6 +792,15 @@ fn run_backward<L: Layer, F: Float>(
         .downcast_ref::<L::Kept<F>>()
         .expect("kept state was made by this member at this dtype");
     layer.backward(values, kept, dout)
+}
+
+/// A half type's +infinity, which tells ReLU its NaNs.
+fn half_infinity(wire: Wire) -> u16 {
+    match wire {
+        Wire::F16 => relu::F16_INF,
+        Wire::BF16 => relu::BF16_INF,
+        Wire::F32 | Wire::F64 => unreachable!("{wire:?} is not a half type"),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,12 @@
 //! compares false, so NaN passes through Forward and its gradient passes
 //! through Backward; `-0.0 <= 0` is true, so `-0.0` becomes `+0.0`.
 //! (`max(x, 0.0)` would turn NaN into 0 and differ from numpy.)
+//!
+//! Half types (float16, bfloat16 on the wire) are not widened: ReLU only
+//! passes a value or replaces it by `+0.0`, so it is exact in any float type,
+//! and masking their 16-bit elements directly gives the bits of widening to
+//! float32, ReLU and rounding back ([`Relu::keep_halves`],
+//! [`Relu::backward_halves`]). The mask is the same either way.
 
 use std::mem::MaybeUninit;
 
@@ -43,44 +49,101 @@ impl Mask {
     }
 }
 
-/// Numpy's `x <= 0`; written out so the NaN case is visible.
-fn masked<F: Float>(x: F) -> bool {
-    x <= F::zero()
+/// An element ReLU masks: a float, or the 16-bit pattern of a half type.
+/// `+0.0` is all zero bits in each.
+trait Maskable: Copy + bytemuck::Zeroable {
+    /// Numpy's `x <= 0`: false for NaN, true for `-0.0`.
+    fn masked(self) -> bool;
 }
+
+impl<F: Float> Maskable for F {
+    fn masked(self) -> bool {
+        self <= F::zero()
+    }
+}
+
+/// The 16-bit pattern of a half type whose +infinity is `INF` (a larger
+/// magnitude is a NaN).
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(transparent)]
+struct HalfBits<const INF: u16>(u16);
+
+impl<const INF: u16> Maskable for HalfBits<INF> {
+    fn masked(self) -> bool {
+        // +0, or the sign set on anything but a NaN.
+        self.0 == 0 || (self.0 & 0x8000 != 0 && self.0 & 0x7fff <= INF)
+    }
+}
+
+/// float16's and bfloat16's +infinity.
+pub const F16_INF: u16 = 0x7c00;
+pub const BF16_INF: u16 = 0x7f80;
 
 impl Relu {
     /// `y` and the mask, for a keeping Forward.
     pub fn keep<F: Float>(x: ArrayViewD<'_, F>) -> (ArcArray<F, IxDyn>, Mask) {
         let x = x.as_standard_layout();
-        let xs = x.as_slice().expect("standard layout is contiguous");
-        let mut y = Vec::with_capacity(xs.len());
-        let mut words = vec![0u64; xs.len().div_ceil(64)];
-        forward_kernel(xs, &mut y.spare_capacity_mut()[..xs.len()], &mut words);
-        // SAFETY: the kernel wrote every one of the first xs.len() elements.
-        unsafe { y.set_len(xs.len()) };
-        let mask = Mask {
-            words,
-            len: xs.len(),
-        };
+        let (y, mask) = keep_slice(x.as_slice().expect("standard layout is contiguous"));
         (into_shape(x.raw_dim(), y).into_shared(), mask)
+    }
+
+    /// `y` and the mask from the 16-bit elements of a half type whose
+    /// +infinity is `inf` ([`F16_INF`], [`BF16_INF`]).
+    pub fn keep_halves(xs: &[u16], inf: u16) -> (Vec<u16>, Mask) {
+        match inf {
+            F16_INF => halves(keep_slice::<HalfBits<F16_INF>>(bytemuck::cast_slice(xs))),
+            BF16_INF => halves(keep_slice::<HalfBits<BF16_INF>>(bytemuck::cast_slice(xs))),
+            other => panic!("{other:#06x} is not a half type's infinity"),
+        }
     }
 
     /// `y` alone, for `no_grad`.
     pub fn no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
-        x.mapv(|xi| if masked(xi) { F::zero() } else { xi })
+        x.mapv(|xi| if xi.masked() { F::zero() } else { xi })
     }
 
     /// `dx` from the kept mask.
     pub fn backward_with<F: Float>(mask: &Mask, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
-        let ds = dout.as_slice().expect("standard layout is contiguous");
-        assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
-        let mut dx = Vec::with_capacity(ds.len());
-        backward_kernel(ds, &mask.words, &mut dx.spare_capacity_mut()[..ds.len()]);
-        // SAFETY: the kernel wrote every one of the first ds.len() elements.
-        unsafe { dx.set_len(ds.len()) };
+        let dx = backward_slice(
+            mask,
+            dout.as_slice().expect("standard layout is contiguous"),
+        );
         into_shape(dout.raw_dim(), dx)
     }
+
+    /// `dx` from the kept mask and the 16-bit elements of a half `dout`.
+    pub fn backward_halves(mask: &Mask, ds: &[u16]) -> Vec<u16> {
+        backward_slice(mask, ds)
+    }
+}
+
+/// y and the mask of `xs`.
+fn keep_slice<T: Maskable>(xs: &[T]) -> (Vec<T>, Mask) {
+    let mut y = Vec::with_capacity(xs.len());
+    let mut words = vec![0u64; xs.len().div_ceil(64)];
+    forward_kernel(xs, &mut y.spare_capacity_mut()[..xs.len()], &mut words);
+    // SAFETY: the kernel wrote every one of the first xs.len() elements.
+    unsafe { y.set_len(xs.len()) };
+    let mask = Mask {
+        words,
+        len: xs.len(),
+    };
+    (y, mask)
+}
+
+fn halves<const INF: u16>((y, mask): (Vec<HalfBits<INF>>, Mask)) -> (Vec<u16>, Mask) {
+    (bytemuck::allocation::cast_vec(y), mask)
+}
+
+/// dx of `ds` under `mask`.
+fn backward_slice<T: Copy + bytemuck::Zeroable>(mask: &Mask, ds: &[T]) -> Vec<T> {
+    assert_eq!(ds.len(), mask.len, "dout length differs from the kept mask");
+    let mut dx = Vec::with_capacity(ds.len());
+    backward_kernel(ds, &mask.words, &mut dx.spare_capacity_mut()[..ds.len()]);
+    // SAFETY: the kernel wrote every one of the first ds.len() elements.
+    unsafe { dx.set_len(ds.len()) };
+    dx
 }
 
 impl Layer for Relu {
@@ -125,27 +188,31 @@ impl Layer for Relu {
 /// whole, so it need not be zeroed first (that memset took as long as the
 /// kernel on large tensors).
 #[multiversion::multiversion(targets = "simd")]
-fn forward_kernel<F: Float>(xs: &[F], y: &mut [MaybeUninit<F>], words: &mut [u64]) {
+fn forward_kernel<T: Maskable>(xs: &[T], y: &mut [MaybeUninit<T>], words: &mut [u64]) {
     assert_eq!(xs.len(), y.len());
     for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(words) {
         for (yi, &xi) in y64.iter_mut().zip(x64) {
-            yi.write(if masked(xi) { F::zero() } else { xi });
+            yi.write(if xi.masked() { T::zeroed() } else { xi });
         }
         *word = x64
             .iter()
             .enumerate()
-            .fold(0u64, |bits, (i, &xi)| bits | (masked(xi) as u64) << i);
+            .fold(0u64, |bits, (i, &xi)| bits | (xi.masked() as u64) << i);
     }
 }
 
 /// `dx = dout` where the mask bit is clear, else `+0.0`; writes all of `dx`
 /// (as long as `ds`).
 #[multiversion::multiversion(targets = "simd")]
-fn backward_kernel<F: Float>(ds: &[F], words: &[u64], dx: &mut [MaybeUninit<F>]) {
+fn backward_kernel<T: Copy + bytemuck::Zeroable>(
+    ds: &[T],
+    words: &[u64],
+    dx: &mut [MaybeUninit<T>],
+) {
     assert_eq!(ds.len(), dx.len());
     for ((d64, dx64), &bits) in ds.chunks(64).zip(dx.chunks_mut(64)).zip(words) {
         for (i, (dxi, &di)) in dx64.iter_mut().zip(d64).enumerate() {
-            dxi.write(if bits >> i & 1 == 1 { F::zero() } else { di });
+            dxi.write(if bits >> i & 1 == 1 { T::zeroed() } else { di });
         }
     }
 }
@@ -161,6 +228,53 @@ mod tests {
 
     fn bits<F: Float>(a: &ArrayD<F>) -> Vec<u64> {
         a.iter().map(|v| v.to_bits_u64()).collect()
+    }
+
+    /// Every 16-bit pattern of each half type, against widening to float32,
+    /// ReLU and rounding back (which is what the half path stands for): the
+    /// same bits, except that a NaN passes with its payload untouched (a
+    /// float32 round trip may set its quiet bit), and the same mask.
+    #[test]
+    fn relu_on_half_elements_is_relu_in_float32_rounded_back_for_every_value() {
+        use half::{bf16, f16};
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let f16s = |b: &u16| f16::from_bits(*b).to_f32();
+        let bf16s = |b: &u16| bf16::from_bits(*b).to_f32();
+        for (inf, wide, back) in [
+            (
+                F16_INF,
+                all.iter().map(f16s).collect::<Vec<f32>>(),
+                (|v| f16::from_f32(v).to_bits()) as fn(f32) -> u16,
+            ),
+            (BF16_INF, all.iter().map(bf16s).collect(), |v| {
+                bf16::from_f32(v).to_bits()
+            }),
+        ] {
+            let (y, mask) = Relu::keep_halves(&all, inf);
+            let (want, want_mask) = Relu::keep(ndarray::aview1(&wide).into_dyn());
+            assert_eq!(mask, want_mask, "{inf:#06x}");
+            for (i, (&got, &w)) in y.iter().zip(want.iter()).enumerate() {
+                if w.is_nan() {
+                    assert_eq!(got, all[i], "a NaN passes unchanged");
+                } else {
+                    assert_eq!(got, back(w), "{inf:#06x}: {:#06x}", all[i]);
+                }
+            }
+            // Backward: dout where the mask is clear, +0 elsewhere, for every dout pattern.
+            let dx = Relu::backward_halves(&mask, &all);
+            let want = Relu::backward_with(&mask, ndarray::aview1(&wide).into_dyn());
+            for (i, (&got, &w)) in dx.iter().zip(want.iter()).enumerate() {
+                assert!(
+                    if w.is_nan() {
+                        got == all[i]
+                    } else {
+                        got == back(w)
+                    },
+                    "{:#06x}",
+                    all[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -68,6 +68,10 @@ fn kind_parser() -> impl clap::builder::TypedValueParser<Value = Kind> {
 pub enum Dtype {
     F32,
     F64,
+    /// float16 on the wire (relu and identity only: their answers are exact).
+    F16,
+    /// bfloat16 on the wire (relu and identity only).
+    Bf16,
 }
 
 #[derive(Debug, Clone, Args)]

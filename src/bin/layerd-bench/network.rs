@@ -178,10 +178,18 @@ pub struct Workload {
 impl Workload {
     /// `reference_lr`: the learning rate the reference trains with (the
     /// server's, unless a test wants wrong answers).
-    pub fn new(network: Network, dtype: Dtype, steps: usize, reference_lr: f64) -> Workload {
+    pub fn new(
+        network: Network,
+        dtype: Dtype,
+        steps: usize,
+        reference_lr: f64,
+    ) -> Result<Workload, SetupError> {
         match dtype {
-            Dtype::F32 => build::<f32>(network, steps, reference_lr),
-            Dtype::F64 => build::<f64>(network, steps, reference_lr),
+            Dtype::F32 => Ok(build::<f32>(network, steps, reference_lr)),
+            Dtype::F64 => Ok(build::<f64>(network, steps, reference_lr)),
+            Dtype::F16 | Dtype::Bf16 => Err(SetupError::Unfit(
+                "--mode train-step trains float32 or float64 networks (--dtype f32 or f64)".into(),
+            )),
         }
     }
 
@@ -335,7 +343,7 @@ pub async fn run(args: &RunArgs, network: Network) -> Result<Measured, SetupErro
         args.dtype,
         args.cycle_steps,
         reference_lr,
-    ));
+    )?);
     // With --requests: measured steps still to make, shared by the workers.
     let remaining = Arc::new(AtomicI64::new(args.requests.map_or(i64::MAX, |n| n as i64)));
     let clients = workload::connect(args).await?;

@@ -33,6 +33,19 @@ impl Element for f64 {
     const SIGMOID_TOLERANCE: f64 = 1e-14;
 }
 
+// The half types: the server computes in float32 and rounds once, which
+// only the exact kinds' answers (relu, identity) can be checked against
+// bit for bit; `Reference::new` drives no other kind in them.
+impl Element for half::f16 {
+    const DTYPE: pb::DType = pb::DType::DtypeFloat16;
+    const SIGMOID_TOLERANCE: f64 = f64::NAN;
+}
+
+impl Element for half::bf16 {
+    const DTYPE: pb::DType = pb::DType::DtypeBfloat16;
+    const SIGMOID_TOLERANCE: f64 = f64::NAN;
+}
+
 /// The layer one workload creates, the inputs it sends, and what must come back.
 pub struct Reference {
     pub x: pb::Tensor,
@@ -54,6 +67,15 @@ impl Reference {
         match dtype {
             Dtype::F32 => build::<f32>(kind, shape),
             Dtype::F64 => build::<f64>(kind, shape),
+            Dtype::F16 | Dtype::Bf16 if !matches!(kind, Kind::Relu | Kind::Identity) => {
+                Err(format!(
+                    "{} answers in a half dtype are rounded from float32 and not checked bit for \
+                     bit here: --dtype f16 and bf16 drive relu and identity",
+                    kind.name()
+                ))
+            }
+            Dtype::F16 => build::<half::f16>(kind, shape),
+            Dtype::Bf16 => build::<half::bf16>(kind, shape),
         }
     }
 
