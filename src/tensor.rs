@@ -177,7 +177,7 @@ impl Tensor {
 
     /// A validated tensor from a shape and `data` (in `wire`'s dtype) whose
     /// byte length is checked against it; `data_field` names `data` in errors.
-    /// Half types are widened to float32 here.
+    /// Half types are kept as they came (widened when viewed).
     fn with_data(
         wire: Wire,
         shape: Vec<usize>,
