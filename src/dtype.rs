@@ -15,26 +15,17 @@ pub enum DType {
 impl DType {
     /// Bytes per element.
     pub const fn itemsize(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F64 => 8,
-        }
+        self.wire().itemsize()
     }
 
     /// The proto enum value name, as clients see it.
     pub const fn proto_name(self) -> &'static str {
-        match self {
-            DType::F32 => "DTYPE_FLOAT32",
-            DType::F64 => "DTYPE_FLOAT64",
-        }
+        self.wire().proto_name()
     }
 
     /// The KServe v2 datatype name.
     pub const fn kserve_name(self) -> &'static str {
-        match self {
-            DType::F32 => "FP32",
-            DType::F64 => "FP64",
-        }
+        self.wire().kserve_name()
     }
 
     /// How a tensor of this dtype travels.
@@ -47,8 +38,9 @@ impl DType {
 }
 
 /// How a float tensor travels: as its compute dtype, or as a half type that
-/// is widened to float32 on arrival and rounded back (to nearest, ties to
-/// even) on the way out — the wire is half, the math is float32.
+/// is computed as float32 (widened when a layer views it) and answered
+/// rounded back (to nearest, ties to even) — the wire is half, the math is
+/// float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Wire {
     F32,

@@ -17,6 +17,8 @@
 //! is computed with overflow checks and compared with the bytes actually
 //! received before anything is allocated from the declared shape.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use ndarray::{ArcArray, ArcArray1, ArrayD, ArrayViewD, CowArray, IxDyn};
 
@@ -34,11 +36,10 @@ compile_error!(
 pub const MAX_RANK: usize = 8;
 
 /// A validated tensor: `data` holds exactly `len() * stored.itemsize()`
-/// bytes of `stored`, which is `dtype` itself or a half type computed as
-/// `dtype` (float32); `wire` is how it travels out (the same choice).
+/// bytes of `stored`, a compute dtype or a half type computed as float32;
+/// `wire` is how it travels out, with the same compute dtype.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
-    dtype: DType,
     stored: Wire,
     wire: Wire,
     shape: Vec<usize>,
@@ -200,7 +201,6 @@ impl Tensor {
             ));
         }
         Ok(Tensor {
-            dtype: wire.compute(),
             stored: wire,
             wire,
             shape,
@@ -220,17 +220,16 @@ impl Tensor {
     }
 
     /// The 16-bit elements and their half type, when it is stored as one.
-    pub fn halves(&self) -> Option<(Wire, std::borrow::Cow<'_, [u16]>)> {
+    pub fn halves(&self) -> Option<(Wire, Cow<'_, [u16]>)> {
         self.stored
             .is_half()
-            .then(|| (self.stored, half::from_bytes(&self.data)))
+            .then(|| (self.stored, elements(&self.data)))
     }
 
     /// A float32 tensor of `shape` stored (and answered) as half type `wire`.
     pub fn from_halves(wire: Wire, shape: &[usize], values: Vec<u16>) -> Tensor {
         debug_assert!(wire.is_half() && values.len() == shape.iter().product::<usize>());
         Tensor {
-            dtype: wire.compute(),
             stored: wire,
             wire,
             shape: shape.to_vec(),
@@ -242,7 +241,7 @@ impl Tensor {
     /// This tensor, answered as `wire` (a request's dtype): encoded rounded
     /// to it when it is a half type of this tensor's dtype.
     pub fn answered_as(mut self, wire: Wire) -> Tensor {
-        if wire.compute() == self.dtype {
+        if wire.compute() == self.dtype() {
             self.wire = wire;
         }
         self
@@ -279,7 +278,6 @@ impl Tensor {
             array.as_standard_layout().into_owned().into_shared()
         };
         Tensor {
-            dtype: F::DTYPE,
             stored: F::DTYPE.wire(),
             wire: F::DTYPE.wire(),
             shape: array.shape().to_vec(),
@@ -300,7 +298,7 @@ impl Tensor {
 
     /// The elements' bytes in its compute dtype: row-major, little-endian,
     /// packed (borrowed unless stored as a half type).
-    pub fn le_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+    pub fn le_bytes(&self) -> Cow<'_, [u8]> {
         if self.stored.is_half() {
             let wide = half::widen(self.stored, &self.data);
             return bytemuck::cast_slice::<f32, u8>(&wide).to_vec().into();
@@ -308,8 +306,9 @@ impl Tensor {
         (&self.data[..]).into()
     }
 
+    /// The dtype its elements are computed in.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.stored.compute()
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -331,7 +330,7 @@ impl Tensor {
     /// # Panics
     /// If `F` is not this tensor's dtype (a caller bug, not an input error).
     pub fn view<F: Element>(&self) -> CowArray<'_, F, IxDyn> {
-        assert_eq!(F::DTYPE, self.dtype, "viewed a tensor as the wrong dtype");
+        assert_eq!(F::DTYPE, self.dtype(), "viewed a tensor as the wrong dtype");
         let dim = IxDyn(&self.shape);
         if self.stored.is_half() {
             let wide = half::widen(self.stored, &self.data);
@@ -341,15 +340,13 @@ impl Tensor {
                 .expect("length was validated against the shape")
                 .into();
         }
-        match bytemuck::try_cast_slice::<u8, F>(&self.data) {
-            Ok(values) => ArrayViewD::from_shape(dim, values)
+        match elements::<F>(&self.data) {
+            Cow::Borrowed(values) => ArrayViewD::from_shape(dim, values)
                 .expect("length was validated against the shape")
                 .into(),
-            Err(_) => {
-                ArrayD::from_shape_vec(dim, bytemuck::pod_collect_to_vec::<u8, F>(&self.data))
-                    .expect("length was validated against the shape")
-                    .into()
-            }
+            Cow::Owned(values) => ArrayD::from_shape_vec(dim, values)
+                .expect("length was validated against the shape")
+                .into(),
         }
     }
 }
@@ -466,6 +463,14 @@ fn checked_shape(shape: &[u64], itemsize: usize) -> Option<(Vec<usize>, usize)> 
 
 /// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
 /// it uncopied.
+/// `data` as elements of `T`: in place when aligned, else copied once.
+fn elements<T: bytemuck::Pod>(data: &[u8]) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(data) {
+        Ok(values) => values.into(),
+        Err(_) => bytemuck::pod_collect_to_vec(data).into(),
+    }
+}
+
 /// float16 / bfloat16 elements to float32 and back.
 ///
 /// Both directions go through small aligned buffers on the stack, a chunk at
@@ -523,14 +528,6 @@ mod half {
             out.extend_from_slice(halves);
         }
         Bytes::from_owner(Halves(out))
-    }
-
-    /// `data` as 16-bit elements: in place when aligned, else copied once.
-    pub fn from_bytes(data: &[u8]) -> std::borrow::Cow<'_, [u16]> {
-        match bytemuck::try_cast_slice(data) {
-            Ok(values) => values.into(),
-            Err(_) => bytemuck::pod_collect_to_vec(data).into(),
-        }
     }
 
     /// 16-bit elements as the bytes of a tensor.

@@ -17,7 +17,7 @@ use std::{any::Any, collections::HashMap, fmt};
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
 
-use super::relu::{self, Mask, Relu};
+use super::relu::{Mask, Relu};
 use super::rng::Rng;
 use super::{init, with_float, with_spec, Fill, Float, Kind, Layer, Plan, Role, Slot, Spec, Step};
 use crate::dtype::{DType, Wire};
@@ -75,9 +75,9 @@ pub struct ForwardPlan {
 
 /// What a keeping Forward left for Backward.
 pub struct Kept {
-    dtype: DType,
     /// How the keeping Forward's x (and so its y) traveled: Backward's dout
-    /// must come, and its dx goes back, the same way.
+    /// must come, and its dx goes back, the same way; its compute dtype is
+    /// the one the members kept their state in.
     wire: Wire,
     y_shape: Vec<usize>,
     ran_loss: bool,
@@ -95,7 +95,7 @@ impl Kept {
 impl fmt::Debug for Kept {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Kept")
-            .field("dtype", &self.dtype)
+            .field("wire", &self.wire)
             .field("y_shape", &self.y_shape)
             .field("ran_loss", &self.ran_loss)
             .field("bytes", &self.bytes)
@@ -427,6 +427,11 @@ impl Chain {
         with_float!(x.dtype(), F => self.forward_as::<F>(states, x, t, plan, eval, keep))
     }
 
+    /// Whether this is one ReLU (a plain layer, or a sequential of it alone).
+    fn is_lone_relu(&self) -> bool {
+        matches!(&self.members[..], [member] if matches!(member.spec, Spec::Relu(_)))
+    }
+
     /// A lone ReLU on a half x: computed on its 16-bit elements, never
     /// widened (exact, see `relu.rs`); None for anything else.
     fn relu_on_halves(
@@ -436,16 +441,12 @@ impl Chain {
         plan: &ForwardPlan,
         keep: bool,
     ) -> Option<Forwarded> {
-        let [member] = &self.members[..] else {
-            return None;
-        };
-        if !matches!(member.spec, Spec::Relu(_)) {
+        if !self.is_lone_relu() {
             return None;
         }
         let (wire, xs) = x.halves()?;
-        let (y, mask) = Relu::keep_halves(&xs, half_infinity(wire));
+        let (y, mask) = Relu::keep_halves(&xs, wire);
         let kept = keep.then(|| Kept {
-            dtype: x.dtype(),
             wire,
             y_shape: x.shape().to_vec(),
             ran_loss: false,
@@ -522,7 +523,6 @@ impl Chain {
         // scores are its input.
         let y = y.unwrap_or_else(|| x.to_owned().into_shared());
         let kept = keep.then(|| Kept {
-            dtype: F::DTYPE,
             wire: x_wire,
             y_shape: y.shape().to_vec(),
             ran_loss: plan.ran_loss,
@@ -577,15 +577,12 @@ impl Chain {
         if let Some(backwarded) = self.relu_back_on_halves(kept, dout) {
             return backwarded;
         }
-        with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout, true))
+        with_float!(kept.wire.compute(), F => self.backward_as::<F>(states, kept, dout, true))
     }
 
     /// [`Chain::relu_on_halves`]'s Backward, from a half dout.
     fn relu_back_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
-        let [member] = &self.members[..] else {
-            return None;
-        };
-        if !matches!(member.spec, Spec::Relu(_)) {
+        if !self.is_lone_relu() {
             return None;
         }
         let dout = dout?;
@@ -609,7 +606,7 @@ impl Chain {
         dout: Option<&Tensor>,
         need_dx: bool,
     ) -> (Option<Tensor>, Vec<Option<Vec<Tensor>>>) {
-        let out = with_float!(kept.dtype, F => self.backward_as::<F>(states, kept, dout, need_dx));
+        let out = with_float!(kept.wire.compute(), F => self.backward_as::<F>(states, kept, dout, need_dx));
         (need_dx.then_some(out.dx), out.grads)
     }
 
@@ -792,15 +789,6 @@ fn run_backward<L: Layer, F: Float>(
         .downcast_ref::<L::Kept<F>>()
         .expect("kept state was made by this member at this dtype");
     layer.backward(values, kept, dout)
-}
-
-/// A half type's +infinity, which tells ReLU its NaNs.
-fn half_infinity(wire: Wire) -> u16 {
-    match wire {
-        Wire::F16 => relu::F16_INF,
-        Wire::BF16 => relu::BF16_INF,
-        Wire::F32 | Wire::F64 => unreachable!("{wire:?} is not a half type"),
-    }
 }
 
 #[cfg(test)]

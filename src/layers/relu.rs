@@ -19,6 +19,7 @@ use std::mem::MaybeUninit;
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use crate::dtype::Wire;
 
 /// The ReLU kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,8 +77,8 @@ impl<const INF: u16> Maskable for HalfBits<INF> {
 }
 
 /// float16's and bfloat16's +infinity.
-pub const F16_INF: u16 = 0x7c00;
-pub const BF16_INF: u16 = 0x7f80;
+const F16_INF: u16 = 0x7c00;
+const BF16_INF: u16 = 0x7f80;
 
 impl Relu {
     /// `y` and the mask, for a keeping Forward.
@@ -87,13 +88,12 @@ impl Relu {
         (into_shape(x.raw_dim(), y).into_shared(), mask)
     }
 
-    /// `y` and the mask from the 16-bit elements of a half type whose
-    /// +infinity is `inf` ([`F16_INF`], [`BF16_INF`]).
-    pub fn keep_halves(xs: &[u16], inf: u16) -> (Vec<u16>, Mask) {
-        match inf {
-            F16_INF => halves(keep_slice::<HalfBits<F16_INF>>(bytemuck::cast_slice(xs))),
-            BF16_INF => halves(keep_slice::<HalfBits<BF16_INF>>(bytemuck::cast_slice(xs))),
-            other => panic!("{other:#06x} is not a half type's infinity"),
+    /// `y` and the mask from the 16-bit elements of half type `wire`.
+    pub fn keep_halves(xs: &[u16], wire: Wire) -> (Vec<u16>, Mask) {
+        match wire {
+            Wire::F16 => halves(keep_slice::<HalfBits<F16_INF>>(bytemuck::cast_slice(xs))),
+            Wire::BF16 => halves(keep_slice::<HalfBits<BF16_INF>>(bytemuck::cast_slice(xs))),
+            Wire::F32 | Wire::F64 => unreachable!("{wire:?} is not a half type"),
         }
     }
 
@@ -240,24 +240,24 @@ mod tests {
         let all: Vec<u16> = (0..=u16::MAX).collect();
         let f16s = |b: &u16| f16::from_bits(*b).to_f32();
         let bf16s = |b: &u16| bf16::from_bits(*b).to_f32();
-        for (inf, wide, back) in [
+        for (wire, wide, back) in [
             (
-                F16_INF,
+                Wire::F16,
                 all.iter().map(f16s).collect::<Vec<f32>>(),
                 (|v| f16::from_f32(v).to_bits()) as fn(f32) -> u16,
             ),
-            (BF16_INF, all.iter().map(bf16s).collect(), |v| {
+            (Wire::BF16, all.iter().map(bf16s).collect(), |v| {
                 bf16::from_f32(v).to_bits()
             }),
         ] {
-            let (y, mask) = Relu::keep_halves(&all, inf);
+            let (y, mask) = Relu::keep_halves(&all, wire);
             let (want, want_mask) = Relu::keep(ndarray::aview1(&wide).into_dyn());
-            assert_eq!(mask, want_mask, "{inf:#06x}");
+            assert_eq!(mask, want_mask, "{wire:?}");
             for (i, (&got, &w)) in y.iter().zip(want.iter()).enumerate() {
                 if w.is_nan() {
                     assert_eq!(got, all[i], "a NaN passes unchanged");
                 } else {
-                    assert_eq!(got, back(w), "{inf:#06x}: {:#06x}", all[i]);
+                    assert_eq!(got, back(w), "{wire:?}: {:#06x}", all[i]);
                 }
             }
             // Backward: dout where the mask is clear, +0 elsewhere, for every dout pattern.
