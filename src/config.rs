@@ -185,6 +185,16 @@ pub struct Config {
     /// SIGKILL loses at most this much training. Off by default: only the drain writes them.
     #[arg(long, env = "LAYERD_SNAPSHOT_INTERVAL", value_parser = positive_duration, requires = "state_dir")]
     pub snapshot_interval: Option<Duration>,
+
+    /// Serve Triton's system shared-memory extension: clients may register POSIX
+    /// shared-memory objects under /dev/shm and name them as inputs and outputs. Off by
+    /// default, as in Triton: a service on a shared host must not open segments it is told to.
+    #[arg(long, env = "LAYERD_ALLOW_CLIENT_SHM")]
+    pub allow_client_shm: bool,
+
+    /// Most shared-memory regions registered at once, all clients together.
+    #[arg(long, env = "LAYERD_MAX_SHM_REGIONS", default_value_t = 256)]
+    pub max_shm_regions: usize,
 }
 
 /// A duration above zero.

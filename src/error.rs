@@ -131,6 +131,22 @@ pub enum Error {
     #[error("request did not finish within the server's request timeout of {0:?}")]
     Timeout(Duration),
 
+    /// A shared-memory region name the caller has not registered.
+    #[error("{field}: shared-memory region {region:?} is not registered (SystemSharedMemoryRegister it first)")]
+    RegionNotFound { region: String, field: String },
+
+    #[error("shared-memory region {region:?} is already registered; unregister it first or pick another name")]
+    RegionExists { region: String },
+
+    /// The object behind a registered region changed under it (shrunk or
+    /// removed by its owner): the use did not happen.
+    #[error("shared-memory region {region:?} cannot be used: {detail}")]
+    RegionUnusable { region: String, detail: String },
+
+    /// The server runs without `--allow-client-shm`.
+    #[error("system shared memory is disabled on this server: start it with --allow-client-shm to register and use regions")]
+    SharedMemoryDisabled,
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -156,16 +172,20 @@ impl Error {
             Error::SessionNotFound { .. }
             | Error::LayerNotFound { .. }
             | Error::ModelNotFound { .. }
-            | Error::OptimizerNotFound { .. } => Code::NotFound,
+            | Error::OptimizerNotFound { .. }
+            | Error::RegionNotFound { .. } => Code::NotFound,
             Error::SessionExists { .. }
             | Error::LayerExists { .. }
             | Error::OptimizerExists { .. }
-            | Error::ParamsOwned { .. } => Code::AlreadyExists,
+            | Error::ParamsOwned { .. }
+            | Error::RegionExists { .. } => Code::AlreadyExists,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NothingKept { .. }
             | Error::SequenceRequired { .. }
             | Error::NoGradients { .. }
-            | Error::StepOutOfOrder { .. } => Code::FailedPrecondition,
+            | Error::StepOutOfOrder { .. }
+            | Error::RegionUnusable { .. }
+            | Error::SharedMemoryDisabled => Code::FailedPrecondition,
             Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::Overloaded { .. } => Code::Unavailable,
@@ -193,6 +213,10 @@ impl Error {
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
             Error::Overloaded { .. } => "OVERLOADED",
             Error::Timeout(_) => "REQUEST_TIMEOUT",
+            Error::RegionNotFound { .. } => "REGION_NOT_FOUND",
+            Error::RegionExists { .. } => "REGION_EXISTS",
+            Error::RegionUnusable { .. } => "REGION_UNUSABLE",
+            Error::SharedMemoryDisabled => "SHARED_MEMORY_DISABLED",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -258,6 +282,11 @@ impl Error {
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
             Error::Overloaded { .. } => vec![("limit", "--max-concurrent-calls")],
+            Error::RegionNotFound { region, field } => vec![("region", region), ("field", field)],
+            Error::RegionExists { region } | Error::RegionUnusable { region, .. } => {
+                vec![("region", region)]
+            }
+            Error::SharedMemoryDisabled => vec![("flag", "--allow-client-shm")],
             Error::Unauthenticated { .. } | Error::Timeout(_) | Error::Internal(_) => vec![],
         };
         pairs

@@ -13,6 +13,7 @@
 //! | `layerd_calls_shed_total` | counter | |
 //! | `layerd_connections_open` | gauge | |
 //! | `layerd_connections_refused_total` | counter | |
+//! | `layerd_shm_regions` | gauge | |
 //!
 //! `method` is the RPC (`Forward`, `Run.Backward`, `ModelInfer`, ...), `kind`
 //! the layer kind once known (else ""), `code` the gRPC status code name as
@@ -48,6 +49,7 @@ const CALLS_IN_FLIGHT: &str = "layerd_calls_in_flight";
 const CALLS_SHED: &str = "layerd_calls_shed_total";
 const CONNECTIONS_OPEN: &str = "layerd_connections_open";
 const CONNECTIONS_REFUSED: &str = "layerd_connections_refused_total";
+const SHM_REGIONS: &str = "layerd_shm_regions";
 
 /// Call duration buckets: 50 µs to 30 s, covering 1 Ki calls to 64 MiB ones.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -128,6 +130,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed on accept at --max-connections"
+    );
+    describe_gauge!(
+        SHM_REGIONS,
+        "System shared-memory regions registered (--allow-client-shm), all clients"
     );
 }
 
@@ -242,4 +248,9 @@ pub fn connections_open(delta: i8) {
 /// A connection closed on accept at the connection cap.
 pub fn connection_refused() {
     counter!(CONNECTIONS_REFUSED).increment(1);
+}
+
+/// Shared-memory regions registered now.
+pub fn shm_regions(count: usize) {
+    gauge!(SHM_REGIONS).set(count as f64);
 }

@@ -80,12 +80,7 @@ pub async fn run(
         }
         None => None,
     };
-    let inference = InferenceService::new(
-        store_guard.store(),
-        config.request_timeout,
-        config.max_message_bytes.as_u64(),
-        config.default_idle_timeout,
-    );
+    let inference = InferenceService::new(store_guard.store(), &config);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<LayerServiceServer<LayerService>>()

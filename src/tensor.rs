@@ -81,21 +81,7 @@ impl Tensor {
         field: &str,
         raw_field: &str,
     ) -> Result<Tensor, Error> {
-        let wire = Wire::from_kserve(&input.datatype, field)?;
-        let dims: Vec<u64> = input
-            .shape
-            .iter()
-            .map(|&d| u64::try_from(d).ok())
-            .collect::<Option<_>>()
-            .ok_or_else(|| {
-                Error::invalid(
-                    format!("{field}.shape"),
-                    "dimensions ≥ 0",
-                    format!("{:?}", input.shape),
-                    "INVALID_TENSOR",
-                )
-            })?;
-        let (shape, len) = validated_shape(&dims, wire.itemsize(), wire.kserve_name(), field)?;
+        let (wire, shape, len) = kserve_layout(&input, field)?;
         let contents = input.contents.unwrap_or_default();
         let typed = typed_lengths(&contents);
         let contents_field = format!("{field}.contents");
@@ -157,6 +143,17 @@ impl Tensor {
                 ArcArray::from_shape_vec(dim, contents.fp64_contents).map_err(array_error)?,
             ),
         })
+    }
+
+    /// The byte size of a KServe input's elements, from its datatype and
+    /// shape (validated as [`Tensor::from_kserve`] does), for inputs whose
+    /// bytes are fetched from elsewhere (a shared-memory region).
+    pub fn kserve_byte_size(
+        input: &inference::model_infer_request::InferInputTensor,
+        field: &str,
+    ) -> Result<usize, Error> {
+        let (wire, _, len) = kserve_layout(input, field)?;
+        Ok(len * wire.itemsize())
     }
 
     /// The tensor as KServe output `name`: its metadata, and its bytes for
@@ -439,6 +436,29 @@ fn validated_shape(
             "INVALID_TENSOR",
         )
     })
+}
+
+/// A KServe input's datatype, validated shape and element count.
+fn kserve_layout(
+    input: &inference::model_infer_request::InferInputTensor,
+    field: &str,
+) -> Result<(Wire, Vec<usize>, usize), Error> {
+    let wire = Wire::from_kserve(&input.datatype, field)?;
+    let dims: Vec<u64> = input
+        .shape
+        .iter()
+        .map(|&d| u64::try_from(d).ok())
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            Error::invalid(
+                format!("{field}.shape"),
+                "dimensions ≥ 0",
+                format!("{:?}", input.shape),
+                "INVALID_TENSOR",
+            )
+        })?;
+    let (shape, len) = validated_shape(&dims, wire.itemsize(), wire.kserve_name(), field)?;
+    Ok((wire, shape, len))
 }
 
 /// The shape as `usize`s and its element count, or `None` when the element

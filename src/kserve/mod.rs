@@ -4,11 +4,14 @@
 //! Models are layer kinds and directions ([`models`]); a request's
 //! `sequence_id` names the session that keeps Forward's state for a later
 //! `*_backward` request ([`sequence`]); per-model counts and durations back
-//! `ModelStatistics` ([`stats`]). Tensors are converted in [`crate::tensor`].
-//! Numerics are the native API's: both call the same layer code.
+//! `ModelStatistics` ([`stats`]); inputs and outputs may live in system
+//! shared-memory regions instead of the messages ([`shm`]). Tensors are
+//! converted in [`crate::tensor`]. Numerics are the native API's: both call
+//! the same layer code.
 
 pub mod models;
 pub mod sequence;
+pub mod shm;
 pub mod stats;
 
 use std::{
@@ -24,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
 use crate::auth::{Caller, Principal};
+use crate::config::Config;
 use crate::engine::{
     answer_in_order, backward_on, compute, forward_on, observe, ForwardOptions, Phases, Rpc,
 };
@@ -35,19 +39,24 @@ use crate::tensor::Tensor;
 
 use models::{Direction, Model, PLATFORM, VERSION};
 use sequence::{SequenceId, SequenceParams};
+use shm::{RegionUse, Regions, ShmRef};
 use stats::{ModelStats, Stages};
 
 /// The request header with which a ModelStreamInfer client asks for errors as
 /// a gRPC status (ending the stream) instead of `error_message` answers.
 pub const GRPC_ERROR_HEADER: &str = "triton_grpc_error";
 
-/// Protocol extensions layerd implements, as ServerMetadata names them.
+/// Protocol extensions layerd implements, as ServerMetadata names them
+/// (and [`SHM_EXTENSION`] with `--allow-client-shm`).
 const EXTENSIONS: [&str; 4] = [
     "model_configuration",
     "sequence",
     "statistics",
     "parameters",
 ];
+
+/// The extension name of system shared memory.
+const SHM_EXTENSION: &str = "system_shared_memory";
 
 /// The inference service; cheap to clone.
 #[derive(Clone)]
@@ -62,25 +71,32 @@ struct Shared {
     sequence_idle: Duration,
     stats: Vec<ModelStats>,
     ready: AtomicBool,
+    regions: Regions,
+}
+
+/// A request's input, and where its output goes when not in the response.
+struct Io {
+    input: Tensor,
+    output_region: Option<RegionUse>,
 }
 
 impl InferenceService {
-    /// `sequence_idle` is the idle timeout sessions made by sequences get
-    /// (the store's default), advertised in each model's configuration.
-    pub fn new(
-        store: Store,
-        request_timeout: Duration,
-        max_message_bytes: u64,
-        sequence_idle: Duration,
-    ) -> InferenceService {
+    /// Serves `store` under `config`'s limits; sessions made by sequences get
+    /// the default idle timeout, advertised in each model's configuration.
+    pub fn new(store: Store, config: &Config) -> InferenceService {
         InferenceService {
             shared: Arc::new(Shared {
                 store,
-                request_timeout,
-                max_message_bytes,
-                sequence_idle,
+                request_timeout: config.request_timeout,
+                max_message_bytes: config.max_message_bytes.as_u64(),
+                sequence_idle: config.default_idle_timeout,
                 stats: Model::all().map(|_| ModelStats::default()).collect(),
                 ready: AtomicBool::new(true),
+                regions: Regions::new(
+                    config.allow_client_shm,
+                    config.max_shm_regions,
+                    config.max_work_bytes.as_u64(),
+                ),
             }),
         }
     }
@@ -137,7 +153,10 @@ impl InferenceService {
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
         params.check_routing(&caller.metadata)?;
-        let input = take_input(model, &mut request)?;
+        let Io {
+            input,
+            output_region,
+        } = self.take_io(model, &caller.principal, &mut request).await?;
         let span = Span::current();
         span.record("kind", model.kind.name());
         span.record("elements", input.len());
@@ -189,7 +208,13 @@ impl InferenceService {
         };
 
         let encoding = Instant::now();
-        let (tensor, raw) = output.into_kserve(model.output());
+        let elements = output.len();
+        let (tensor, mut raw) = output.into_kserve(model.output());
+        if let Some(region) = output_region {
+            // As Triton: the output's metadata, and an empty raw entry.
+            let data = std::mem::take(&mut raw);
+            compute(elements, move || region.write(&data)).await??;
+        }
         let response = pb::ModelInferResponse {
             model_name: model.name(),
             model_version: VERSION.to_string(),
@@ -266,8 +291,104 @@ impl InferenceService {
     }
 }
 
-/// Validates the request's one input (and requested outputs) for `model`.
-pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
+impl InferenceService {
+    /// The request's input, from its message or its shared-memory region,
+    /// and the region its output goes to: all checked before anything runs.
+    async fn take_io(
+        &self,
+        model: Model,
+        owner: &Principal,
+        request: &mut pb::ModelInferRequest,
+    ) -> Result<Io, Error> {
+        let regions = &self.shared.regions;
+        let (input, raw) = take_input(model, request)?;
+        let output_ref = match request.outputs.first() {
+            Some(output) => ShmRef::parse(&output.parameters, "outputs[0]")?,
+            None => None,
+        };
+        let Some(input_ref) = ShmRef::parse(&input.parameters, "inputs[0]")? else {
+            let input = Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")?;
+            let output_region = self.output_region(owner, output_ref, &input)?;
+            return Ok(Io {
+                input,
+                output_region,
+            });
+        };
+        if raw.is_some() {
+            return Err(Error::invalid(
+                "raw_input_contents",
+                format!(
+                    "none: inputs[0] is in shared-memory region {:?}",
+                    input_ref.region
+                ),
+                "1 entry",
+                "INVALID_INPUTS",
+            ));
+        }
+        let byte_size_field = "inputs[0].parameters.shared_memory_byte_size";
+        let want = Tensor::kserve_byte_size(&input, "inputs[0]")?;
+        if input_ref.byte_size != want as u64 {
+            return Err(Error::invalid(
+                byte_size_field,
+                format!(
+                    "{want} bytes (shape {:?} of {})",
+                    input.shape, input.datatype
+                ),
+                format!("{} bytes", input_ref.byte_size),
+                "INVALID_TENSOR",
+            ));
+        }
+        let held = regions.hold(owner, &input_ref, "inputs[0]")?;
+        let data = compute(want, move || held.read()).await??;
+        let input = Tensor::from_kserve(input, Some(data), "inputs[0]", byte_size_field)?;
+        let output_region = self.output_region(owner, output_ref, &input)?;
+        Ok(Io {
+            input,
+            output_region,
+        })
+    }
+
+    /// Holds the output's region, checked to fit the output (of the input's
+    /// shape and datatype: every model is elementwise).
+    fn output_region(
+        &self,
+        owner: &Principal,
+        output_ref: Option<ShmRef>,
+        input: &Tensor,
+    ) -> Result<Option<RegionUse>, Error> {
+        let Some(output_ref) = output_ref else {
+            return Ok(None);
+        };
+        let held = self.shared.regions.hold(owner, &output_ref, "outputs[0]")?;
+        let need = (input.len() * input.wire().itemsize()) as u64;
+        if held.len() < need {
+            return Err(Error::invalid(
+                "outputs[0].parameters.shared_memory_byte_size",
+                format!(
+                    "at least {need} bytes (the output: shape {:?} of {})",
+                    input.shape(),
+                    input.wire().kserve_name()
+                ),
+                format!("{} bytes", held.len()),
+                "OUT_OF_BOUNDS",
+            ));
+        }
+        Ok(Some(held))
+    }
+}
+
+/// Checks the request's one input (and requested outputs) for `model`, and
+/// takes the input with its raw contents, if any.
+fn take_input(
+    model: Model,
+    request: &mut pb::ModelInferRequest,
+) -> Result<
+    (
+        pb::model_infer_request::InferInputTensor,
+        Option<bytes::Bytes>,
+    ),
+    Error,
+> {
     if request.inputs.len() != 1 {
         return Err(Error::invalid(
             "inputs",
@@ -307,7 +428,7 @@ pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<T
             ))
         }
     };
-    Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")
+    Ok((input, raw))
 }
 
 type ServiceResult<T> = Result<Response<T>, Status>;
@@ -346,7 +467,11 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: PLATFORM.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+            extensions: EXTENSIONS
+                .iter()
+                .chain(self.shared.regions.enabled().then_some(&SHM_EXTENSION))
+                .map(|e| e.to_string())
+                .collect(),
         }))
     }
 
@@ -405,6 +530,42 @@ impl GrpcInferenceService for InferenceService {
         let (metadata, extensions, message) = request.into_parts();
         let caller = Caller::from_parts(metadata, &extensions)?;
         Ok(Response::new(self.infer(&caller, message).await?))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> ServiceResult<pb::SystemSharedMemoryStatusResponse> {
+        let owner = Principal::of(request.extensions())?;
+        let regions = self
+            .shared
+            .regions
+            .status(&owner, &request.get_ref().name)?;
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions,
+        }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> ServiceResult<pb::SystemSharedMemoryRegisterResponse> {
+        let owner = Principal::of(request.extensions())?;
+        let r = request.get_ref();
+        self.shared
+            .regions
+            .register(&owner, &r.name, &r.key, r.offset, r.byte_size)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> ServiceResult<pb::SystemSharedMemoryUnregisterResponse> {
+        let owner = Principal::of(request.extensions())?;
+        let name = &request.get_ref().name;
+        self.shared.regions.unregister(&owner, name).await?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<pb::ModelStreamInferResponse, Status>>;

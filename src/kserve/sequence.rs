@@ -152,38 +152,44 @@ fn flag(parameters: &HashMap<String, InferParameter>, name: &str) -> Result<bool
 }
 
 fn wrong_type(name: &str, expected: &str, got: &ParameterChoice) -> Error {
-    let got = match got {
+    Error::invalid(
+        format!("parameters.{name}"),
+        format!("a {expected} parameter"),
+        describe(got),
+        "INVALID_PARAMETER",
+    )
+}
+
+/// A parameter's type and value, for errors.
+pub(super) fn describe(choice: &ParameterChoice) -> String {
+    match choice {
         ParameterChoice::BoolParam(v) => format!("bool_param {v}"),
         ParameterChoice::Int64Param(v) => format!("int64_param {v}"),
         ParameterChoice::StringParam(v) => format!("string_param {v:?}"),
         ParameterChoice::DoubleParam(v) => format!("double_param {v}"),
         ParameterChoice::Uint64Param(v) => format!("uint64_param {v}"),
-    };
-    Error::invalid(
-        format!("parameters.{name}"),
-        format!("a {expected} parameter"),
-        got,
-        "INVALID_PARAMETER",
-    )
+    }
+}
+
+/// Request parameters from pairs, for tests.
+#[cfg(test)]
+pub(super) fn params(pairs: &[(&str, ParameterChoice)]) -> HashMap<String, InferParameter> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                InferParameter {
+                    parameter_choice: Some(v.clone()),
+                },
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, ParameterChoice)]) -> HashMap<String, InferParameter> {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    InferParameter {
-                        parameter_choice: Some(v.clone()),
-                    },
-                )
-            })
-            .collect()
-    }
 
     #[test]
     fn no_id_zero_or_empty_is_stateless_and_other_parameters_are_ignored() {

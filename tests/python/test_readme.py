@@ -78,6 +78,18 @@ def test_the_kserve_quickstart_runs(server, capsys):
         names["client"].infer("relu_backward", [names["dout"]], sequence_id=7)  # the end closed it
 
 
+def test_the_shared_memory_example_runs(capsys):
+    server = Server("--allow-client-shm")
+    try:
+        names = run_block("kserve-quickstart", server.addr)
+        capsys.readouterr()
+        run_block("kserve-shm", server.addr, names)
+        assert capsys.readouterr().out.strip() == "[0. 0. 0. 0. 0. 1. 2. 3.]"
+        assert names["client"].get_system_shared_memory_status(as_json=True) == {}
+    finally:
+        assert server.stop() == 0
+
+
 def test_the_perf_analyzer_commands_run(server):
     perf_analyzer = shutil.which("perf_analyzer") or str(REPO / ".venv" / "bin" / "perf_analyzer")
     if not os.path.exists(perf_analyzer):

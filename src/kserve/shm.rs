@@ -1,0 +1,746 @@
+//! Triton's system shared-memory extension: a client registers a POSIX
+//! shared-memory object (a file under `/dev/shm`) as a named region, and a
+//! ModelInfer input or output names a region, an offset and a byte size
+//! (parameters `shared_memory_region`, `shared_memory_offset`,
+//! `shared_memory_byte_size`) instead of carrying its bytes.
+//!
+//! Invariants:
+//! - Off unless `--allow-client-shm`: every call then answers
+//!   FAILED_PRECONDITION `SHARED_MEMORY_DISABLED` and opens nothing.
+//! - Only objects directly under `/dev/shm` are opened (the key is one path
+//!   component, symlinks are not followed, the object must be a regular
+//!   file), and a region's `offset + byte_size` lies inside the object when
+//!   it is registered; each use's `offset + byte_size` lies inside its region.
+//! - Regions are never mapped. The server keeps the object's descriptor and
+//!   reads inputs with `pread`, writes outputs with `pwrite`: an owner that
+//!   shrinks or removes the object cannot crash the server (a mapping would
+//!   raise SIGBUS on pages past the new end). A short read, or an object now
+//!   too small for an output, answers FAILED_PRECONDITION `REGION_UNUSABLE`;
+//!   the server never grows an object.
+//! - Names are per principal (each caller has its own namespace when
+//!   authentication is on); `--max-shm-regions` bounds the registered regions
+//!   of all callers together.
+//! - Unregister removes the name at once (later requests get
+//!   `REGION_NOT_FOUND`), then waits until the requests that already hold
+//!   the region have finished with it: after it answers, the server no
+//!   longer touches the object.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+
+use super::sequence::describe;
+use crate::auth::Principal;
+use crate::error::Error;
+use crate::pb::inference::{
+    infer_parameter::ParameterChoice, system_shared_memory_status_response::RegionStatus,
+    InferParameter,
+};
+
+/// Where POSIX shared-memory objects live; keys name files here.
+pub const SHM_DIR: &str = "/dev/shm";
+
+/// A request's reference to part of a region, as its parameters give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmRef {
+    pub region: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+impl ShmRef {
+    /// The shared-memory parameters of the tensor named `field` (`inputs[0]`,
+    /// `outputs[0]`), if it names a region. As in Triton, the offset is
+    /// optional (0) and the byte size is required with a region; neither may
+    /// come without one.
+    pub fn parse(
+        parameters: &HashMap<String, InferParameter>,
+        field: &str,
+    ) -> Result<Option<ShmRef>, Error> {
+        let get = |name: &str| {
+            parameters
+                .get(name)
+                .and_then(|p| p.parameter_choice.as_ref())
+        };
+        let param_field = |name: &str| format!("{field}.parameters.{name}");
+        let size = |name: &str| -> Result<Option<u64>, Error> {
+            match get(name) {
+                None => Ok(None),
+                Some(ParameterChoice::Int64Param(n)) if *n >= 0 => Ok(Some(*n as u64)),
+                Some(ParameterChoice::Uint64Param(n)) => Ok(Some(*n)),
+                Some(other) => Err(Error::invalid(
+                    param_field(name),
+                    "an int64_param ≥ 0",
+                    describe(other),
+                    "INVALID_PARAMETER",
+                )),
+            }
+        };
+        let offset = size("shared_memory_offset")?;
+        let byte_size = size("shared_memory_byte_size")?;
+        let region = match get("shared_memory_region") {
+            None => {
+                if let Some(name) = [
+                    ("shared_memory_offset", offset),
+                    ("shared_memory_byte_size", byte_size),
+                ]
+                .iter()
+                .find_map(|(name, value)| value.map(|_| *name))
+                {
+                    return Err(Error::invalid(
+                        param_field(name),
+                        "shared_memory_region alongside it",
+                        "no shared_memory_region",
+                        "INVALID_PARAMETER",
+                    ));
+                }
+                return Ok(None);
+            }
+            Some(ParameterChoice::StringParam(name)) if !name.is_empty() => name.clone(),
+            Some(other) => {
+                return Err(Error::invalid(
+                    param_field("shared_memory_region"),
+                    "a non-empty string_param (a registered region's name)",
+                    describe(other),
+                    "INVALID_PARAMETER",
+                ))
+            }
+        };
+        let byte_size = byte_size.ok_or_else(|| {
+            Error::invalid(
+                param_field("shared_memory_byte_size"),
+                "the byte size of the tensor in the region, with shared_memory_region",
+                "none",
+                "INVALID_PARAMETER",
+            )
+        })?;
+        Ok(Some(ShmRef {
+            region,
+            offset: offset.unwrap_or(0),
+            byte_size,
+        }))
+    }
+}
+
+/// One registered region.
+struct Region {
+    name: String,
+    key: String,
+    offset: u64,
+    byte_size: u64,
+    file: File,
+    /// Held shared by each request that uses the region, exclusively by
+    /// Unregister until those have finished.
+    uses: Arc<RwLock<()>>,
+}
+
+impl Region {
+    fn status(&self) -> RegionStatus {
+        RegionStatus {
+            name: self.name.clone(),
+            key: self.key.clone(),
+            offset: self.offset,
+            byte_size: self.byte_size,
+        }
+    }
+
+    fn unusable(&self, detail: impl Into<String>) -> Error {
+        Error::RegionUnusable {
+            region: self.name.clone(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The registered regions of every caller; cheap to share behind an `Arc`.
+pub struct Regions {
+    enabled: bool,
+    max_regions: usize,
+    /// The most bytes one use may read or write (`--max-work-bytes`): a
+    /// region can be far larger than the memory a call may build.
+    max_use_bytes: u64,
+    by_owner: Mutex<HashMap<Principal, HashMap<String, Arc<Region>>>>,
+}
+
+/// A request's hold on part of a region: the region stays registered-or-
+/// waited-for until this is dropped.
+pub struct RegionUse {
+    region: Arc<Region>,
+    /// Where the use starts in the object, and its length.
+    start: u64,
+    len: u64,
+    _held: OwnedRwLockReadGuard<()>,
+}
+
+impl RegionUse {
+    /// The byte size the request gave for this use.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region.name
+    }
+
+    /// The use's bytes, read from the object (blocking: large reads belong
+    /// off the async workers).
+    pub fn read(&self) -> Result<Bytes, Error> {
+        let mut data = vec![0u8; self.len as usize];
+        match self.region.file.read_exact_at(&mut data, self.start) {
+            Ok(()) => Ok(Bytes::from(data)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.region.unusable(format!(
+                    "its object {:?} now ends before byte {} (shrunk since it was registered)",
+                    self.region.key,
+                    self.start + self.len
+                )))
+            }
+            Err(e) => Err(self
+                .region
+                .unusable(format!("reading {:?}: {e}", self.region.key))),
+        }
+    }
+
+    /// Writes `data` (at most the use's length) at the use's start, unless
+    /// the object has shrunk below it (blocking, as [`RegionUse::read`]).
+    pub fn write(&self, data: &[u8]) -> Result<(), Error> {
+        let end = self.start + data.len() as u64;
+        let size = self
+            .region
+            .file
+            .metadata()
+            .map_err(|e| self.region.unusable(format!("{:?}: {e}", self.region.key)))?
+            .len();
+        if size < end {
+            return Err(self.region.unusable(format!(
+                "its object {:?} is now {size} bytes, shorter than the output's end at byte {end}",
+                self.region.key
+            )));
+        }
+        self.region
+            .file
+            .write_all_at(data, self.start)
+            .map_err(|e| {
+                self.region
+                    .unusable(format!("writing {:?}: {e}", self.region.key))
+            })
+    }
+}
+
+impl Regions {
+    pub fn new(enabled: bool, max_regions: usize, max_use_bytes: u64) -> Regions {
+        Regions {
+            enabled,
+            max_regions,
+            max_use_bytes,
+            by_owner: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn check_enabled(&self) -> Result<(), Error> {
+        match self.enabled {
+            true => Ok(()),
+            false => Err(Error::SharedMemoryDisabled),
+        }
+    }
+
+    /// Registers `name` for `owner`: opens `/dev/shm/<key>` read-write and
+    /// checks that `offset + byte_size` lies inside it.
+    pub fn register(
+        &self,
+        owner: &Principal,
+        name: &str,
+        key: &str,
+        offset: u64,
+        byte_size: u64,
+    ) -> Result<(), Error> {
+        self.check_enabled()?;
+        if name.is_empty() {
+            return Err(Error::invalid(
+                "name",
+                "a non-empty region name",
+                "\"\"",
+                "INVALID_REGION",
+            ));
+        }
+        let file_name = object_name(key)?;
+        if byte_size == 0 {
+            return Err(Error::invalid(
+                "byte_size",
+                "at least 1 byte",
+                "0",
+                "INVALID_REGION",
+            ));
+        }
+        let end = offset.checked_add(byte_size).ok_or_else(|| {
+            Error::invalid(
+                "byte_size",
+                "offset + byte_size within 2^64",
+                format!("offset {offset} + byte_size {byte_size}"),
+                "OUT_OF_BOUNDS",
+            )
+        })?;
+        // Cheap checks first: no file is opened for a name that cannot be added.
+        self.check_room(owner, name)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(Path::new(SHM_DIR).join(file_name))
+            .map_err(|e| {
+                Error::invalid(
+                    "key",
+                    format!("an existing shared-memory object under {SHM_DIR} that the server may read and write"),
+                    format!("{key:?}: {e}"),
+                    "INVALID_REGION",
+                )
+            })?;
+        let metadata = file
+            .metadata()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        if !metadata.is_file() {
+            return Err(Error::invalid(
+                "key",
+                "a shared-memory object (a regular file)",
+                format!("{key:?}, which is not"),
+                "INVALID_REGION",
+            ));
+        }
+        if metadata.len() < end {
+            return Err(Error::invalid(
+                "byte_size",
+                format!(
+                    "offset + byte_size ≤ the size of {key:?} ({} bytes)",
+                    metadata.len()
+                ),
+                format!("offset {offset} + byte_size {byte_size} = {end}"),
+                "OUT_OF_BOUNDS",
+            ));
+        }
+        let region = Arc::new(Region {
+            name: name.to_string(),
+            key: key.to_string(),
+            offset,
+            byte_size,
+            file,
+            uses: Arc::new(RwLock::new(())),
+        });
+        // Checked again: another Register may have come in meanwhile.
+        let mut by_owner = self.lock();
+        self.check_room_in(&by_owner, owner, name)?;
+        by_owner
+            .entry(owner.clone())
+            .or_default()
+            .insert(name.to_string(), region);
+        crate::metrics::shm_regions(count(&by_owner));
+        Ok(())
+    }
+
+    fn check_room(&self, owner: &Principal, name: &str) -> Result<(), Error> {
+        self.check_room_in(&self.lock(), owner, name)
+    }
+
+    fn check_room_in(
+        &self,
+        by_owner: &HashMap<Principal, HashMap<String, Arc<Region>>>,
+        owner: &Principal,
+        name: &str,
+    ) -> Result<(), Error> {
+        if by_owner.get(owner).is_some_and(|r| r.contains_key(name)) {
+            return Err(Error::RegionExists {
+                region: name.to_string(),
+            });
+        }
+        let registered = count(by_owner);
+        if registered >= self.max_regions {
+            return Err(Error::LimitExceeded {
+                flag: "--max-shm-regions",
+                limit: self.max_regions.to_string(),
+                detail: format!("{registered} regions are registered"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The status of `owner`'s regions, or of the one named.
+    pub fn status(
+        &self,
+        owner: &Principal,
+        name: &str,
+    ) -> Result<HashMap<String, RegionStatus>, Error> {
+        self.check_enabled()?;
+        let by_owner = self.lock();
+        let regions = by_owner.get(owner);
+        if name.is_empty() {
+            let all = regions.into_iter().flat_map(|r| r.values());
+            return Ok(all.map(|r| (r.name.clone(), r.status())).collect());
+        }
+        match regions.and_then(|r| r.get(name)) {
+            Some(region) => Ok(HashMap::from([(name.to_string(), region.status())])),
+            None => Err(not_found(name, "name")),
+        }
+    }
+
+    /// Unregisters `owner`'s region `name` (all of them for ""), then waits
+    /// for the requests still using them.
+    pub async fn unregister(&self, owner: &Principal, name: &str) -> Result<(), Error> {
+        self.check_enabled()?;
+        let removed: Vec<Arc<Region>> = {
+            let mut by_owner = self.lock();
+            let removed = match by_owner.get_mut(owner) {
+                Some(regions) if name.is_empty() => regions.drain().map(|(_, r)| r).collect(),
+                Some(regions) => regions.remove(name).into_iter().collect(),
+                None => Vec::new(),
+            };
+            if by_owner.get(owner).is_some_and(|r| r.is_empty()) {
+                by_owner.remove(owner);
+            }
+            crate::metrics::shm_regions(count(&by_owner));
+            removed
+        };
+        if removed.is_empty() && !name.is_empty() {
+            return Err(not_found(name, "name"));
+        }
+        for region in removed {
+            let _ = region.uses.write().await;
+        }
+        Ok(())
+    }
+
+    /// A hold on the part of `owner`'s region that `reference` names (for
+    /// the tensor `field`), its bounds checked.
+    pub fn hold(
+        &self,
+        owner: &Principal,
+        reference: &ShmRef,
+        field: &str,
+    ) -> Result<RegionUse, Error> {
+        self.check_enabled()?;
+        let region_field = format!("{field}.parameters.shared_memory_region");
+        let (region, held) = {
+            let by_owner = self.lock();
+            let region = by_owner
+                .get(owner)
+                .and_then(|r| r.get(&reference.region))
+                .ok_or_else(|| not_found(&reference.region, &region_field))?
+                .clone();
+            // Unregister takes the lock only after removing the region from
+            // this map, so a region found here is never locked exclusively.
+            let held = region
+                .uses
+                .clone()
+                .try_read_owned()
+                .map_err(|_| not_found(&reference.region, &region_field))?;
+            (region, held)
+        };
+        let end = reference.offset.checked_add(reference.byte_size);
+        if end.is_none_or(|end| end > region.byte_size) {
+            return Err(Error::invalid(
+                format!("{field}.parameters.shared_memory_byte_size"),
+                format!(
+                    "shared_memory_offset + shared_memory_byte_size ≤ the {} bytes of region {:?}",
+                    region.byte_size, region.name
+                ),
+                format!(
+                    "offset {} + byte_size {}",
+                    reference.offset, reference.byte_size
+                ),
+                "OUT_OF_BOUNDS",
+            ));
+        }
+        if reference.byte_size > self.max_use_bytes {
+            return Err(Error::LimitExceeded {
+                flag: "--max-work-bytes",
+                limit: bytesize::ByteSize(self.max_use_bytes).to_string(),
+                detail: format!(
+                    "{field} would move {} bytes through region {:?}",
+                    reference.byte_size, region.name
+                ),
+            });
+        }
+        Ok(RegionUse {
+            start: region.offset + reference.offset,
+            len: reference.byte_size,
+            region,
+            _held: held,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Principal, HashMap<String, Arc<Region>>>> {
+        // The map is left consistent at every step, so a poisoned lock is safe to use.
+        self.by_owner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn count(by_owner: &HashMap<Principal, HashMap<String, Arc<Region>>>) -> usize {
+    by_owner.values().map(HashMap::len).sum()
+}
+
+fn not_found(region: &str, field: &str) -> Error {
+    Error::RegionNotFound {
+        region: region.to_string(),
+        field: field.to_string(),
+    }
+}
+
+/// The file name under [`SHM_DIR`] of the object `key` names, as `shm_open`
+/// reads it: one leading `/`, then one path component.
+fn object_name(key: &str) -> Result<&str, Error> {
+    let name = key.strip_prefix('/').unwrap_or(key);
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0']);
+    match valid {
+        true => Ok(name),
+        false => Err(Error::invalid(
+            "key",
+            format!("a shared-memory key: \"/name\" (one path component, the file {SHM_DIR}/name)"),
+            format!("{key:?}"),
+            "INVALID_REGION",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sequence::params;
+    use super::*;
+
+    fn field_of(error: Error) -> String {
+        match error {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn parameters_follow_tritons_rules() {
+        use ParameterChoice::*;
+        assert_eq!(ShmRef::parse(&params(&[]), "inputs[0]").unwrap(), None);
+        let full = params(&[
+            ("shared_memory_region", StringParam("in".into())),
+            ("shared_memory_offset", Int64Param(8)),
+            ("shared_memory_byte_size", Int64Param(16)),
+        ]);
+        assert_eq!(
+            ShmRef::parse(&full, "inputs[0]").unwrap(),
+            Some(ShmRef {
+                region: "in".into(),
+                offset: 8,
+                byte_size: 16
+            })
+        );
+        let no_offset = params(&[
+            ("shared_memory_region", StringParam("in".into())),
+            ("shared_memory_byte_size", Uint64Param(16)),
+        ]);
+        assert_eq!(ShmRef::parse(&no_offset, "x").unwrap().unwrap().offset, 0);
+        for (p, field) in [
+            (
+                params(&[("shared_memory_region", StringParam("in".into()))]),
+                "inputs[0].parameters.shared_memory_byte_size",
+            ),
+            (
+                params(&[("shared_memory_byte_size", Int64Param(4))]),
+                "inputs[0].parameters.shared_memory_byte_size",
+            ),
+            (
+                params(&[("shared_memory_offset", Int64Param(4))]),
+                "inputs[0].parameters.shared_memory_offset",
+            ),
+            (
+                params(&[
+                    ("shared_memory_region", StringParam("in".into())),
+                    ("shared_memory_byte_size", Int64Param(-4)),
+                ]),
+                "inputs[0].parameters.shared_memory_byte_size",
+            ),
+            (
+                params(&[
+                    ("shared_memory_region", Int64Param(1)),
+                    ("shared_memory_byte_size", Int64Param(4)),
+                ]),
+                "inputs[0].parameters.shared_memory_region",
+            ),
+        ] {
+            assert_eq!(field_of(ShmRef::parse(&p, "inputs[0]").unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn keys_name_one_file_under_dev_shm() {
+        assert_eq!(object_name("/input0").unwrap(), "input0");
+        assert_eq!(object_name("input0").unwrap(), "input0");
+        for bad in ["", "/", "/..", "..", "/a/b", "//a", "a\0b", "/."] {
+            assert!(object_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A shared-memory object for one test, removed on drop.
+    struct Object(String);
+
+    impl Object {
+        fn new(tag: &str, size: u64) -> Object {
+            let key = format!("/layerd-unit-{}-{tag}", std::process::id());
+            let file = File::create(Path::new(SHM_DIR).join(&key[1..])).unwrap();
+            file.set_len(size).unwrap();
+            Object(key)
+        }
+
+        fn path(&self) -> std::path::PathBuf {
+            Path::new(SHM_DIR).join(&self.0[1..])
+        }
+    }
+
+    impl Drop for Object {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.path());
+        }
+    }
+
+    fn reference(region: &str, offset: u64, byte_size: u64) -> ShmRef {
+        ShmRef {
+            region: region.into(),
+            offset,
+            byte_size,
+        }
+    }
+
+    #[test]
+    fn disabled_regions_refuse_everything() {
+        let regions = Regions::new(false, 8, 1 << 20);
+        let me = Principal::default();
+        let object = Object::new("disabled", 64);
+        for error in [
+            regions.register(&me, "r", &object.0, 0, 64).unwrap_err(),
+            regions.status(&me, "").unwrap_err(),
+            regions.hold(&me, &reference("r", 0, 4), "x").err().unwrap(),
+        ] {
+            assert_eq!(error.reason(), "SHARED_MEMORY_DISABLED");
+        }
+    }
+
+    #[test]
+    fn registration_checks_bounds_names_and_the_limit() {
+        let regions = Regions::new(true, 2, 1 << 20);
+        let (me, other) = (Principal::default(), Principal::named("other"));
+        let object = Object::new("bounds", 64);
+        let reason = |r: Result<(), Error>| r.unwrap_err().reason();
+        assert_eq!(
+            reason(regions.register(&me, "r", &object.0, 32, 33)),
+            "OUT_OF_BOUNDS"
+        );
+        assert_eq!(
+            reason(regions.register(&me, "r", &object.0, u64::MAX, 2)),
+            "OUT_OF_BOUNDS"
+        );
+        assert_eq!(
+            reason(regions.register(&me, "r", "/no-such-object-here", 0, 1)),
+            "INVALID_REGION"
+        );
+        assert_eq!(
+            reason(regions.register(&me, "r", "/../etc/passwd", 0, 1)),
+            "INVALID_REGION"
+        );
+        regions.register(&me, "r", &object.0, 32, 32).unwrap();
+        assert_eq!(
+            reason(regions.register(&me, "r", &object.0, 0, 8)),
+            "REGION_EXISTS"
+        );
+        // Names are per principal.
+        regions.register(&other, "r", &object.0, 0, 8).unwrap();
+        assert_eq!(
+            reason(regions.register(&me, "s", &object.0, 0, 8)),
+            "LIMIT_EXCEEDED"
+        );
+        assert_eq!(regions.status(&me, "").unwrap()["r"].offset, 32);
+        assert_eq!(regions.status(&other, "r").unwrap()["r"].byte_size, 8);
+        assert_eq!(
+            regions.status(&me, "s").unwrap_err().reason(),
+            "REGION_NOT_FOUND"
+        );
+    }
+
+    #[test]
+    fn uses_are_bounded_and_survive_a_shrinking_object() {
+        let regions = Regions::new(true, 8, 1 << 20);
+        let me = Principal::default();
+        let object = Object::new("shrink", 64);
+        std::fs::write(object.path(), (0..64u8).collect::<Vec<_>>()).unwrap();
+        regions.register(&me, "r", &object.0, 16, 32).unwrap();
+        let hold = |offset, size| regions.hold(&me, &reference("r", offset, size), "inputs[0]");
+        assert_eq!(hold(0, 33).err().unwrap().reason(), "OUT_OF_BOUNDS");
+        assert_eq!(hold(u64::MAX, 2).err().unwrap().reason(), "OUT_OF_BOUNDS");
+        let held = hold(4, 8).unwrap();
+        assert_eq!(
+            &held.read().unwrap()[..],
+            &(20..28u8).collect::<Vec<_>>()[..]
+        );
+        held.write(&[7; 8]).unwrap();
+        assert_eq!(&std::fs::read(object.path()).unwrap()[20..28], &[7; 8]);
+        // The owner truncates the object under the region: errors, no crash,
+        // and the server does not grow it back.
+        File::options()
+            .write(true)
+            .open(object.path())
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        assert_eq!(held.read().unwrap_err().reason(), "REGION_UNUSABLE");
+        assert_eq!(held.write(&[1; 8]).unwrap_err().reason(), "REGION_UNUSABLE");
+        assert_eq!(std::fs::metadata(object.path()).unwrap().len(), 10);
+        // Removed altogether: the descriptor still reads the (now short) object.
+        std::fs::remove_file(object.path()).unwrap();
+        assert_eq!(held.read().unwrap_err().reason(), "REGION_UNUSABLE");
+    }
+
+    #[tokio::test]
+    async fn unregister_waits_for_the_uses_in_flight() {
+        let regions = Arc::new(Regions::new(true, 8, 1 << 20));
+        let me = Principal::default();
+        let object = Object::new("unregister", 64);
+        regions.register(&me, "r", &object.0, 0, 64).unwrap();
+        let held = regions.hold(&me, &reference("r", 0, 8), "x").unwrap();
+        let unregistering = tokio::spawn({
+            let (regions, me) = (regions.clone(), me.clone());
+            async move { regions.unregister(&me, "r").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Gone for new requests at once, but not finished while `held` lives.
+        assert_eq!(
+            regions
+                .hold(&me, &reference("r", 0, 8), "x")
+                .err()
+                .unwrap()
+                .reason(),
+            "REGION_NOT_FOUND"
+        );
+        assert!(!unregistering.is_finished());
+        held.write(&[1; 8]).unwrap();
+        drop(held);
+        unregistering.await.unwrap().unwrap();
+        assert_eq!(
+            regions.unregister(&me, "r").await.unwrap_err().reason(),
+            "REGION_NOT_FOUND"
+        );
+        regions.unregister(&me, "").await.unwrap();
+    }
+}
