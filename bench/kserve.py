@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""KServe v2 / Triton protocol benchmark: Triton's perf_analyzer against layerd,
-Triton Inference Server and a grpcio + numpy KServe server, side by side.
+"""KServe v2 / Triton protocol benchmark: Triton's perf_analyzer and layerd-bench
+(--protocol kserve, a Rust client that checks every answer) against layerd, Triton
+Inference Server and a grpcio + numpy KServe server, side by side, with tensors in
+the messages and in system shared memory.
 
 Each repeat runs every case against every server in turn (interleaved, so
 slow drift of this shared machine spreads over all of them); the report gives
-medians of perf_analyzer's infer/s and p99, the ratios against the targets,
-and the CPU that perf_analyzer itself and each server used.
+medians of infer/s and p99, the ratios against the targets, and the CPU that
+the client itself and each server used.
 
     python3 bench/kserve.py                 # full run (~12 min), writes bench/results/kserve.md
     python3 bench/kserve.py --quick --peers numpy --out DIR   # smoke run, no Triton (CI)
@@ -28,20 +30,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import REPO, RESULTS, Process, display, machine  # noqa: E402
+from run import REPO, RESULTS, Process, bench, build, display, machine  # noqa: E402
 
 PEERS = REPO / "bench" / "peers"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# (case, perf_analyzer shape, concurrencies, stateful): stateless cases go to
-# each server's `relu`, sequence cases to its stateful ReLU.
+# (case, perf_analyzer shape, concurrencies, stateful, shared memory): stateless
+# cases go to each server's `relu`, sequence cases to its stateful ReLU; shared-memory
+# cases (`--shared-memory system`) to the servers that serve the extension.
 # One perf_analyzer run per row, so each row's CPU shares are its own.
 CASES = [
-    ("1 Ki", "x:1024", "1", False),
-    ("1 Ki", "x:1024", "8", False),
-    ("1 Mi", "x:1048576", "1", False),
-    ("1 Mi", "x:1048576", "8", False),
-    ("sequence, 1 Ki, 5 per sequence", "x:1024", "8", True),
+    ("1 Ki", "x:1024", "1", False, False),
+    ("1 Ki", "x:1024", "8", False, False),
+    ("1 Mi", "x:1048576", "1", False, False),
+    ("1 Mi", "x:1048576", "8", False, False),
+    ("sequence, 1 Ki, 5 per sequence", "x:1024", "8", True, False),
+    ("shm, 1 Ki", "x:1024", "8", False, True),
+    ("shm, 1 Mi", "x:1048576", "8", False, True),
+]
+# layerd-bench --protocol kserve cases: (case, elements, concurrency, --shared-memory,
+# sequence length or 0). Stateless ones go to each server's stateless ReLU, the sequence
+# one (Forward only, as Triton's relu_seq has no Backward) to its stateful ReLU.
+BENCH_CASES = [
+    ("1 Mi", 1048576, 8, "none", 0),
+    ("shm, 1 Mi", 1048576, 8, "system", 0),
+    ("16 Mi", 16777216, 4, "none", 0),
+    ("shm, 16 Mi", 16777216, 4, "system", 0),
+    ("sequence, 1 Mi, 5 per sequence", 1048576, 8, "none", 5),
 ]
 # perf_analyzer 2.60 keeps every request's records until it exits: at 1 Mi its
 # RSS grows by ~15 MB per request and, against a server answering ~100/s, its
@@ -53,6 +68,8 @@ LARGE_WINDOWS = ["--request-count", "500", "--warmup-request-count", "50"]
 class Server:
     def __init__(self, name, addr, models, pid_of, stop):
         self.name, self.addr, self.models, self.pid_of, self.stop = name, addr, models, pid_of, stop
+        # Serves Triton's system shared-memory extension.
+        self.shm = False
 
     def cpu_seconds(self):
         """CPU time of the server and every process under it (Triton's Python backend stubs)."""
@@ -77,10 +94,14 @@ class Server:
 
 def start_layerd(args, binary):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
-    p = Process("layerd", [str(binary), "--addr", args.layerd_addr], args.layerd_addr, env=env)
-    return Server("layerd", args.layerd_addr,
-                  {"stateless": "relu_no_grad", "sequence": "relu", "floor": "identity_no_grad"},
-                  lambda: p.proc.pid, p.stop)
+    # 16 Mi float32 is 64 MiB: the message limit must be above it.
+    p = Process("layerd", [str(binary), "--addr", args.layerd_addr, "--allow-client-shm",
+                           "--max-message-bytes", "80MiB"], args.layerd_addr, env=env)
+    server = Server("layerd", args.layerd_addr,
+                    {"stateless": "relu_no_grad", "sequence": "relu", "floor": "identity_no_grad"},
+                    lambda: p.proc.pid, p.stop)
+    server.shm = True
+    return server
 
 
 def start_triton(args, port, run_dir):
@@ -95,7 +116,9 @@ def start_triton(args, port, run_dir):
                 return
             time.sleep(0.1)
 
-    return Server("triton", f"127.0.0.1:{port}", {"stateless": "relu", "sequence": "relu_seq"}, lambda: pid, stop)
+    server = Server("triton", f"127.0.0.1:{port}", {"stateless": "relu", "sequence": "relu_seq"}, lambda: pid, stop)
+    server.shm = True  # Triton 2.51 serves it without a flag
+    return server
 
 
 def start_kserve_numpy(port):
@@ -105,7 +128,40 @@ def start_kserve_numpy(port):
     return Server("grpc_numpy", addr, {"stateless": "relu", "sequence": "relu_seq"}, lambda: p.proc.pid, p.stop)
 
 
-def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
+def client_cpu(server, run):
+    """Runs `run()` (which runs one client process to its end); returns its result, the wall
+    time, and the CPU seconds the client and the server used. The client is the only child
+    reaped meanwhile, so the change in the children's CPU time is its own."""
+    server_cpu = server.cpu_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    result = run()
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    return result, wall, used, server.cpu_seconds() - server_cpu
+
+
+def layerd_bench(args, binary, server, case, elements, concurrency, shm, sequence, tmp, tag):
+    """One verifying layerd-bench --protocol kserve run against `server`."""
+    model = server.models["sequence" if sequence else "stateless"]
+    flags = ["--protocol", "kserve", "--mode", "forward", "--model", model, "--elements", elements,
+             "--concurrency", concurrency, "--shared-memory", shm, "--duration", args.bench_duration,
+             "--warmup", args.bench_warmup]
+    if sequence:
+        flags += ["--sequence-length", sequence]
+    (run,), wall, client_s, server_s = client_cpu(
+        server, lambda: bench(binary, server.addr, server.name, tmp / f"{tag}.json", *flags))
+    assert run["mismatches"] == 0 and not run["errors"], run
+    return {"server": server.name, "model": model, "case": case, "client": "layerd-bench",
+            "concurrency": concurrency, "infer_per_s": run["calls_per_s"],
+            "p99_us": run["latency_us"]["p99"], "wall_s": wall, "server_us": 0,
+            "pa_cpu_s": client_s, "server_cpu_s": server_s,
+            "command": " ".join(map(str, [display(binary), "--addr", server.addr, "--label", server.name,
+                                          *flags]))}
+
+
+def perf_analyzer(args, server, model, shape, concurrency, stateful, shm, tmp, tag):
     """One perf_analyzer run; its CSV rows plus the CPU it and the server used."""
     out = tmp / f"{tag}.csv"
     windows = LARGE_WINDOWS if shape == "x:1048576" else ["-p", str(args.window_ms), "-r", "10"]
@@ -122,21 +178,16 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
            "--shape", shape, "--concurrency-range", concurrency, "-s", "25", *windows, "-f", str(out)]
     if stateful:
         cmd += ["--sequence-length", "5", "--sequence-length-variation", "0"]
-    server_cpu = server.cpu_seconds()
-    # perf_analyzer is the only child reaped during the run, so the change in
-    # the children's CPU time is its own.
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    pa_cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-    server_cpu = server.cpu_seconds() - server_cpu
+    if shm:
+        # Output regions of the input's size (float32 in, float32 out).
+        cmd += ["--shared-memory", "system", "--output-shared-memory-size", str(4 * int(shape.split(":")[1]))]
+    run, wall, pa_cpu, server_cpu = client_cpu(
+        server, lambda: subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     if run.returncode != 0:
         sys.exit(f"perf_analyzer failed ({run.returncode}): {' '.join(cmd)}\n{run.stdout}")
     with out.open() as f:
         rows = list(csv.DictReader(f))
-    return [{"server": server.name, "model": model, "shape": shape, "stateful": stateful,
+    return [{"server": server.name, "model": model, "shape": shape, "stateful": stateful, "client": "perf_analyzer",
              "concurrency": int(r["Concurrency"]), "infer_per_s": float(r["Inferences/Second"]),
              "p99_us": float(r["p99 latency"]), "wall_s": wall,
              # Only servers with ModelStatistics report these.
@@ -159,28 +210,14 @@ def median_table(runs):
                 "n": len(rs), "model": rs[0]["model"]} for k, rs in table.items()}
 
 
-def report(args, m, servers, machine_line, commands):
+def table(m, order):
+    """The rows of one client's table: per case and concurrency, each server's medians."""
     names = [s for s in ["layerd", "layerd identity", "triton", "grpc_numpy"] if any(k[1] == s for k in m)]
-    out = ["# KServe v2 / Triton protocol: perf_analyzer against layerd, Triton and a grpcio + numpy server", "",
-           f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine_line}.", "",
-           f"perf_analyzer (gRPC, float32 ReLU, async; {args.window_ms} ms windows stable within 25 %; 1 Mi: "
-           "500 requests after 50 warm-up, measured once) shares the "
-           f"{os.cpu_count()} cores with the server it measures. Medians of {args.repeats} repeat(s), servers "
-           "interleaved. CPU columns: the share of the machine's CPU time (all cores) that perf_analyzer and the "
-           "server (with its child processes) used over the whole perf_analyzer run. `server us`: the time per "
-           "request the server itself reports in ModelStatistics (queue + compute input, infer, output), as "
-           "perf_analyzer prints it.", "",
-           "- layerd: `relu_no_grad` (stateless) and, for the sequence case, `relu` (each sequence a session; "
-           "every Forward keeps the ReLU mask); `layerd identity` is `identity_no_grad`, the no-math floor of "
-           "the same path.",
-           "- triton: Triton Inference Server 2.51 (from the nvidia-pytriton wheel), Python backend, numpy ReLU; "
-           "`relu` (stateless), `relu_seq` (sequence_batching, one mask per sequence) for the sequence case.",
-           "- grpc_numpy: a grpcio + numpy server of the same protocol (`relu`, `relu_seq`; 8 worker threads).", "",
-           "| case | conc | " + " | ".join(f"{n} infer/s | {n} p99 us" for n in names) +
-           " | layerd / triton | layerd / grpc_numpy | perf_analyzer CPU (layerd run) | perf_analyzer CPU "
+    out = ["| case | conc | " + " | ".join(f"{n} infer/s | {n} p99 us" for n in names) +
+           " | layerd / triton | layerd / grpc_numpy | client CPU (layerd run) | client CPU "
            "(triton run) | layerd CPU | triton CPU | layerd server us | triton server us |",
            "|---|---:|" + "---:|---:|" * len(names) + "---:|" * 8]
-    rows = sorted({(k[0], k[2]) for k in m}, key=lambda ck: ([c[0] for c in CASES].index(ck[0]), ck[1]))
+    rows = sorted({(k[0], k[2]) for k in m}, key=lambda ck: (order.index(ck[0]), ck[1]))
     for case, conc in rows:
         cells = []
         for n in names:
@@ -189,21 +226,64 @@ def report(args, m, servers, machine_line, commands):
         l, t, g = (m.get((case, n, conc)) for n in ("layerd", "triton", "grpc_numpy"))
         ratio = lambda a, b: f"{a['infer_per_s'] / b['infer_per_s']:.2f}x" if a and b else ""  # noqa: E731
         share = lambda v, key: f"{v[key]:.0%}" if v else ""  # noqa: E731
-        us = lambda v: f"{v['server_us']:.0f}" if v else ""  # noqa: E731
+        us = lambda v: f"{v['server_us']:.0f}" if v and v["server_us"] else ""  # noqa: E731
         out.append(f"| {case} | {conc} | " + " | ".join(cells) +
                    f" | {ratio(l, t)} | {ratio(l, g)} | {share(l, 'pa_share')} | {share(t, 'pa_share')} | "
                    f"{share(l, 'server_share')} | {share(t, 'server_share')} | {us(l)} | {us(t)} |")
+    return out
 
-    targets = [("1 Ki, c8: layerd / Triton", ("1 Ki", 8), 2.5), ("1 Mi, c8: layerd / Triton", ("1 Mi", 8), 2.0),
-               ("1 Mi, c1: layerd / Triton", ("1 Mi", 1), 2.0),
-               ("sequence, c8: layerd / Triton relu_seq", ("sequence, 1 Ki, 5 per sequence", 8), 2.0)]
-    if any(k[1] == "triton" for k in m):
-        out += ["", "## Targets", "", "| target | measured | goal | |", "|---|---:|---:|---|"]
-        for label, (case, conc), goal in targets:
-            l, t = m.get((case, "layerd", conc)), m.get((case, "triton", conc))
-            if l and t:
-                r = l["infer_per_s"] / t["infer_per_s"]
-                out.append(f"| {label} | {r:.2f}x | {goal:.1f}x | {'met' if r >= goal else 'NOT met'} |")
+
+def report(args, m, mb, machine_line, commands):
+    out = ["# KServe v2 / Triton protocol: layerd, Triton and a grpcio + numpy server, "
+           "through perf_analyzer and layerd-bench", "",
+           f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine_line}.", "",
+           f"The client shares the {os.cpu_count()} cores with the server it measures. Medians of "
+           f"{args.repeats} repeat(s), servers interleaved. CPU columns: the share of the machine's CPU time (all "
+           "cores) that the client and the server (with its child processes) used over the whole client run. "
+           "`server us`: the time per request the server itself reports in ModelStatistics (queue + compute "
+           "input, infer, output), as perf_analyzer prints it.", "",
+           "- layerd: `relu_no_grad` (stateless) and, for the sequence cases, `relu` (each sequence a session; "
+           "every Forward keeps the ReLU mask); `layerd identity` is `identity_no_grad`, the no-math floor of "
+           "the same path. Started with `--allow-client-shm --max-message-bytes 80MiB`.",
+           "- triton: Triton Inference Server 2.51 (from the nvidia-pytriton wheel), Python backend, numpy ReLU; "
+           "`relu` (stateless), `relu_seq` (sequence_batching, one mask per sequence) for the sequence cases; "
+           "it serves system shared memory without a flag.",
+           "- grpc_numpy: a grpcio + numpy server of the same protocol (`relu`, `relu_seq`; 8 worker threads; "
+           "no shared memory).", "",
+           "## perf_analyzer", "",
+           f"gRPC, float32 ReLU, async; {args.window_ms} ms windows stable within 25 %; 1 Mi: 500 requests after "
+           "50 warm-up, measured once (perf_analyzer 2.60 keeps every request's buffers). `shm` cases: "
+           "`--shared-memory system` (inputs and outputs in regions perf_analyzer registers).", "",
+           *table(m, [c[0] for c in CASES]), "",
+           "## layerd-bench --protocol kserve", "",
+           f"The Rust load generator (`--mode forward`, {args.bench_duration} measured after {args.bench_warmup} "
+           "warm-up), which checks every answer bit for bit against its own ReLU, with the tensors in the "
+           "messages or (`shm`) in two shared-memory objects per worker that it registers (x written once; "
+           "y checked in place in its read-only mapping). A stateless call with both tensors in regions is "
+           "streamed by layerd in 256 KiB chunks from one region to the other.", "",
+           *table(mb, [c[0] for c in BENCH_CASES])]
+
+    targets = [("perf_analyzer", m, "1 Ki, c8: layerd / Triton", ("1 Ki", 8), 2.5),
+               ("perf_analyzer", m, "1 Mi, c8: layerd / Triton", ("1 Mi", 8), 2.0),
+               ("perf_analyzer", m, "1 Mi, c1: layerd / Triton", ("1 Mi", 1), 2.0),
+               ("perf_analyzer", m, "sequence, c8: layerd / Triton relu_seq",
+                ("sequence, 1 Ki, 5 per sequence", 8), 2.0),
+               ("perf_analyzer", m, "shm, 1 Mi, c8: layerd / Triton", ("shm, 1 Mi", 8), 3.0),
+               ("layerd-bench", mb, "1 Mi, c8: layerd / Triton", ("1 Mi", 8), 3.0),
+               ("layerd-bench", mb, "shm, 1 Mi, c8: layerd / Triton", ("shm, 1 Mi", 8), 3.0)]
+    lines = []
+    for client, table_m, label, (case, conc), goal in targets:
+        l, t = table_m.get((case, "layerd", conc)), table_m.get((case, "triton", conc))
+        if l and t:
+            r = l["infer_per_s"] / t["infer_per_s"]
+            lines.append(f"| {client}: {label} | {r:.2f}x | {goal:.1f}x | {'met' if r >= goal else 'NOT met'} |")
+    shm, plain = mb.get(("shm, 16 Mi", "layerd", 4)), mb.get(("16 Mi", "layerd", 4))
+    if shm and plain:
+        r = shm["infer_per_s"] / plain["infer_per_s"]
+        lines.append(f"| layerd-bench: 16 Mi, c4: layerd with shared memory / without | {r:.2f}x | 3.0x | "
+                     f"{'met' if r >= 3.0 else 'NOT met'} |")
+    if lines:
+        out += ["", "## Targets", "", "| target | measured | goal | |", "|---|---:|---:|---|", *lines]
     out += ["", "## Commands", "", "```sh", *commands, "```", ""]
     return "\n".join(out)
 
@@ -221,54 +301,72 @@ def main():
     ap.add_argument("--perf-analyzer", default=str(REPO / ".venv" / "bin" / "perf_analyzer"))
     ap.add_argument("--layerd-addr", default="127.0.0.1:50161")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--bench-duration", default="5s", help="layerd-bench's measured time per case")
+    ap.add_argument("--bench-warmup", default="1s")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.window_ms = 1, 500
+        args.bench_duration, args.bench_warmup = "1s", "200ms"
     if not Path(args.perf_analyzer).exists():
         sys.exit(f"perf_analyzer not found at {args.perf_analyzer}: bash bench/perf_analyzer/install.sh")
 
     print(f"building ({args.profile})", flush=True)
-    subprocess.run(["cargo", "build", "--bin", "layerd"] + (["--release"] if args.profile == "release" else []),
-                   cwd=REPO, check=True)
+    target = build(args.profile)
     if args.peers == "all":
         subprocess.run(["bash", str(PEERS / "triton" / "setup.sh"), str(args.triton_venv)], check=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="layerd-kserve-"))
 
-    servers = [start_layerd(args, REPO / "target" / args.profile / "layerd")]
+    servers = [start_layerd(args, target / "layerd")]
     try:
         if args.peers == "all":
             servers.append(start_triton(args, 18201, tmp / "triton"))
         if args.peers in ("all", "numpy"):
             servers.append(start_kserve_numpy(18101))
-        runs = []
+        runs, bench_runs = [], []
         for repeat in range(args.repeats):
-            for case, shape, concurrency, stateful in CASES:
+            for case, shape, concurrency, stateful, shm in CASES:
                 for server in servers:
+                    if shm and not server.shm:
+                        continue
                     variants = [(server.name, server.models["sequence" if stateful else "stateless"])]
                     if "floor" in server.models and not stateful:
                         variants.append((f"{server.name} identity", server.models["floor"]))
                     for label, model in variants:
                         tag = f"{label}-{case}-c{concurrency}-{repeat}".replace(" ", "_").replace(",", "")
-                        for r in perf_analyzer(args, server, model, shape, concurrency, stateful, tmp, tag):
+                        for r in perf_analyzer(args, server, model, shape, concurrency, stateful, shm, tmp, tag):
                             r.update(case=case, server=label, repeat=repeat)
                             runs.append(r)
                             print(f"  #{repeat} {case:32} {label:16} c{r['concurrency']}: "
                                   f"{r['infer_per_s']:9.1f} infer/s p99 {r['p99_us']:8.0f} us "
                                   f"(perf_analyzer CPU {r['pa_cpu_s'] / (r['wall_s'] * os.cpu_count()):.0%})",
                                   flush=True)
+            # layerd-bench: layerd against Triton (the grpcio peer is perf_analyzer's baseline).
+            for case, elements, concurrency, shm, sequence in BENCH_CASES:
+                for server in servers:
+                    if server.name == "grpc_numpy" or (shm == "system" and not server.shm):
+                        continue
+                    tag = f"bench-{server.name}-{case}-{repeat}".replace(" ", "_").replace(",", "")
+                    r = layerd_bench(args, target / "layerd-bench", server, case, elements, concurrency, shm,
+                                     sequence, tmp, tag)
+                    r.update(repeat=repeat)
+                    bench_runs.append(r)
+                    print(f"  #{repeat} {case:32} {server.name:16} c{concurrency}: {r['infer_per_s']:9.1f} "
+                          f"infer/s p99 {r['p99_us']:8.0f} us (layerd-bench, verified; client CPU "
+                          f"{r['pa_cpu_s'] / (r['wall_s'] * os.cpu_count()):.0%})", flush=True)
     finally:
         for server in servers:
             server.stop()
 
-    (args.out / "kserve.json").write_text(json.dumps(runs, indent=1))
+    (args.out / "kserve.json").write_text(json.dumps(runs + bench_runs, indent=1))
     commands = [f"python3 bench/kserve.py{' --quick' if args.quick else ''}"
                 f"{'' if args.peers == 'all' else ' --peers ' + args.peers}  # all of the below, then this report",
-                f"target/{args.profile}/layerd --addr {args.layerd_addr}",
+                f"target/{args.profile}/layerd --addr {args.layerd_addr} --allow-client-shm --max-message-bytes 80MiB",
                 "bash bench/peers/triton/setup.sh && bash bench/peers/triton/start.sh 18201 RUN_DIR",
                 "python bench/peers/kserve_numpy_server.py --addr 127.0.0.1:18101 --workers 8",
-                *sorted({r["command"] for r in runs if r["repeat"] == 0})]
-    text = report(args, median_table(runs), servers, machine(str(REPO / ".venv" / "bin" / "python")), commands)
+                *sorted({r["command"] for r in runs + bench_runs if r["repeat"] == 0})]
+    text = report(args, median_table(runs), median_table(bench_runs),
+                  machine(str(REPO / ".venv" / "bin" / "python")), commands)
     (args.out / "kserve.md").write_text(text)
     print(f"\nwrote {args.out / 'kserve.md'}\n")
     print(text[:text.index("## Commands")])

@@ -92,7 +92,7 @@ impl Wire {
         }
     }
 
-    pub(crate) fn from_kserve(name: &str, field: &str) -> Result<Wire, Error> {
+    pub fn from_kserve(name: &str, field: &str) -> Result<Wire, Error> {
         match name {
             "FP32" => Ok(Wire::F32),
             "FP64" => Ok(Wire::F64),
@@ -107,7 +107,7 @@ impl Wire {
         }
     }
 
-    pub(crate) fn from_proto(value: i32, field: &str) -> Result<Wire, Error> {
+    pub fn from_proto(value: i32, field: &str) -> Result<Wire, Error> {
         match pb::DType::try_from(value) {
             Ok(pb::DType::DtypeFloat32) => Ok(Wire::F32),
             Ok(pb::DType::DtypeFloat64) => Ok(Wire::F64),

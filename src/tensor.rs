@@ -145,15 +145,12 @@ impl Tensor {
         })
     }
 
-    /// The byte size of a KServe input's elements, from its datatype and
-    /// shape (validated as [`Tensor::from_kserve`] does), for inputs whose
-    /// bytes are fetched from elsewhere (a shared-memory region).
-    pub fn kserve_byte_size(
-        input: &inference::model_infer_request::InferInputTensor,
-        field: &str,
-    ) -> Result<usize, Error> {
-        let (wire, _, len) = kserve_layout(input, field)?;
-        Ok(len * wire.itemsize())
+    /// A 1-D tensor of the `wire` elements in `data` (little-endian; a
+    /// whole number of them): one chunk of a tensor streamed through shared
+    /// memory. `field` names it in errors.
+    pub fn from_wire_bytes(wire: Wire, data: Bytes, field: &str) -> Result<Tensor, Error> {
+        let len = data.len() / wire.itemsize();
+        Tensor::with_data(wire, vec![len], len, data, field, wire.kserve_name())
     }
 
     /// The tensor as KServe output `name`: its metadata, and its bytes for
@@ -396,6 +393,16 @@ impl Target {
 }
 
 /// The element count of each typed list of KServe contents, by field name.
+/// The first of a KServe input's typed contents lists that holds elements.
+pub fn first_typed_list(
+    input: &inference::model_infer_request::InferInputTensor,
+) -> Option<&'static str> {
+    let contents = input.contents.as_ref()?;
+    typed_lengths(contents)
+        .into_iter()
+        .find_map(|(list, n)| (n > 0).then_some(list))
+}
+
 fn typed_lengths(contents: &inference::InferTensorContents) -> [(&'static str, usize); 8] {
     [
         ("bool_contents", contents.bool_contents.len()),
@@ -438,8 +445,10 @@ fn validated_shape(
     })
 }
 
-/// A KServe input's datatype, validated shape and element count.
-fn kserve_layout(
+/// A KServe input's datatype, validated shape and element count (as
+/// [`Tensor::from_kserve`] validates them), for inputs whose bytes are
+/// fetched from elsewhere (a shared-memory region).
+pub fn kserve_layout(
     input: &inference::model_infer_request::InferInputTensor,
     field: &str,
 ) -> Result<(Wire, Vec<usize>, usize), Error> {

@@ -337,3 +337,102 @@ async fn the_cli_lists_checks_and_tries() {
     let down = cli(&["health"]).output().await.unwrap();
     assert_eq!(down.status.code(), Some(2), "{}", text(&down));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kserve_protocol_verifies_clean_with_and_without_shared_memory() {
+    let server = start(|config| config.allow_client_shm = true).await;
+    for args in [
+        &["--mode", "forward"][..],
+        &[
+            "--mode",
+            "forward",
+            "--model",
+            "relu_no_grad",
+            "--dtype",
+            "f16",
+        ][..],
+        &[
+            "--mode",
+            "forward",
+            "--sequence-length",
+            "3",
+            "--session-header",
+        ][..],
+        &["--mode", "train", "--kind", "sigmoid", "--dtype", "f64"][..],
+        &[
+            "--mode",
+            "forward",
+            "--shared-memory",
+            "system",
+            "--concurrency",
+            "3",
+        ][..],
+        &[
+            "--mode",
+            "train",
+            "--shared-memory",
+            "system",
+            "--sequence-length",
+            "2",
+        ][..],
+        // Both tensors in regions: streamed in chunks (more than one here).
+        &[
+            "--mode",
+            "forward",
+            "--shared-memory",
+            "system",
+            "--elements",
+            "200000",
+        ][..],
+    ] {
+        let output = bench(
+            &server,
+            &[&["--protocol", "kserve", "--requests", "24"], args].concat(),
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {}", text(&output));
+        assert!(
+            text(&output).contains("mismatches    0"),
+            "{}",
+            text(&output)
+        );
+    }
+    // The verifier catches wrong answers over KServe and shared memory too.
+    let wrong = bench(
+        &server,
+        &[
+            "--protocol",
+            "kserve",
+            "--kind",
+            "identity",
+            "--verify-as",
+            "relu",
+            "--shared-memory",
+            "system",
+            "--requests",
+            "10",
+        ],
+    )
+    .await;
+    assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
+    // Every region was unregistered and every object removed.
+    let mut kserve =
+        layerd::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+            server.channel().await,
+        );
+    let status = kserve
+        .system_shared_memory_status(
+            layerd::pb::inference::SystemSharedMemoryStatusRequest::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.regions.is_empty(), "{:?}", status.regions);
+    let leftover: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("layerd-bench-"))
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
+    server.stop().await;
+}

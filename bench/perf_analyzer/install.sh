@@ -25,9 +25,18 @@ if [ ! -f "$BIN" ]; then
 fi
 chmod +x "$BIN"
 
+# Its --shared-memory modes load libcudart even for system memory: PyPI's CUDA
+# runtime package provides it (no GPU needed); the unversioned name it opens
+# is a link made here.
+if ! "$VENV/bin/python" -c 'import nvidia.cuda_runtime' 2>/dev/null; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-runtime-cu12
+fi
+CUDART=$("$VENV/bin/python" -c 'import nvidia.cuda_runtime, os; print(os.path.realpath(os.path.join(list(nvidia.cuda_runtime.__path__)[0], "lib")))')
+ln -sf libcudart.so.12 "$CUDART/libcudart.so"
+
 host_glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
 if printf '2.38\n%s\n' "$host_glibc" | sort -V -C; then
-  launcher="exec \"$(realpath "$BIN")\" \"\$@\""
+  launcher="LD_LIBRARY_PATH=\"$CUDART\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\" exec \"$(realpath "$BIN")\" \"\$@\""
 else
   if [ ! -x "$GLIBC/usr/lib64/ld-linux-x86-64.so.2" ]; then
     apt_dir=$(mktemp -d)
@@ -46,7 +55,7 @@ else
     rm -rf "$apt_dir"
   fi
   g=$(realpath "$GLIBC")
-  launcher="exec \"$g/usr/lib64/ld-linux-x86-64.so.2\" --library-path \"$g/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\" \"$(realpath "$BIN")\" \"\$@\""
+  launcher="exec \"$g/usr/lib64/ld-linux-x86-64.so.2\" --library-path \"$CUDART:$g/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\" \"$(realpath "$BIN")\" \"\$@\""
 fi
 cat > "$VENV/bin/perf_analyzer" <<WRAPPER
 #!/bin/sh

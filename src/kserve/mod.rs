@@ -28,6 +28,7 @@ use tracing::{field, Span};
 
 use crate::auth::{Caller, Principal};
 use crate::config::Config;
+use crate::dtype::Wire;
 use crate::engine::{
     answer_in_order, backward_on, compute, forward_on, observe, ForwardOptions, Phases, Rpc,
 };
@@ -35,7 +36,7 @@ use crate::error::Error;
 use crate::layers::MemberState;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::session::{CloseOnDrop, Store};
-use crate::tensor::Tensor;
+use crate::tensor::{first_typed_list, kserve_layout, Tensor};
 
 use models::{Direction, Model, PLATFORM, VERSION};
 use sequence::{SequenceId, SequenceParams};
@@ -74,11 +75,52 @@ struct Shared {
     regions: Regions,
 }
 
+/// Elements per chunk when a stateless call streams from one region to
+/// another: 256 KiB of float32, which stays in a core's cache between the
+/// read, the layer and the write.
+const STREAM_CHUNK_ELEMENTS: usize = 64 << 10;
+
 /// A request's input, and where its output goes when not in the response.
 struct Io {
-    input: Tensor,
+    input: Input,
     output_region: Option<RegionUse>,
 }
+
+/// A request's input: decoded from the message, or still in its region.
+enum Input {
+    Message(Tensor),
+    Region {
+        held: RegionUse,
+        tensor: Box<pb::model_infer_request::InferInputTensor>,
+        wire: Wire,
+        len: usize,
+    },
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Input::Message(tensor) => tensor.len(),
+            Input::Region { len, .. } => *len,
+        }
+    }
+
+    /// The input as a tensor, read from its region if it is in one.
+    async fn read(self) -> Result<Tensor, Error> {
+        match self {
+            Input::Message(tensor) => Ok(tensor),
+            Input::Region {
+                held, tensor, len, ..
+            } => {
+                let data = compute(len, move || held.read()).await??;
+                Tensor::from_kserve(*tensor, Some(data), "inputs[0]", SHM_BYTE_SIZE_FIELD)
+            }
+        }
+    }
+}
+
+/// Where an input's byte size in a region is given.
+const SHM_BYTE_SIZE_FIELD: &str = "inputs[0].parameters.shared_memory_byte_size";
 
 impl InferenceService {
     /// Serves `store` under `config`'s limits; sessions made by sequences get
@@ -160,6 +202,18 @@ impl InferenceService {
         let span = Span::current();
         span.record("kind", model.kind.name());
         span.record("elements", input.len());
+
+        let stateless = matches!(
+            (&params.id, model.direction),
+            (None, Direction::Forward | Direction::NoGrad)
+        );
+        if let (true, Input::Region { .. }, Some(_)) = (stateless, &input, &output_region) {
+            stages.input = decoding.elapsed();
+            return self
+                .stream_stateless(model, request.id, input, output_region, stages)
+                .await;
+        }
+        let input = input.read().await?;
         stages.input = decoding.elapsed();
 
         let output = match (&params.id, model.direction) {
@@ -292,8 +346,9 @@ impl InferenceService {
 }
 
 impl InferenceService {
-    /// The request's input, from its message or its shared-memory region,
-    /// and the region its output goes to: all checked before anything runs.
+    /// The request's input, from its message or held in its shared-memory
+    /// region, and the region its output goes to: all checked before
+    /// anything runs.
     async fn take_io(
         &self,
         model: Model,
@@ -308,9 +363,10 @@ impl InferenceService {
         };
         let Some(input_ref) = ShmRef::parse(&input.parameters, "inputs[0]")? else {
             let input = Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")?;
-            let output_region = self.output_region(owner, output_ref, &input)?;
+            let output_region =
+                self.output_region(owner, output_ref, input.wire(), input.shape())?;
             return Ok(Io {
-                input,
+                input: Input::Message(input),
                 output_region,
             });
         };
@@ -325,11 +381,22 @@ impl InferenceService {
                 "INVALID_INPUTS",
             ));
         }
-        let byte_size_field = "inputs[0].parameters.shared_memory_byte_size";
-        let want = Tensor::kserve_byte_size(&input, "inputs[0]")?;
+        if let Some(list) = first_typed_list(&input) {
+            return Err(Error::invalid(
+                format!("inputs[0].contents.{list}"),
+                format!(
+                    "no elements: inputs[0] is in shared-memory region {:?}",
+                    input_ref.region
+                ),
+                "elements",
+                "INVALID_INPUTS",
+            ));
+        }
+        let (wire, shape, len) = kserve_layout(&input, "inputs[0]")?;
+        let want = len * wire.itemsize();
         if input_ref.byte_size != want as u64 {
             return Err(Error::invalid(
-                byte_size_field,
+                SHM_BYTE_SIZE_FIELD,
                 format!(
                     "{want} bytes (shape {:?} of {})",
                     input.shape, input.datatype
@@ -339,11 +406,14 @@ impl InferenceService {
             ));
         }
         let held = regions.hold(owner, &input_ref, "inputs[0]")?;
-        let data = compute(want, move || held.read()).await??;
-        let input = Tensor::from_kserve(input, Some(data), "inputs[0]", byte_size_field)?;
-        let output_region = self.output_region(owner, output_ref, &input)?;
+        let output_region = self.output_region(owner, output_ref, wire, &shape)?;
         Ok(Io {
-            input,
+            input: Input::Region {
+                held,
+                tensor: Box::new(input),
+                wire,
+                len,
+            },
             output_region,
         })
     }
@@ -354,26 +424,84 @@ impl InferenceService {
         &self,
         owner: &Principal,
         output_ref: Option<ShmRef>,
-        input: &Tensor,
+        wire: Wire,
+        shape: &[usize],
     ) -> Result<Option<RegionUse>, Error> {
         let Some(output_ref) = output_ref else {
             return Ok(None);
         };
         let held = self.shared.regions.hold(owner, &output_ref, "outputs[0]")?;
-        let need = (input.len() * input.wire().itemsize()) as u64;
+        let need = (shape.iter().product::<usize>() * wire.itemsize()) as u64;
         if held.len() < need {
             return Err(Error::invalid(
                 "outputs[0].parameters.shared_memory_byte_size",
                 format!(
-                    "at least {need} bytes (the output: shape {:?} of {})",
-                    input.shape(),
-                    input.wire().kserve_name()
+                    "at least {need} bytes (the output: shape {shape:?} of {})",
+                    wire.kserve_name()
                 ),
                 format!("{} bytes", held.len()),
                 "OUT_OF_BOUNDS",
             ));
         }
         Ok(Some(held))
+    }
+
+    /// A stateless Forward from one region to another, a chunk at a time:
+    /// the server never holds the whole tensor (nor fresh memory of its
+    /// size), and every element's answer is the one the whole tensor gets
+    /// (the models are elementwise).
+    async fn stream_stateless(
+        &self,
+        model: Model,
+        id: String,
+        input: Input,
+        output_region: Option<RegionUse>,
+        stages: &mut Stages,
+    ) -> Result<pb::ModelInferResponse, Error> {
+        let (
+            Input::Region {
+                held,
+                tensor,
+                wire,
+                len,
+            },
+            Some(output),
+        ) = (input, output_region)
+        else {
+            return Err(Error::Internal("streaming needs two regions".into()));
+        };
+        let computing = Instant::now();
+        let chain = model.chain();
+        compute(len, move || {
+            let stateless = [MemberState::default()];
+            let total = len * wire.itemsize();
+            let chunk = STREAM_CHUNK_ELEMENTS * wire.itemsize();
+            for from in (0..total).step_by(chunk) {
+                let data = held.read_range(from as u64, chunk.min(total - from))?;
+                let x = Tensor::from_wire_bytes(wire, data, "inputs[0]")?;
+                let plan = chain.plan(&x, None, false)?;
+                let y = chain.forward(&stateless, &x, None, &plan, false, false).y;
+                let (_, bytes) = y.into_kserve(model.output());
+                output.write_at(from as u64, &bytes)?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await??;
+        stages.layer.compute = computing.elapsed();
+        Ok(pb::ModelInferResponse {
+            model_name: model.name(),
+            model_version: VERSION.to_string(),
+            id,
+            outputs: vec![pb::model_infer_response::InferOutputTensor {
+                name: model.output().to_string(),
+                datatype: wire.kserve_name().to_string(),
+                shape: tensor.shape,
+                ..Default::default()
+            }],
+            // As Triton: an empty entry for an output in a region.
+            raw_output_contents: vec![bytes::Bytes::new()],
+            ..Default::default()
+        })
     }
 }
 

@@ -197,14 +197,21 @@ impl RegionUse {
     /// The use's bytes, read from the object (blocking: large reads belong
     /// off the async workers).
     pub fn read(&self) -> Result<Bytes, Error> {
-        let mut data = vec![0u8; self.len as usize];
-        match self.region.file.read_exact_at(&mut data, self.start) {
+        self.read_range(0, self.len as usize)
+    }
+
+    /// `len` of the use's bytes from `from` on (both within the use).
+    pub fn read_range(&self, from: u64, len: usize) -> Result<Bytes, Error> {
+        self.check_range(from, len)?;
+        let mut data = vec![0u8; len];
+        let start = self.start + from;
+        match self.region.file.read_exact_at(&mut data, start) {
             Ok(()) => Ok(Bytes::from(data)),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 Err(self.region.unusable(format!(
                     "its object {:?} now ends before byte {} (shrunk since it was registered)",
                     self.region.key,
-                    self.start + self.len
+                    start + len as u64
                 )))
             }
             Err(e) => Err(self
@@ -216,7 +223,14 @@ impl RegionUse {
     /// Writes `data` (at most the use's length) at the use's start, unless
     /// the object has shrunk below it (blocking, as [`RegionUse::read`]).
     pub fn write(&self, data: &[u8]) -> Result<(), Error> {
-        let end = self.start + data.len() as u64;
+        self.write_at(0, data)
+    }
+
+    /// Writes `data` at `from` within the use, as [`RegionUse::write`].
+    pub fn write_at(&self, from: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_range(from, data.len())?;
+        let start = self.start + from;
+        let end = start + data.len() as u64;
         let size = self
             .region
             .file
@@ -229,13 +243,23 @@ impl RegionUse {
                 self.region.key
             )));
         }
-        self.region
-            .file
-            .write_all_at(data, self.start)
-            .map_err(|e| {
-                self.region
-                    .unusable(format!("writing {:?}: {e}", self.region.key))
-            })
+        self.region.file.write_all_at(data, start).map_err(|e| {
+            self.region
+                .unusable(format!("writing {:?}: {e}", self.region.key))
+        })
+    }
+}
+
+impl RegionUse {
+    /// A range the server itself asks for: outside the use is a bug.
+    fn check_range(&self, from: u64, len: usize) -> Result<(), Error> {
+        match from.checked_add(len as u64) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::Internal(format!(
+                "bytes {from}..+{len} of a {}-byte use of region {:?}",
+                self.len, self.region.name
+            ))),
+        }
     }
 }
 

@@ -90,3 +90,25 @@ def test_streaming(server):
     perf_analyzer(server, "-m", "relu", "--shape", "x:256", "--concurrency-range", "2", "--streaming",
                   "--sequence-id-range", "3000:3100")
     assert failures(server, "relu")[0] == before
+
+
+@pytest.fixture(scope="module")
+def shm_server():
+    from layerd_server import Server
+    s = Server("--allow-client-shm")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.mark.parametrize("shape", ["x:1024", "x:1048576"])
+def test_system_shared_memory(shm_server, shape):
+    """`--shared-memory system`: perf_analyzer registers its regions, names them in every
+    request's input and output, and unregisters them at the end (libcudart from
+    bench/perf_analyzer/install.sh, which perf_analyzer loads even for system memory)."""
+    rows, out = perf_analyzer(shm_server, "-m", "relu_no_grad", "--shape", shape,
+                              "--shared-memory", "system", "--output-shared-memory-size",
+                              str(4 * int(shape.split(":")[1])), "--concurrency-range", "2")
+    fails, successes = failures(shm_server, "relu_no_grad")
+    assert fails == 0 and successes > 0
+    with tc.InferenceServerClient(shm_server.addr) as client:
+        assert client.get_system_shared_memory_status(as_json=True) == {}, "all unregistered"

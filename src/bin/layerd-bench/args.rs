@@ -5,8 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{builder::TypedValueParser, Args, Parser, Subcommand, ValueEnum};
 
 /// layerd-bench: drive real Forward/Backward traffic at a layerd server (or
-/// anything speaking layerd.v1), verify every answer, and report throughput
-/// and latency.
+/// anything speaking layerd.v1, or the KServe v2 / Triton protocol), verify
+/// every answer, and report throughput and latency.
 ///
 /// Exit codes: 0 all answers right; 2 the server cannot be reached;
 /// 3 any answer differed from the local reference; 4 any call failed
@@ -74,8 +74,56 @@ pub enum Dtype {
     Bf16,
 }
 
+/// Which protocol the workers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// layerd.v1: sessions, layers, Forward / Backward / Run.
+    Layerd,
+    /// KServe v2 / Triton (inference.GRPCInferenceService): ModelInfer on
+    /// --model, stateless or in sequences; layerd, Triton, or any server
+    /// serving an elementwise model with input "x" and output "y".
+    Kserve,
+}
+
+/// Where KServe tensors travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedMemory {
+    /// In the messages (raw contents).
+    None,
+    /// In POSIX shared memory under /dev/shm that each worker registers
+    /// (Triton's system shared-memory extension; same host only).
+    System,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Protocol: layerd.v1, or KServe v2 / Triton (--mode forward and train,
+    /// the elementwise kinds).
+    #[arg(long, value_enum, default_value_t = Protocol::Layerd)]
+    pub protocol: Protocol,
+
+    /// With --protocol kserve: the model Forward calls go to (default: the
+    /// kind's name, e.g. relu). Without sequences the calls are stateless.
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// With --protocol kserve and --mode train: the model Backward calls go
+    /// to (default: the forward model's name + "_backward").
+    #[arg(long)]
+    pub backward_model: Option<String>,
+
+    /// With --protocol kserve: rounds (Forward, or Forward and Backward) per
+    /// sequence; 0 sends no sequence ids (stateless calls). --mode train
+    /// needs sequences: its default is 10.
+    #[arg(long)]
+    pub sequence_length: Option<u64>,
+
+    /// With --protocol kserve: where the tensors travel.
+    #[arg(long, value_enum, default_value_t = SharedMemory::None)]
+    pub shared_memory: SharedMemory,
+
     /// Server address: host:port, or https://host:port for TLS (as do the --tls-* options).
     #[arg(long, env = "LAYERD_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,

@@ -1,11 +1,13 @@
 //! layerd-bench: a verifying gRPC load generator for layerd.
 //!
 //! It drives Forward/Backward traffic over N connections x M concurrent
-//! calls, checks every answer against a local reference, and reports
+//! calls (layerd.v1, or the KServe v2 / Triton protocol with `--protocol
+//! kserve`), checks every answer against a local reference, and reports
 //! throughput and latency percentiles (see `--help`).
 
 mod args;
 mod chart;
+mod kserve;
 mod network;
 mod reference;
 mod report;

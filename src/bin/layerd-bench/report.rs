@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::args::{Kind, RunArgs};
+use crate::args::{Kind, Protocol, RunArgs, SharedMemory};
 use crate::workload::Measured;
 
 /// Everything one run measured, as printed and as written to JSON.
@@ -81,13 +81,23 @@ impl Report {
     }
 }
 
+/// The mode as reports name it: `train`, or `kserve train` / `kserve forward shm`.
+fn mode_name(args: &RunArgs) -> String {
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    match (args.protocol, args.shared_memory) {
+        (Protocol::Layerd, _) => mode,
+        (Protocol::Kserve, SharedMemory::None) => format!("kserve {mode}"),
+        (Protocol::Kserve, SharedMemory::System) => format!("kserve {mode} shm"),
+    }
+}
+
 impl Summary {
     pub fn new(args: &RunArgs, kind: Kind, shape: &[u64], measured: &Measured) -> Summary {
         let seconds = measured.seconds.max(1e-9);
         Summary {
             label: args.label.clone(),
             addr: args.addr.clone(),
-            mode: format!("{:?}", args.mode).to_lowercase(),
+            mode: mode_name(args),
             kind: kind.name().into(),
             dtype: format!("{:?}", args.dtype).to_lowercase(),
             shape: shape.to_vec(),

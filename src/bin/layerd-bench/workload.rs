@@ -20,13 +20,14 @@ use tonic::{
     Request, Status, Streaming,
 };
 
-use crate::args::{Kind, Mode, RunArgs};
+use crate::args::{Kind, Mode, Protocol, RunArgs};
+use crate::kserve::{Link, Pass};
 use crate::reference::Reference;
 
 pub(crate) type Client = LayerServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
 
 /// Largest message the bench sends or accepts.
-const MAX_MESSAGE: usize = 1 << 30;
+pub(crate) const MAX_MESSAGE: usize = 1 << 30;
 
 /// What went wrong before any traffic could be measured.
 #[derive(Debug)]
@@ -119,6 +120,19 @@ impl Measured {
 
 /// Connects to the server: a clear error, not a hang, when it is down.
 pub async fn connect(args: &RunArgs) -> Result<Vec<Client>, SetupError> {
+    let (channels, bearer) = channels(args).await?;
+    Ok(channels
+        .into_iter()
+        .map(|channel| {
+            LayerServiceClient::with_interceptor(channel, bearer.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        })
+        .collect())
+}
+
+/// The run's connections (`--connections`), and the bearer for their calls.
+async fn channels(args: &RunArgs) -> Result<(Vec<Channel>, layerd::client::Bearer), SetupError> {
     let bearer =
         layerd::client::Bearer::new(args.token.as_deref()).map_err(SetupError::Unreachable)?;
     let endpoint = layerd::client::endpoint(&args.addr, Duration::from_secs(5), &args.tls)
@@ -129,21 +143,18 @@ pub async fn connect(args: &RunArgs) -> Result<Vec<Client>, SetupError> {
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(1 << 20));
     let connections = args.connections.max(1);
-    let mut clients = Vec::with_capacity(connections);
+    let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         let channel = layerd::client::connect(&endpoint)
             .await
             .map_err(SetupError::Unreachable)?;
-        clients.push(
-            LayerServiceClient::with_interceptor(channel, bearer.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        );
+        channels.push(channel);
     }
-    Ok(clients)
+    Ok((channels, bearer))
 }
 
-/// Where each worker sends its calls.
+/// Where each worker sends its native calls.
+#[derive(Clone, Default)]
 struct Target {
     session_id: String,
     layer_id: String,
@@ -203,10 +214,36 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
         }
         _ => None,
     };
-    let clients = connect(args).await?;
+    let (channels, bearer) = channels(args).await?;
+    let clients: Vec<Client> = channels
+        .iter()
+        .map(|channel| {
+            LayerServiceClient::with_interceptor(channel.clone(), bearer.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        })
+        .collect();
     let workers = args.workers().max(1);
-    let (session_ids, targets) =
-        open_sessions(args, clients[0].clone(), kind, &layer, workers).await?;
+    let (session_ids, targets, links) = match args.protocol {
+        Protocol::Layerd => {
+            let (session_ids, targets) =
+                open_sessions(args, clients[0].clone(), kind, &layer, workers).await?;
+            (
+                session_ids,
+                targets,
+                std::iter::repeat_with(|| None).take(workers).collect(),
+            )
+        }
+        Protocol::Kserve => {
+            let links =
+                crate::kserve::links(args, kind, &layer, &channels, &bearer, workers).await?;
+            (
+                Vec::new(),
+                vec![Target::default(); workers],
+                links.into_iter().map(Some).collect::<Vec<_>>(),
+            )
+        }
+    };
 
     let started = Instant::now();
     let measure_from = started + args.warmup;
@@ -227,7 +264,7 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
 
     let per_worker_rate = args.rate.map(|r| r / workers as f64);
     let mut tasks = Vec::with_capacity(workers);
-    for (index, target) in targets.into_iter().enumerate() {
+    for (index, (target, link)) in targets.into_iter().zip(links).enumerate() {
         let client = clients[index % clients.len()].clone();
         let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
@@ -238,15 +275,19 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
                 measured: Measured::new(),
                 schedule: per_worker_rate.map(|rate| Schedule::new(rate, started, index, workers)),
                 stream: None,
+                link,
                 last_y: bytes::Bytes::new(),
             };
             worker.run().await;
-            worker.measured
+            (worker.measured, worker.link)
         }));
     }
     let mut total = Measured::new();
+    let mut links = Vec::new();
     for task in tasks {
-        total.merge(task.await.expect("worker did not panic"));
+        let (measured, link) = task.await.expect("worker did not panic");
+        total.merge(measured);
+        links.extend(link);
     }
     let ended = Instant::now();
     total.seconds = match shared.measure_until {
@@ -261,6 +302,9 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
         bar.finish_and_clear();
     }
     close_sessions(args, clients[0].clone(), session_ids).await;
+    for link in links {
+        link.finish().await;
+    }
     Ok(total)
 }
 
@@ -423,12 +467,14 @@ struct Worker {
     measured: Measured,
     schedule: Option<Schedule>,
     stream: Option<Steps>,
+    /// With --protocol kserve: where the calls go instead.
+    link: Option<Link>,
     /// The last checked Forward answer, which Backward is checked against.
     last_y: bytes::Bytes,
 }
 
 /// What a call answered.
-enum Reply {
+pub(crate) enum Reply {
     Forward(Option<pb::Tensor>),
     Backward(Option<pb::Tensor>, HashMap<String, pb::Tensor>),
 }
@@ -476,9 +522,16 @@ impl Worker {
             Op::Forward => reference.x.data.len(),
             Op::Backward => reference.dout.as_ref().map_or(0, |d| d.data.len()),
         };
-        let answer = match shared.args.mode {
-            Mode::Stream => self.step(op).await,
-            _ => match op {
+        let answer = match (&mut self.link, shared.args.mode) {
+            (Some(link), _) => {
+                let pass = match op {
+                    Op::Forward => Pass::Forward,
+                    Op::Backward => Pass::Backward,
+                };
+                link.call(pass).await
+            }
+            (None, Mode::Stream) => self.step(op).await,
+            (None, _) => match op {
                 Op::Forward => {
                     let message = forward_request(&self.target, reference);
                     let answer = self
