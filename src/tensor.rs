@@ -490,14 +490,28 @@ fn checked_shape(shape: &[u64], itemsize: usize) -> Option<(Vec<usize>, usize)> 
     Some((dims, len))
 }
 
-/// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
-/// it uncopied.
-/// `data` as elements of `T`: in place when aligned, else copied once.
+/// `data` as elements of `T`: in place when aligned, else copied once (into
+/// memory that is not zero-filled first: a KServe client's raw contents sit
+/// at whatever offset its message puts them, and that memset cost a third
+/// as much as the copy).
 fn elements<T: bytemuck::Pod>(data: &[u8]) -> Cow<'_, [T]> {
-    match bytemuck::try_cast_slice(data) {
-        Ok(values) => values.into(),
-        Err(_) => bytemuck::pod_collect_to_vec(data).into(),
+    if let Ok(values) = bytemuck::try_cast_slice(data) {
+        return values.into();
     }
+    let len = data.len() / std::mem::size_of::<T>();
+    let mut values: Vec<T> = Vec::with_capacity(len);
+    // SAFETY: the capacity holds `len` elements of `T`, a Pod type (any bytes
+    // are a valid value), and exactly that many bytes are copied before the
+    // length is set.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            data.as_ptr(),
+            values.as_mut_ptr().cast::<u8>(),
+            len * std::mem::size_of::<T>(),
+        );
+        values.set_len(len);
+    }
+    values.into()
 }
 
 /// float16 / bfloat16 elements to float32 and back.
@@ -569,6 +583,8 @@ mod half {
     }
 }
 
+/// A standard-layout array seen as its bytes, so `Bytes::from_owner` can take
+/// it uncopied.
 struct PodBytes<F>(ArcArray<F, IxDyn>);
 
 impl<F: Element> AsRef<[u8]> for PodBytes<F> {

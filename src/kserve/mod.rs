@@ -119,6 +119,16 @@ impl Input {
     }
 }
 
+/// A stateless call whose input and output are both in regions.
+struct Streamed {
+    input: RegionUse,
+    output: RegionUse,
+    /// The input's (and output's) shape, as the request gave it.
+    shape: Vec<i64>,
+    wire: Wire,
+    len: usize,
+}
+
 /// Where an input's byte size in a region is given.
 const SHM_BYTE_SIZE_FIELD: &str = "inputs[0].parameters.shared_memory_byte_size";
 
@@ -198,7 +208,7 @@ impl InferenceService {
         let Io {
             input,
             output_region,
-        } = self.take_io(model, &caller.principal, &mut request).await?;
+        } = self.take_io(model, &caller.principal, &mut request)?;
         let span = Span::current();
         span.record("kind", model.kind.name());
         span.record("elements", input.len());
@@ -207,12 +217,31 @@ impl InferenceService {
             (&params.id, model.direction),
             (None, Direction::Forward | Direction::NoGrad)
         );
-        if let (true, Input::Region { .. }, Some(_)) = (stateless, &input, &output_region) {
-            stages.input = decoding.elapsed();
-            return self
-                .stream_stateless(model, request.id, input, output_region, stages)
-                .await;
-        }
+        let (input, output_region) = match (stateless, input, output_region) {
+            (
+                true,
+                Input::Region {
+                    held,
+                    tensor,
+                    wire,
+                    len,
+                },
+                Some(output),
+            ) => {
+                stages.input = decoding.elapsed();
+                let streamed = Streamed {
+                    input: held,
+                    output,
+                    shape: tensor.shape,
+                    wire,
+                    len,
+                };
+                return self
+                    .stream_stateless(model, request.id, streamed, stages)
+                    .await;
+            }
+            (_, input, output_region) => (input, output_region),
+        };
         let input = input.read().await?;
         stages.input = decoding.elapsed();
 
@@ -349,7 +378,7 @@ impl InferenceService {
     /// The request's input, from its message or held in its shared-memory
     /// region, and the region its output goes to: all checked before
     /// anything runs.
-    async fn take_io(
+    fn take_io(
         &self,
         model: Model,
         owner: &Principal,
@@ -454,22 +483,16 @@ impl InferenceService {
         &self,
         model: Model,
         id: String,
-        input: Input,
-        output_region: Option<RegionUse>,
+        streamed: Streamed,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
-        let (
-            Input::Region {
-                held,
-                tensor,
-                wire,
-                len,
-            },
-            Some(output),
-        ) = (input, output_region)
-        else {
-            return Err(Error::Internal("streaming needs two regions".into()));
-        };
+        let Streamed {
+            input: held,
+            output,
+            shape,
+            wire,
+            len,
+        } = streamed;
         let computing = Instant::now();
         let chain = model.chain();
         compute(len, move || {
@@ -495,7 +518,7 @@ impl InferenceService {
             outputs: vec![pb::model_infer_response::InferOutputTensor {
                 name: model.output().to_string(),
                 datatype: wire.kserve_name().to_string(),
-                shape: tensor.shape,
+                shape,
                 ..Default::default()
             }],
             // As Triton: an empty entry for an output in a region.
