@@ -5,6 +5,7 @@ backward given the same softmax) must be bit-identical; results built on product
 within 1e-12 (float64) / 1e-5 (float32) relative, measured as max|a - b| / max|b|.
 """
 import uuid
+import zlib
 
 import numpy as np
 import pytest
@@ -84,7 +85,9 @@ class Remote:
 
 
 def rng_for(*key):
-    return np.random.default_rng(abs(hash(key)) % (1 << 32))
+    # crc32 of the key's text, not hash(): Python salts str hashes per process, which made
+    # every run draw other values (and a rare draw cancel a gradient to 1e-3 of its terms).
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
