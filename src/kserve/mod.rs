@@ -385,7 +385,7 @@ impl InferenceService {
         request: &mut pb::ModelInferRequest,
     ) -> Result<Io, Error> {
         let regions = &self.shared.regions;
-        let (input, raw) = take_input(model, request)?;
+        let (input, raw) = take_input_parts(model, request)?;
         let output_ref = match request.outputs.first() {
             Some(output) => ShmRef::parse(&output.parameters, "outputs[0]")?,
             None => None,
@@ -528,9 +528,16 @@ impl InferenceService {
     }
 }
 
+/// Validates the request's one input (and requested outputs) for `model`,
+/// with its elements in the message (raw or typed contents).
+pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
+    let (input, raw) = take_input_parts(model, request)?;
+    Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")
+}
+
 /// Checks the request's one input (and requested outputs) for `model`, and
 /// takes the input with its raw contents, if any.
-fn take_input(
+fn take_input_parts(
     model: Model,
     request: &mut pb::ModelInferRequest,
 ) -> Result<
