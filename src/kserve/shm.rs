@@ -190,10 +190,6 @@ impl RegionUse {
         self.len == 0
     }
 
-    pub fn region(&self) -> &str {
-        &self.region.name
-    }
-
     /// The use's bytes, read from the object (blocking: large reads belong
     /// off the async workers).
     pub fn read(&self) -> Result<Bytes, Error> {

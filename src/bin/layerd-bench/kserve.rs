@@ -13,13 +13,7 @@
 //! Answers become `pb::Tensor`s and are checked by the same reference as the
 //! native modes, bit for bit.
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    os::unix::fs::FileExt,
-    path::PathBuf,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{collections::HashMap, fs::File, os::unix::fs::FileExt, path::PathBuf};
 
 use bytes::Bytes;
 use layerd::dtype::Wire;
@@ -38,19 +32,12 @@ use tonic::{
 
 use crate::args::{Kind, Mode, RunArgs, SharedMemory};
 use crate::reference::Reference;
-use crate::workload::{Reply, SetupError, MAX_MESSAGE};
+use crate::workload::{unique, Op, Reply, SetupError, MAX_MESSAGE};
 
 type KClient = GrpcInferenceServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
 
 /// Where POSIX shared-memory objects live.
 const SHM_DIR: &str = "/dev/shm";
-
-/// Which pass a call runs.
-#[derive(Clone, Copy)]
-pub enum Pass {
-    Forward,
-    Backward,
-}
 
 /// One worker's way to the server.
 pub struct Link {
@@ -276,18 +263,12 @@ pub async fn links(
     Ok(links)
 }
 
-/// A value that differs between the links and sequences of one process.
-fn unique() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 impl Link {
     /// One call; its answer as the native modes' reply.
-    pub async fn call(&mut self, pass: Pass) -> Result<Reply, Status> {
+    pub async fn call(&mut self, pass: Op) -> Result<Reply, Status> {
         let (model, input_name, output_name, tensor, offset) = match pass {
-            Pass::Forward => (&self.forward_model, "x", "y", &self.x, 0),
-            Pass::Backward => match &self.dout {
+            Op::Forward => (&self.forward_model, "x", "y", &self.x, 0),
+            Op::Backward => match &self.dout {
                 Some(dout) => (
                     &self.backward_model,
                     "dout",
@@ -342,15 +323,15 @@ impl Link {
         let response = answer?.into_inner();
         let y = self.answer(response, offset)?;
         Ok(match pass {
-            Pass::Forward => Reply::Forward(Some(y)),
-            Pass::Backward => Reply::Backward(Some(y), HashMap::new()),
+            Op::Forward => Reply::Forward(Some(y)),
+            Op::Backward => Reply::Backward(Some(y), HashMap::new()),
         })
     }
 
     /// Sets the sequence parameters of one call; true if it ends the sequence.
     fn sequence_params(
         &mut self,
-        pass: Pass,
+        pass: Op,
         parameters: &mut HashMap<String, InferParameter>,
     ) -> bool {
         let Some(length) = self.sequence_length else {
@@ -364,7 +345,7 @@ impl Link {
                 },
             );
         };
-        if let Pass::Forward = pass {
+        if let Op::Forward = pass {
             if self.sequence.rounds == 0 {
                 // Non-zero, below 2^63, and apart from other processes' ids.
                 let pid = u64::from(std::process::id()) & 0x7fff_ffff;
@@ -382,7 +363,7 @@ impl Link {
         let ends = last
             && matches!(
                 (pass, self.train),
-                (Pass::Backward, true) | (Pass::Forward, false)
+                (Op::Backward, true) | (Op::Forward, false)
             );
         if ends {
             set("sequence_end", ParameterChoice::BoolParam(true));
@@ -430,7 +411,7 @@ impl Link {
         if self.sequence_length.is_some() && self.sequence.rounds > 0 {
             self.sequence_length = Some(self.sequence.rounds);
             let train = std::mem::replace(&mut self.train, false);
-            let _ = self.call(Pass::Forward).await;
+            let _ = self.call(Op::Forward).await;
             self.train = train;
         }
         if let Some(regions) = self.regions.take() {

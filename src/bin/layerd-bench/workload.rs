@@ -21,7 +21,7 @@ use tonic::{
 };
 
 use crate::args::{Kind, Mode, Protocol, RunArgs};
-use crate::kserve::{Link, Pass};
+use crate::kserve::Link;
 use crate::reference::Reference;
 
 pub(crate) type Client = LayerServiceClient<InterceptedService<Channel, layerd::client::Bearer>>;
@@ -122,13 +122,16 @@ impl Measured {
 pub async fn connect(args: &RunArgs) -> Result<Vec<Client>, SetupError> {
     let (channels, bearer) = channels(args).await?;
     Ok(channels
-        .into_iter()
-        .map(|channel| {
-            LayerServiceClient::with_interceptor(channel, bearer.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE)
-        })
+        .iter()
+        .map(|channel| native_client(channel, &bearer))
         .collect())
+}
+
+/// A layerd.v1 client on `channel`, sending `bearer`'s token.
+fn native_client(channel: &Channel, bearer: &layerd::client::Bearer) -> Client {
+    LayerServiceClient::with_interceptor(channel.clone(), bearer.clone())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// The run's connections (`--connections`), and the bearer for their calls.
@@ -217,11 +220,7 @@ pub async fn run(args: &RunArgs, kind: Kind, shape: &[u64]) -> Result<Measured, 
     let (channels, bearer) = channels(args).await?;
     let clients: Vec<Client> = channels
         .iter()
-        .map(|channel| {
-            LayerServiceClient::with_interceptor(channel.clone(), bearer.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE)
-        })
+        .map(|channel| native_client(channel, &bearer))
         .collect();
     let workers = args.workers().max(1);
     let (session_ids, targets, links) = match args.protocol {
@@ -492,7 +491,9 @@ impl Reply {
     }
 }
 
-enum Op {
+/// Which pass a call runs.
+#[derive(Clone, Copy)]
+pub(crate) enum Op {
     Forward,
     Backward,
 }
@@ -523,13 +524,7 @@ impl Worker {
             Op::Backward => reference.dout.as_ref().map_or(0, |d| d.data.len()),
         };
         let answer = match (&mut self.link, shared.args.mode) {
-            (Some(link), _) => {
-                let pass = match op {
-                    Op::Forward => Pass::Forward,
-                    Op::Backward => Pass::Backward,
-                };
-                link.call(pass).await
-            }
+            (Some(link), _) => link.call(op).await,
             (None, Mode::Stream) => self.step(op).await,
             (None, _) => match op {
                 Op::Forward => {
