@@ -59,10 +59,18 @@ impl Algorithm {
         }
     }
 
-    /// One update of `param` from `grad` (same length), with `state` (one
-    /// slice per [`Algorithm::state_names`], same length) updated in place.
+    /// One update of `param` from `grad` (same length) with `state` (one
+    /// slice per [`Algorithm::state_names`], same length): the new parameter
+    /// and the new state, in new buffers — the caller keeps the old ones until
+    /// it commits, so an update written in place would first need a copy.
     /// `t` is the number of this update, counting from 1.
-    pub fn update<F: Float>(&self, t: u64, param: &mut [F], grad: &[F], state: &mut [&mut [F]]) {
+    pub fn update<F: Float>(
+        &self,
+        t: u64,
+        param: &[F],
+        grad: &[F],
+        state: &[&[F]],
+    ) -> (Vec<F>, Vec<Vec<F>>) {
         debug_assert_eq!(param.len(), grad.len());
         debug_assert_eq!(state.len(), self.state_names().len());
         let scalar = |value: f64| F::from(value).expect("every f64 rounds to a float");
@@ -70,29 +78,35 @@ impl Algorithm {
         match *self {
             Algorithm::Sgd { lr } => {
                 let lr = scalar(lr);
-                for (p, &g) in param.iter_mut().zip(grad) {
-                    *p = *p - lr * g;
-                }
+                let p = param.iter().zip(grad).map(|(&p, &g)| p - lr * g);
+                (p.collect(), Vec::new())
             }
             Algorithm::Momentum { lr, momentum } => {
                 let (lr, momentum) = (scalar(lr), scalar(momentum));
                 let [v] = state else {
                     unreachable!("one state")
                 };
-                for ((p, &g), v) in param.iter_mut().zip(grad).zip(v.iter_mut()) {
-                    *v = momentum * *v - lr * g;
-                    *p = *p + *v;
-                }
+                let v: Vec<F> = v
+                    .iter()
+                    .zip(grad)
+                    .map(|(&v, &g)| momentum * v - lr * g)
+                    .collect();
+                let p = param.iter().zip(&v).map(|(&p, &v)| p + v).collect();
+                (p, vec![v])
             }
             Algorithm::AdaGrad { lr } => {
                 let lr = scalar(lr);
                 let [h] = state else {
                     unreachable!("one state")
                 };
-                for ((p, &g), h) in param.iter_mut().zip(grad).zip(h.iter_mut()) {
-                    *h = *h + g * g;
-                    *p = *p - lr * g / (h.sqrt() + eps);
-                }
+                let h: Vec<F> = h.iter().zip(grad).map(|(&h, &g)| h + g * g).collect();
+                let p = param
+                    .iter()
+                    .zip(grad)
+                    .zip(&h)
+                    .map(|((&p, &g), &h)| p - lr * g / (h.sqrt() + eps))
+                    .collect();
+                (p, vec![h])
             }
             Algorithm::Adam { lr, beta1, beta2 } => {
                 let t = t as f64;
@@ -102,16 +116,23 @@ impl Algorithm {
                 let [m, v] = state else {
                     unreachable!("two states")
                 };
-                for (((p, &g), m), v) in param
-                    .iter_mut()
+                let m: Vec<F> = m
+                    .iter()
                     .zip(grad)
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                {
-                    *m = *m + one_minus_b1 * (g - *m);
-                    *v = *v + one_minus_b2 * (g * g - *v);
-                    *p = *p - lr_t * *m / (v.sqrt() + eps);
-                }
+                    .map(|(&m, &g)| m + one_minus_b1 * (g - m))
+                    .collect();
+                let v: Vec<F> = v
+                    .iter()
+                    .zip(grad)
+                    .map(|(&v, &g)| v + one_minus_b2 * (g * g - v))
+                    .collect();
+                let p = param
+                    .iter()
+                    .zip(&m)
+                    .zip(&v)
+                    .map(|((&p, &m), &v)| p - lr_t * m / (v.sqrt() + eps))
+                    .collect();
+                (p, vec![m, v])
             }
         }
     }
@@ -159,8 +180,8 @@ mod tests {
         let mut p = start.to_vec();
         let mut state = vec![vec![F::zero(); p.len()]; algorithm.state_names().len()];
         for (i, g) in steps.iter().enumerate() {
-            let mut slices: Vec<&mut [F]> = state.iter_mut().map(Vec::as_mut_slice).collect();
-            algorithm.update(i as u64 + 1, &mut p, g, &mut slices);
+            let slices: Vec<&[F]> = state.iter().map(Vec::as_slice).collect();
+            (p, state) = algorithm.update(i as u64 + 1, &p, g, &slices);
         }
         p
     }
@@ -222,12 +243,12 @@ mod tests {
     fn sgd_on_a_quadratic_descends() {
         // p² has gradient 2p: every algorithm brings p towards 0.
         for algorithm in algorithms() {
-            let mut p = [1.0f64];
+            let mut p = vec![1.0f64];
             let mut state = vec![vec![0.0]; algorithm.state_names().len()];
             for t in 1..=500 {
                 let g = [2.0 * p[0]];
-                let mut slices: Vec<&mut [f64]> = state.iter_mut().map(Vec::as_mut_slice).collect();
-                algorithm.update(t, &mut p, &g, &mut slices);
+                let slices: Vec<&[f64]> = state.iter().map(Vec::as_slice).collect();
+                (p, state) = algorithm.update(t, &p, &g, &slices);
             }
             assert!(p[0].abs() < 0.9, "{algorithm:?}: {}", p[0]);
         }

@@ -5,7 +5,8 @@
 //! `y` is (N, out) and `dx` has `x`'s shape. Backward: `dx = dout · Wᵀ`,
 //! `dW = xᵀ · dout`, `db = Σ_rows dout`.
 //!
-//! Kept for Backward: `x` itself (it is `dW`'s left factor), N·in elements.
+//! Kept for Backward: `x` itself (it is `dW`'s left factor), N·in elements —
+//! the input array shared, not copied, when it is already held as one.
 //! `dx` is computed only when asked for: the first layer of a network has
 //! nobody to pass it to.
 //!
@@ -13,7 +14,9 @@
 //! numpy within a tolerance; the bias is added after the product, elementwise,
 //! as numpy's `x @ W + b` does.
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix1, Ix2};
+use ndarray::{
+    ArcArray, Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix1, Ix2, IxDyn,
+};
 
 use super::linalg::matmul;
 use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
@@ -26,10 +29,10 @@ pub struct Affine {
     pub init: Init,
 }
 
-/// What Forward keeps: `x` as the (N, in) matrix, and its own shape for `dx`.
+/// What Forward keeps: `x` in its own shape (standard layout), shared with
+/// the array it came in when there was one, read as the (N, in) matrix.
 pub struct Kept<F> {
-    x: Array2<F>,
-    shape: Vec<usize>,
+    x: ArcArray<F, IxDyn>,
 }
 
 impl Layer for Affine {
@@ -64,14 +67,16 @@ impl Layer for Affine {
     }
 
     fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept<F>> {
-        let shape = step.x.shape().to_vec();
         let x = step.x.as_standard_layout();
-        let x = rows(x.view(), self.in_features);
         let (w, b) = (param2(&step.values[0]), param1(&step.values[1]));
-        let y = forward(x.view(), w, b).into_dyn().into_shared();
+        let y = forward(rows(x.view(), self.in_features), w, b)
+            .into_dyn()
+            .into_shared();
         let kept = step.keep.then(|| Kept {
-            x: x.to_owned(),
-            shape,
+            x: match step.x_shared {
+                Some(shared) if shared.is_standard_layout() => shared.clone(),
+                _ => x.into_owned().into_shared(),
+            },
         });
         Forwarded::new(y, kept)
     }
@@ -84,10 +89,15 @@ impl Layer for Affine {
     ) -> Backwarded<F> {
         let dout = dout.as_standard_layout();
         let dout = rows(dout.view(), self.out_features);
-        let g = backward(kept.x.view(), param2(&values[0]), dout, true);
+        let g = backward(
+            rows(kept.x.view(), self.in_features),
+            param2(&values[0]),
+            dout,
+            true,
+        );
         let dx =
             g.dx.expect("asked for")
-                .into_shape_with_order(kept.shape.clone())
+                .into_shape_with_order(kept.x.raw_dim())
                 .expect("x's element count");
         Backwarded {
             dx,
@@ -103,7 +113,12 @@ impl Layer for Affine {
     ) -> Vec<ndarray::ArrayD<F>> {
         let dout = dout.as_standard_layout();
         let dout = rows(dout.view(), self.out_features);
-        let g = backward(kept.x.view(), param2(&values[0]), dout, false);
+        let g = backward(
+            rows(kept.x.view(), self.in_features),
+            param2(&values[0]),
+            dout,
+            false,
+        );
         vec![g.dw.into_dyn(), g.db.into_dyn()]
     }
 }

@@ -471,7 +471,17 @@ impl Chain {
         keep: bool,
     ) -> Forwarded {
         let x_wire = x.wire();
-        let x = x.view::<F>();
+        // An aligned copy made for this call is held as a shared array, so a
+        // first member that keeps its input (Affine) keeps that copy instead
+        // of making another.
+        let (x_borrowed, x_copied) = match x.view::<F>() {
+            x if x.is_view() => (Some(x), None),
+            x => (None, Some(x.into_owned().into_shared())),
+        };
+        let x = x_copied.as_ref().map_or_else(
+            || x_borrowed.as_ref().expect("one of the two").view(),
+            |x| x.view(),
+        );
         let target_values = match t {
             Some(Target::Probabilities(p)) => Some(p.view::<F>()),
             _ => None,
@@ -491,6 +501,7 @@ impl Chain {
             let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
             let mut rng = state.rng;
             let input = y.as_ref().map_or_else(|| x.view(), |y| y.view());
+            let input_shared = y.as_ref().or(x_copied.as_ref());
             // Array views are invariant in their lifetime: the target is
             // viewed anew for each step.
             let target = t.filter(|_| member.spec.is_loss()).map(|t| match t {
@@ -506,6 +517,7 @@ impl Chain {
             });
             let out = with_spec!(&member.spec, l => run_forward(l, Step {
                 x: input,
+                x_shared: input_shared,
                 values: &views,
                 target,
                 eval,

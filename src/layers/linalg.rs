@@ -14,9 +14,21 @@ use super::Float;
 
 /// `a · b`, a new standard-layout matrix.
 pub fn matmul<F: Float>(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>) -> Array2<F> {
-    let mut c = Array2::zeros((a.nrows(), b.ncols()));
-    matmul_into(a, b, c.view_mut(), false);
-    c
+    let (m, n) = (a.nrows(), b.ncols());
+    if a.ncols() == 0 || m == 0 || n == 0 {
+        return Array2::zeros((m, n));
+    }
+    assert_eq!(b.nrows(), a.ncols(), "inner dimensions of a matrix product");
+    // Not zeroed first: a product that does not accumulate writes every
+    // element and reads none (the memset was a tenth of an MLP's backward).
+    let mut c = Array2::<F>::uninit((m, n));
+    // SAFETY: `c` is a new standard-layout m×n matrix, aliasing neither
+    // input; with `accumulate` false gemm writes each of its elements and
+    // reads none, so every element is initialised when it returns.
+    unsafe {
+        gemm_raw(a, b, c.as_mut_ptr().cast::<F>(), (1, n as isize), false);
+        c.assume_init()
+    }
 }
 
 /// `c = a · b`, or `c += a · b` with `accumulate`.
@@ -43,20 +55,40 @@ pub fn matmul_into<F: Float>(
         }
         return;
     }
+    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: the pointer with its strides describes exactly the live view
+    // `c`, which is borrowed mutably and so aliases neither input.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), (c_cs, c_rs), accumulate) }
+}
+
+/// `c = a · b` (or `c += a · b` with `accumulate`) into the m×n matrix at
+/// `c` with (column stride, row stride) `c_strides`, for non-empty shapes
+/// that chain.
+///
+/// # Safety
+/// `c` with its strides must address m×n elements writable by this call and
+/// aliasing neither `a` nor `b`; with `accumulate` they must be initialised.
+unsafe fn gemm_raw<F: Float>(
+    a: ArrayView2<'_, F>,
+    b: ArrayView2<'_, F>,
+    c: *mut F,
+    (c_cs, c_rs): (isize, isize),
+    accumulate: bool,
+) {
+    let ((m, k), n) = (a.dim(), b.ncols());
     // (column stride, row stride) in elements, as gemm takes them.
     let strides = |s: &[isize]| (s[1], s[0]);
     let (a_cs, a_rs) = strides(a.strides());
     let (b_cs, b_rs) = strides(b.strides());
-    let (c_cs, c_rs) = strides(c.strides());
-    // SAFETY: each pointer with its strides and dimensions describes exactly
-    // one of the three live views; `c` is borrowed mutably, so it aliases
-    // neither input; F is f32 or f64, both of which gemm supports.
+    // SAFETY: the caller vouches for `c`; `a` and `b` are live views
+    // described exactly by their pointers and strides; F is f32 or f64, both
+    // of which gemm supports; with `accumulate` false gemm does not read `c`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             c_cs,
             c_rs,
             accumulate,

@@ -143,6 +143,10 @@ pub struct Plan<'a> {
 /// One Forward's inputs.
 pub struct Step<'a, F> {
     pub x: ArrayViewD<'a, F>,
+    /// `x` itself as a shared array, when the caller holds it as one (the
+    /// previous member's output, or the aligned copy of a request's
+    /// elements): a kind that keeps its input keeps this, without a copy.
+    pub x_shared: Option<&'a ArcArray<F, IxDyn>>,
     /// The layer's slots' values, in [`Layer::slots`] order.
     pub values: &'a [ArrayViewD<'a, F>],
     /// The target of a loss layer.

@@ -53,6 +53,7 @@ pub fn forward<L: super::Layer, F: super::Float>(
 ) -> super::Forwarded<F, L::Kept<F>> {
     layer.forward(super::Step {
         x,
+        x_shared: None,
         values: &[],
         target: None,
         eval: false,

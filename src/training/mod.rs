@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, CowArray, IxDyn};
 use tokio::sync::MutexGuard;
 use tonic::metadata::MetadataMap;
 
@@ -365,25 +365,27 @@ fn update_one<F: Float>(
     grad: &Tensor,
     slots: &mut [Tensor],
 ) {
-    let mut p: ArrayD<F> = param.view::<F>().into_owned();
+    let p = param.view::<F>();
     let g = grad.view::<F>();
-    let g = g.as_standard_layout();
-    let mut s: Vec<ArrayD<F>> = slots.iter().map(|s| s.view::<F>().into_owned()).collect();
-    {
-        let mut views: Vec<&mut [F]> = s
-            .iter_mut()
-            .map(|a| a.as_slice_mut().expect("owned arrays are contiguous"))
-            .collect();
-        algorithm.update(
-            t,
-            p.as_slice_mut().expect("owned arrays are contiguous"),
-            g.as_slice().expect("standard layout"),
-            &mut views,
-        );
-    }
-    *param = Tensor::from_array(p);
+    let (p, g) = (p.as_standard_layout(), g.as_standard_layout());
+    let s: Vec<CowArray<'_, F, IxDyn>> = slots.iter().map(|s| s.view::<F>()).collect();
+    let s: Vec<&[F]> = s
+        .iter()
+        .map(|s| s.as_slice().expect("stored values are contiguous"))
+        .collect();
+    let (p, s) = algorithm.update(
+        t,
+        p.as_slice().expect("standard layout"),
+        g.as_slice().expect("standard layout"),
+        &s,
+    );
+    let shape = IxDyn(param.shape());
+    let array = |values: Vec<F>| {
+        Tensor::from_array(ArrayD::from_shape_vec(shape.clone(), values).expect("same length"))
+    };
+    *param = array(p);
     for (slot, value) in slots.iter_mut().zip(s) {
-        *slot = Tensor::from_array(value);
+        *slot = array(value);
     }
 }
 
