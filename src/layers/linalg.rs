@@ -15,12 +15,12 @@ use super::Float;
 /// `a · b`, a new standard-layout matrix.
 pub fn matmul<F: Float>(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>) -> Array2<F> {
     let (m, n) = (a.nrows(), b.ncols());
+    assert_eq!(b.nrows(), a.ncols(), "inner dimensions of a matrix product");
     if a.ncols() == 0 || m == 0 || n == 0 {
         return Array2::zeros((m, n));
     }
-    assert_eq!(b.nrows(), a.ncols(), "inner dimensions of a matrix product");
     // Not zeroed first: a product that does not accumulate writes every
-    // element and reads none (the memset was a tenth of an MLP's backward).
+    // element and reads none, so a memset of the result would be wasted.
     let mut c = Array2::<F>::uninit((m, n));
     // SAFETY: `c` is a new standard-layout m×n matrix, aliasing neither
     // input; with `accumulate` false gemm writes each of its elements and
