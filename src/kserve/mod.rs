@@ -391,7 +391,7 @@ impl InferenceService {
             None => None,
         };
         let Some(input_ref) = ShmRef::parse(&input.parameters, "inputs[0]")? else {
-            let input = Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")?;
+            let input = message_input(input, raw)?;
             let output_region =
                 self.output_region(owner, output_ref, input.wire(), input.shape())?;
             return Ok(Io {
@@ -532,6 +532,15 @@ impl InferenceService {
 /// with its elements in the message (raw or typed contents).
 pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
     let (input, raw) = take_input_parts(model, request)?;
+    message_input(input, raw)
+}
+
+/// The input as a tensor, its elements in the message: typed contents, or
+/// `raw` (the request's `raw_input_contents[0]`).
+fn message_input(
+    input: pb::model_infer_request::InferInputTensor,
+    raw: Option<bytes::Bytes>,
+) -> Result<Tensor, Error> {
     Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")
 }
 
