@@ -265,8 +265,8 @@ pub async fn links(
 
 impl Link {
     /// One call; its answer as the native modes' reply.
-    pub async fn call(&mut self, pass: Op) -> Result<Reply, Status> {
-        let (model, input_name, output_name, tensor, offset) = match pass {
+    pub async fn call(&mut self, op: Op) -> Result<Reply, Status> {
+        let (model, input_name, output_name, tensor, offset) = match op {
             Op::Forward => (&self.forward_model, "x", "y", &self.x, 0),
             Op::Backward => match &self.dout {
                 Some(dout) => (
@@ -305,7 +305,7 @@ impl Link {
             raw_input_contents,
             ..Default::default()
         };
-        let ends = self.sequence_params(pass, &mut request.parameters);
+        let ends = self.sequence_params(op, &mut request.parameters);
         let mut message = Request::new(request);
         if let (true, Some(_)) = (self.session_header, self.sequence_length) {
             let id = MetadataValue::from(self.sequence.id);
@@ -322,7 +322,7 @@ impl Link {
         }
         let response = answer?.into_inner();
         let y = self.answer(response, offset)?;
-        Ok(match pass {
+        Ok(match op {
             Op::Forward => Reply::Forward(Some(y)),
             Op::Backward => Reply::Backward(Some(y), HashMap::new()),
         })
@@ -331,7 +331,7 @@ impl Link {
     /// Sets the sequence parameters of one call; true if it ends the sequence.
     fn sequence_params(
         &mut self,
-        pass: Op,
+        op: Op,
         parameters: &mut HashMap<String, InferParameter>,
     ) -> bool {
         let Some(length) = self.sequence_length else {
@@ -345,7 +345,7 @@ impl Link {
                 },
             );
         };
-        if let Op::Forward = pass {
+        if let Op::Forward = op {
             if self.sequence.rounds == 0 {
                 // Non-zero, below 2^63, and apart from other processes' ids.
                 let pid = u64::from(std::process::id()) & 0x7fff_ffff;
@@ -362,7 +362,7 @@ impl Link {
         let last = self.sequence.rounds >= length;
         let ends = last
             && matches!(
-                (pass, self.train),
+                (op, self.train),
                 (Op::Backward, true) | (Op::Forward, false)
             );
         if ends {
