@@ -20,7 +20,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::drain::EndWatchesLayer;
 use crate::engine::oversize_to_resource_exhausted;
-use crate::kserve::InferenceService;
+use crate::kserve::{arrival::ArrivalLayer, InferenceService};
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
     self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
@@ -96,6 +96,8 @@ pub async fn run(
     }
     let max_message_bytes = config.max_message_bytes.as_u64();
     let router = builder
+        // Outermost: it numbers the copies of the stack (kserve::arrival).
+        .layer(ArrivalLayer)
         .layer(EndWatchesLayer::new(draining))
         .layer(ShedLayer::new(
             config.max_concurrent_calls,

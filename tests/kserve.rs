@@ -161,3 +161,81 @@ async fn sequences_count_against_the_session_limit() {
     .unwrap();
     server.stop().await;
 }
+
+/// A client may send a sequence's next request before the answer to the one
+/// before it (perf_analyzer does, when it ends its sequences): requests of a
+/// sequence that share a connection take effect in the order they arrived.
+/// (Without that, the server ran most of these pairs in reverse.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_a_sequence_sent_without_waiting_take_effect_in_arrival_order() {
+    let server = start(|_| {}).await;
+    let mut client = kserve_client(&server).await;
+    let channel = server.channel().await;
+    let pair = |first, second| async {
+        let [a, b] = infer_pipelined(&channel, vec![first, second])
+            .await
+            .try_into()
+            .unwrap();
+        (a, b)
+    };
+    let mut failures = Vec::new();
+    let mut check = |id, what, outcome: Result<_, tonic::Status>| {
+        failures.extend(outcome.err().map(|status| (id, what, status)))
+    };
+    for id in 1..=300u64 {
+        // A middle request, then the end: the end must not close the
+        // sequence under the request that arrived before it.
+        let start = &[seq(id), flag("sequence_start")];
+        infer(&mut client, "relu", &[1.0], start).await.unwrap();
+        let (middle, end) = pair(
+            infer_request("relu", &[-1.0], &[seq(id)]),
+            infer_request("relu", &[2.0], &[seq(id), flag("sequence_end")]),
+        )
+        .await;
+        check(id, "middle", middle.map(drop));
+        check(id, "end", end.map(drop));
+
+        // The start, then the end: the end must find what the start made.
+        let id = id + 1000;
+        let (start, end) = pair(
+            infer_request("relu", &[1.0], &[seq(id), flag("sequence_start")]),
+            infer_request("relu", &[2.0], &[seq(id), flag("sequence_end")]),
+        )
+        .await;
+        check(id, "start", start.map(drop));
+        check(id, "end", end.map(drop));
+
+        // A Forward, then the Backward that ends: dx follows the mask of
+        // the Forward sent just before it, not of the one before that.
+        let id = id + 1000;
+        let start = &[seq(id), flag("sequence_start")];
+        infer(&mut client, "relu", &[-1.0, 2.0], start)
+            .await
+            .unwrap();
+        let (forward, backward) = pair(
+            infer_request("relu", &[3.0, -4.0], &[seq(id)]),
+            infer_request(
+                "relu_backward",
+                &[1.0, 1.0],
+                &[seq(id), flag("sequence_end")],
+            ),
+        )
+        .await;
+        check(id, "forward", forward.map(drop));
+        check(
+            id,
+            "backward",
+            backward.and_then(|dx| match infer_values(&dx) {
+                dx if dx == [1.0, 0.0] => Ok(()),
+                dx => Err(tonic::Status::internal(format!("dx {dx:?}"))),
+            }),
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    server.stop().await;
+}

@@ -3,12 +3,14 @@
 //!
 //! Models are layer kinds and directions ([`models`]); a request's
 //! `sequence_id` names the session that keeps Forward's state for a later
-//! `*_backward` request ([`sequence`]); per-model counts and durations back
+//! `*_backward` request ([`sequence`]), its requests taking effect in the
+//! order they arrived ([`arrival`]); per-model counts and durations back
 //! `ModelStatistics` ([`stats`]); inputs and outputs may live in system
 //! shared-memory regions instead of the messages ([`shm`]). Tensors are
 //! converted in [`crate::tensor`]. Numerics are the native API's: both call
 //! the same layer code.
 
+pub mod arrival;
 pub mod models;
 pub mod sequence;
 pub mod shm;
@@ -38,6 +40,7 @@ use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInfere
 use crate::session::{CloseOnDrop, Store};
 use crate::tensor::{first_typed_list, kserve_layout, Tensor};
 
+use arrival::Ticket;
 use models::{Direction, Model, PLATFORM, VERSION};
 use sequence::{SequenceId, SequenceParams};
 use shm::{RegionUse, Regions, ShmRef};
@@ -162,6 +165,7 @@ impl InferenceService {
     async fn infer(
         &self,
         caller: &Caller,
+        ticket: Option<&Ticket>,
         request: pb::ModelInferRequest,
     ) -> Result<pb::ModelInferResponse, Error> {
         let method = "ModelInfer";
@@ -187,7 +191,7 @@ impl InferenceService {
         let result = observe(
             self.shared.request_timeout,
             Rpc { method, span },
-            self.infer_model(model, caller, request, &mut stages),
+            self.infer_model(model, caller, ticket, request, &mut stages),
         )
         .await;
         self.shared.stats[model.index()].record(result.is_ok(), started.elapsed(), &stages);
@@ -198,12 +202,16 @@ impl InferenceService {
         &self,
         model: Model,
         caller: &Caller,
+        ticket: Option<&Ticket>,
         mut request: pb::ModelInferRequest,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
         crate::metrics::note_kind(model.kind.name());
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
+        if let Some(ticket) = ticket {
+            ticket.declare(params.id.as_ref().map(SequenceId::session_id).as_deref());
+        }
         params.check_routing(&caller.metadata)?;
         let Io {
             input,
@@ -262,7 +270,7 @@ impl InferenceService {
                 self.infer_in_sequence(
                     &caller.principal,
                     model,
-                    id,
+                    (id, ticket),
                     &params,
                     input,
                     &mut stages.layer,
@@ -316,7 +324,7 @@ impl InferenceService {
         &self,
         owner: &Principal,
         model: Model,
-        id: &SequenceId,
+        (id, ticket): (&SequenceId, Option<&Ticket>),
         params: &SequenceParams,
         input: Tensor,
         phases: &mut Phases,
@@ -326,6 +334,10 @@ impl InferenceService {
         let layer_id = params.layer_id.as_deref().unwrap_or(model.kind.name());
         Span::current().record("session", session_id.as_str());
         Span::current().record("layer", layer_id);
+        // After the requests of this sequence that arrived before it.
+        if let Some(ticket) = ticket {
+            ticket.wait_turn(&session_id).await;
+        }
 
         // A sequence_start that fails (or times out, or is cancelled) must
         // not leave its new session behind.
@@ -696,7 +708,8 @@ impl GrpcInferenceService for InferenceService {
     ) -> ServiceResult<pb::ModelInferResponse> {
         let (metadata, extensions, message) = request.into_parts();
         let caller = Caller::from_parts(metadata, &extensions)?;
-        Ok(Response::new(self.infer(&caller, message).await?))
+        let ticket = extensions.get::<Ticket>();
+        Ok(Response::new(self.infer(&caller, ticket, message).await?))
     }
 
     async fn system_shared_memory_status(
@@ -751,7 +764,8 @@ impl GrpcInferenceService for InferenceService {
             let (service, caller) = (service.clone(), caller.clone());
             async move {
                 let (model_name, id) = (request.model_name.clone(), request.id.clone());
-                match service.infer(&caller, request).await {
+                // A stream's requests run one at a time, in order.
+                match service.infer(&caller, None, request).await {
                     Ok(response) => Ok(pb::ModelStreamInferResponse {
                         error_message: String::new(),
                         infer_response: Some(response),

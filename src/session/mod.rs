@@ -165,11 +165,13 @@ impl Session {
             self.check_kind(layer_id, &existing, &chain)?;
             return Ok(existing);
         }
-        self.check_room(layer_id)?;
-        let held = self.reserve(chain.held_bytes())?;
-        let members = chain.initial_state(HashMap::new());
-        let recipe = Recipe::plain(chain.kind());
-        match self.insert(layer_id, chain.clone(), recipe, members, held) {
+        let created = self.check_room(layer_id).and_then(|()| {
+            let held = self.reserve(chain.held_bytes())?;
+            let members = chain.initial_state(HashMap::new());
+            let recipe = Recipe::plain(chain.kind());
+            self.insert(layer_id, chain.clone(), recipe, members, held)
+        });
+        match created {
             // Another call created it meanwhile.
             Err(Error::LayerExists { .. }) => {
                 let existing = self.layer(layer_id)?;

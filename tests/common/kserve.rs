@@ -82,6 +82,53 @@ pub fn infer_request(
     request(model, input, values, params)
 }
 
+/// Sends `requests` as ModelInfer calls on one connection, each handed to it
+/// before the next is made and all before any answer is awaited (as a client
+/// that pipelines does); returns their outcomes in that order.
+pub async fn infer_pipelined(
+    channel: &Channel,
+    requests: Vec<kserve::ModelInferRequest>,
+) -> Vec<Result<kserve::ModelInferResponse, tonic::Status>> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tower::{Service, ServiceExt};
+
+    let mut channel = channel.clone();
+    let mut calls = Vec::new();
+    for request in requests {
+        let message = request.encode_to_vec();
+        let mut frame = vec![0];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&message);
+        let request =
+            http::Request::post("http://layerd/inference.GRPCInferenceService/ModelInfer")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(tonic::body::Body::new(http_body_util::Full::new(
+                    bytes::Bytes::from(frame),
+                )))
+                .unwrap();
+        // `call` hands the request to the connection's task at once.
+        calls.push(channel.ready().await.unwrap().call(request));
+    }
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let (head, body) = call.await.unwrap().into_parts();
+        let body = body.collect().await.unwrap();
+        // In the trailers, or in the headers of a trailers-only answer.
+        let status = body
+            .trailers()
+            .and_then(tonic::Status::from_header_map)
+            .or_else(|| tonic::Status::from_header_map(&head.headers));
+        let data = body.to_bytes();
+        outcomes.push(match status {
+            Some(status) if status.code() != tonic::Code::Ok => Err(status),
+            _ => Ok(kserve::ModelInferResponse::decode(&data[5..]).unwrap()),
+        });
+    }
+    outcomes
+}
+
 pub fn seq(id: u64) -> (&'static str, ParameterChoice) {
     ("sequence_id", ParameterChoice::Uint64Param(id))
 }
