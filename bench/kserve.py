@@ -210,6 +210,14 @@ def median_table(runs):
                 "n": len(rs), "model": rs[0]["model"]} for k, rs in table.items()}
 
 
+def rate_ratio(a, b):
+    """a's infer/s over b's; None where either is missing or b completed no call in its window
+    (a 16 Mi case in a short smoke run of a debug build may not)."""
+    if not a or not b or not b["infer_per_s"]:
+        return None
+    return a["infer_per_s"] / b["infer_per_s"]
+
+
 def rate(per_s):
     """A rate as the table shows it: tenths below 100/s (the 16 Mi rows)."""
     return f"{per_s:.1f}" if per_s < 100 else f"{per_s:.0f}"
@@ -229,7 +237,7 @@ def table(m, order):
             v = m.get((case, n, conc))
             cells += [rate(v["infer_per_s"]), f"{v['p99_us']:.0f}"] if v else ["", ""]
         l, t, g = (m.get((case, n, conc)) for n in ("layerd", "triton", "grpc_numpy"))
-        ratio = lambda a, b: f"{a['infer_per_s'] / b['infer_per_s']:.2f}x" if a and b else ""  # noqa: E731
+        ratio = lambda a, b: f"{r:.2f}x" if (r := rate_ratio(a, b)) is not None else ""  # noqa: E731
         share = lambda v, key: f"{v[key]:.0%}" if v else ""  # noqa: E731
         us = lambda v: f"{v['server_us']:.0f}" if v and v["server_us"] else ""  # noqa: E731
         out.append(f"| {case} | {conc} | " + " | ".join(cells) +
@@ -279,12 +287,10 @@ def report(args, m, mb, machine_line, commands):
     lines = []
     for client, table_m, label, (case, conc), goal in targets:
         l, t = table_m.get((case, "layerd", conc)), table_m.get((case, "triton", conc))
-        if l and t:
-            r = l["infer_per_s"] / t["infer_per_s"]
+        if (r := rate_ratio(l, t)) is not None:
             lines.append(f"| {client}: {label} | {r:.2f}x | {goal:.1f}x | {'met' if r >= goal else 'NOT met'} |")
     shm, plain = mb.get(("shm, 16 Mi", "layerd", 4)), mb.get(("16 Mi", "layerd", 4))
-    if shm and plain:
-        r = shm["infer_per_s"] / plain["infer_per_s"]
+    if (r := rate_ratio(shm, plain)) is not None:
         lines.append(f"| layerd-bench: 16 Mi, c4: layerd with shared memory / without | {r:.2f}x | 3.0x | "
                      f"{'met' if r >= 3.0 else 'NOT met'} |")
     if lines:
