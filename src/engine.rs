@@ -104,7 +104,8 @@ pub async fn observe<T>(
 /// Where a Forward or Backward spent its time, for the KServe statistics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Phases {
-    /// Waiting for the layer instance (held by an earlier call of its session).
+    /// Waiting for earlier calls of its session: for the layer instance one
+    /// holds, or (KServe) for their turn in arrival order.
     pub queue: Duration,
     /// The layer's computation.
     pub compute: Duration,

@@ -335,9 +335,11 @@ impl InferenceService {
         Span::current().record("session", session_id.as_str());
         Span::current().record("layer", layer_id);
         // After the requests of this sequence that arrived before it.
+        let waiting = Instant::now();
         if let Some(ticket) = ticket {
             ticket.wait_turn(&session_id).await;
         }
+        let waited = waiting.elapsed();
 
         // A sequence_start that fails (or times out, or is cancelled) must
         // not leave its new session behind.
@@ -371,6 +373,7 @@ impl InferenceService {
                     .dx
             }
         };
+        phases.queue += waited;
         if params.end {
             // Answered: the sequence is over. It may have expired meanwhile.
             let _ = store.close(owner, &session_id);
