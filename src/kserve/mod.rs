@@ -209,8 +209,9 @@ impl InferenceService {
         crate::metrics::note_kind(model.kind.name());
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
+        let session_id = params.id.as_ref().map(SequenceId::session_id);
         if let Some(ticket) = ticket {
-            ticket.declare(params.id.as_ref().map(SequenceId::session_id).as_deref());
+            ticket.declare(session_id.as_deref());
         }
         params.check_routing(&caller.metadata)?;
         let Io {
@@ -253,7 +254,7 @@ impl InferenceService {
         let input = input.read().await?;
         stages.input = decoding.elapsed();
 
-        let output = match (&params.id, model.direction) {
+        let output = match (session_id.as_deref(), model.direction) {
             (Some(_), Direction::NoGrad) => {
                 return Err(Error::invalid(
                     "parameters.sequence_id",
@@ -266,11 +267,11 @@ impl InferenceService {
                     "STATELESS_MODEL",
                 ))
             }
-            (Some(id), _) => {
+            (Some(session_id), _) => {
                 self.infer_in_sequence(
                     &caller.principal,
                     model,
-                    (id, ticket),
+                    (session_id, ticket),
                     &params,
                     input,
                     &mut stages.layer,
@@ -324,20 +325,19 @@ impl InferenceService {
         &self,
         owner: &Principal,
         model: Model,
-        (id, ticket): (&SequenceId, Option<&Ticket>),
+        (session_id, ticket): (&str, Option<&Ticket>),
         params: &SequenceParams,
         input: Tensor,
         phases: &mut Phases,
     ) -> Result<Tensor, Error> {
         let store = &self.shared.store;
-        let session_id = id.session_id();
         let layer_id = params.layer_id.as_deref().unwrap_or(model.kind.name());
-        Span::current().record("session", session_id.as_str());
+        Span::current().record("session", session_id);
         Span::current().record("layer", layer_id);
         // After the requests of this sequence that arrived before it.
         let waiting = Instant::now();
         if let Some(ticket) = ticket {
-            ticket.wait_turn(&session_id).await;
+            ticket.wait_turn(session_id).await;
         }
         let waited = waiting.elapsed();
 
@@ -345,14 +345,14 @@ impl InferenceService {
         // not leave its new session behind.
         let mut created = None;
         if params.start {
-            store.create(owner, &session_id, 0)?;
+            store.create(owner, session_id, 0)?;
             created = Some(CloseOnDrop {
                 store: store.clone(),
                 owner: owner.clone(),
-                session_id: Some(session_id.clone()),
+                session_id: Some(session_id.to_string()),
             });
         }
-        let session = store.session(owner, &session_id)?;
+        let session = store.session(owner, session_id)?;
         let output = match model.direction {
             Direction::Forward => {
                 let layer = session.layer_or_create(layer_id, model.chain())?;
@@ -376,7 +376,7 @@ impl InferenceService {
         phases.queue += waited;
         if params.end {
             // Answered: the sequence is over. It may have expired meanwhile.
-            let _ = store.close(owner, &session_id);
+            let _ = store.close(owner, session_id);
         }
         if let Some(guard) = created {
             guard.disarm();
