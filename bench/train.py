@@ -18,7 +18,9 @@ client's runs), so the table shows the transport's share of the round trip. The 
 calls layerd.tune_malloc() first, as its README advises. "layerd (pipelined)" is the same
 Python client with net.train_steps: the same TrainSteps, numbered (x-layerd-after-steps) so the
 server applies them in order, with up to 3 in flight, so the client encodes and sends the next
-step while the server computes this one. "layerd (Rust
+step while the server computes this one. "layerd (pipelined, 1 worker)" is the same against a
+second server started with --worker-threads 1: its steps run on a thread of their own besides the
+async workers, so on two cores shared with the client one worker leaves the client a core. "layerd (Rust
 client)" is layerd-bench --mode train-step on the same networks (every loss checked against its
 float64 reference): the same server without the Python client's per-call cost. numpy runs the tests' reference layers
 (tests/python/reference_training.py).
@@ -38,9 +40,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 NETWORKS = ["two-layer", "mlp", "convnet"]
-SYSTEMS = ["layerd", "layerd (pipelined)", "layerd (Rust client)", "numpy (1 thread)", "numpy", "jax"]
-#: The rows the targets are checked for: the Python client one step at a time, and pipelined.
-LAYERD_ROWS = ["layerd", "layerd (pipelined)"]
+SYSTEMS = ["layerd", "layerd (pipelined)", "layerd (pipelined, 1 worker)", "layerd (Rust client)", "numpy (1 thread)", "numpy", "jax"]
+#: The rows the targets are checked for: the Python client one step at a time, and pipelined
+#: (against the default server, and against one started with --worker-threads 1).
+LAYERD_ROWS = ["layerd", "layerd (pipelined)", "layerd (pipelined, 1 worker)"]
+#: The server of the "1 worker" row: one async worker thread, the other core left to the client.
+ONE_WORKER_FLAGS = ["--worker-threads", "1"]
 LR = 0.1
 #: The issue's targets, as ratios of layerd's steps/s to the system's.
 TARGETS = {("mlp", "numpy (1 thread)"): 1.2, ("mlp", "jax"): 0.6,
@@ -262,9 +267,10 @@ def measure(system, network, seconds, addr):
 def chart(results, path):
     """Grouped bars of steps/s (log scale), one group per network."""
     import math
-    colours = {"layerd": "#1f77b4", "layerd (pipelined)": "#17becf", "layerd (Rust client)": "#aec7e8", "numpy (1 thread)": "#ff7f0e",
+    colours = {"layerd": "#1f77b4", "layerd (pipelined)": "#17becf", "layerd (pipelined, 1 worker)": "#9edae5",
+               "layerd (Rust client)": "#aec7e8", "numpy (1 thread)": "#ff7f0e",
                "numpy": "#ffbb78", "jax": "#2ca02c"}
-    width, height, left, bottom = 980, 380, 70, 50
+    width, height, left, bottom = 1200, 380, 70, 50
     top = max(v for r in results.values() for v in r.values() if v == v)  # NaN: not measured
     scale = lambda v: (math.log10(max(v, 1)) / math.log10(top * 1.5)) * (height - bottom - 30)  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="DejaVu Sans, sans-serif" font-size="12">',
@@ -282,9 +288,11 @@ def chart(results, path):
             out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="{colours[system]}"/>')
             out.append(f'<text x="{x + w / 2:.1f}" y="{y - 4:.1f}" text-anchor="middle" font-size="10">{value:,.0f}</text>')
         out.append(f'<text x="{left + g * group + group / 2:.1f}" y="{height - bottom + 18}" text-anchor="middle">{network}</text>')
-    for i, system in enumerate(SYSTEMS):
-        out.append(f'<rect x="{left + i * 150}" y="{height - 18}" width="10" height="10" fill="{colours[system]}"/>'
-                   f'<text x="{left + i * 150 + 14}" y="{height - 9}">{system}</text>')
+    x = left
+    for system in SYSTEMS:  # each legend entry as wide as its label (about 6 px a character at 11 px)
+        out.append(f'<rect x="{x}" y="{height - 18}" width="10" height="10" fill="{colours[system]}"/>'
+                   f'<text x="{x + 14}" y="{height - 9}" font-size="11">{system}</text>')
+        x += 14 + 6 * len(system) + 16
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
 
@@ -310,34 +318,39 @@ def main():
     os.environ["LAYERD_BENCH_BINARY"] = str(binaries / "layerd-bench")
     addr, metrics_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERD_")}
-    server = subprocess.Popen([str(binaries / "layerd"), "--addr", addr, "--metrics-addr", metrics_addr],
-                              stderr=subprocess.DEVNULL, env=env)
+    one_worker_addr = f"127.0.0.1:{free_port()}"
+    servers = [subprocess.Popen([str(binaries / "layerd"), "--addr", addr, "--metrics-addr", metrics_addr],
+                                stderr=subprocess.DEVNULL, env=env),
+               subprocess.Popen([str(binaries / "layerd"), "--addr", one_worker_addr, *ONE_WORKER_FLAGS],
+                                stderr=subprocess.DEVNULL, env=env)]
     try:
-        wait_for_port(addr)
-        wait_for_port(metrics_addr)
+        for a in (addr, metrics_addr, one_worker_addr):
+            wait_for_port(a)
         samples = {(n, s): [] for n in NETWORKS for s in SYSTEMS}
         server_time = {n: [0.0, 0.0] for n in NETWORKS}
         for r in range(args.rounds):
             for network in NETWORKS:
                 for system in SYSTEMS:
                     before = server_seconds(metrics_addr) if system == "layerd" else None
-                    rate = measure(system, network, args.seconds, addr)
+                    rate = measure(system, network, args.seconds, one_worker_addr if "1 worker" in system else addr)
                     if before:
                         after = server_seconds(metrics_addr)
                         server_time[network][0] += after[0] - before[0]
                         server_time[network][1] += after[1] - before[1]
                     samples[(network, system)].append(rate)
-                    print(f"round {r + 1}: {network:9s} {system:17s} {rate:9.1f} steps/s", flush=True)
+                    print(f"round {r + 1}: {network:9s} {system:29s} {rate:9.1f} steps/s", flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
 
     medians = {n: {s: statistics.median(samples[(n, s)]) for s in SYSTEMS} for n in NETWORKS}
     lines = ["# Training steps per second: layerd remote vs numpy and JAX in-process", "",
              f"`python3 bench/train.py{' --quick' if args.quick else ''}{' --profile debug' if args.profile == 'debug' else ''}` — {args.rounds} rounds of "
              f"{args.seconds:g} s per system and network, interleaved, medians; client and server share the "
              "machine's cores. layerd: one TrainStep per step from the Python client, x and t sent every step "
-             "(pipelined: `train_steps`, the same numbered TrainSteps with up to 3 in flight).", "",
+             "(pipelined: `train_steps`, the same numbered TrainSteps with up to 3 in flight; 1 worker: against a "
+             f"server started with `{' '.join(ONE_WORKER_FLAGS)}`).", "",
              "| network | " + " | ".join(SYSTEMS) + " | " + " | ".join(f"{row} / {s}" for row in LAYERD_ROWS for s in ("numpy (1 thread)", "JAX"))
              + " | layerd server ms/step | round trip ms/step (Python client) |",
              "|---|" + "---:|" * (len(SYSTEMS) + 2 * len(LAYERD_ROWS) + 2)]

@@ -58,6 +58,13 @@ pub struct Config {
     #[arg(long, env = "LAYERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Threads that serve connections and compute small calls (the async runtime's workers);
+    /// default: one per core the process may use. Large computations and training steps run on
+    /// threads of their own besides these, so a server sharing its cores with busy clients or
+    /// other processes may do better with fewer (docs/benchmarks.md, "Training").
+    #[arg(long, env = "LAYERD_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     /// Idle timeout granted when a client asks for 0 (whole seconds).
     #[arg(long, env = "LAYERD_DEFAULT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_idle_timeout)]
     pub default_idle_timeout: Duration,
@@ -262,6 +269,29 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_a_row_in_the_readme_configuration_table() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Configuration")
+            .expect("README has a Configuration section");
+        let table = &readme[start..];
+        let table = &table[..table[3..].find("\n## ").map_or(table.len(), |end| end + 3)];
+        for arg in Config::command().get_arguments() {
+            let Some(long) = arg.get_long().filter(|l| *l != "help" && *l != "version") else {
+                continue;
+            };
+            let flag = format!("`--{long}`");
+            let env = format!("`{}`", arg.get_env().unwrap().to_str().unwrap());
+            assert!(
+                table
+                    .lines()
+                    .any(|l| l.starts_with('|') && l.contains(&flag) && l.contains(&env)),
+                "README's Configuration table has no row for {flag} ({env})"
+            );
+        }
+    }
+
+    #[test]
     fn sizes_and_durations_parse_with_units() {
         let config = Config::try_parse_from([
             "layerd",
@@ -275,6 +305,9 @@ mod tests {
         assert_eq!(config.request_timeout, Duration::from_millis(1500));
         assert!(Config::try_parse_from(["layerd", "--default-idle-timeout=1500ms"]).is_err());
         assert!(Config::try_parse_from(["layerd", "--max-idle-timeout=0s"]).is_err());
+        let workers = Config::try_parse_from(["layerd", "--worker-threads=1"]).unwrap();
+        assert_eq!(workers.worker_threads.map(|n| n.get()), Some(1));
+        assert!(Config::try_parse_from(["layerd", "--worker-threads=0"]).is_err());
     }
 
     #[test]

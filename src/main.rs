@@ -9,7 +9,11 @@ fn main() -> ExitCode {
     // Before the runtime's threads exist.
     layerd::allocator::tune();
     let config = Config::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = config.worker_threads {
+        runtime.worker_threads(workers.get());
+    }
+    runtime
         .enable_all()
         .build()
         .expect("the tokio runtime starts")

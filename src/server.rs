@@ -255,7 +255,8 @@ fn log_serving(addr: std::net::SocketAddr, config: &Config, authenticator: &Auth
     } else {
         "off"
     };
-    tracing::info!(%addr, tls, auth, "layerd serving");
+    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%addr, tls, auth, worker_threads, "layerd serving");
 }
 
 fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, BoxError> {

@@ -9,6 +9,7 @@
 - A TrainStep that times out, is cancelled or fails leaves parameters, buffers, gradients,
   optimizer state, kept state and the step count as they were.
 """
+import json
 import time
 import uuid
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import reference_training as ref
+from layerd_server import Server
 from test_training_layers import DTYPES, bits_equal, close, from_tensor, to_tensor
 
 ALGORITHMS = {
@@ -308,6 +310,29 @@ WIDTHS = pytest.mark.parametrize("inputs", [6, 3000], ids=["inline", "queued"])
 def test_numbered_steps_apply_in_their_order_whatever_order_they_arrive_in(pb, stub, inputs):
     """Eight TrainSteps sent at once in reverse order, each numbered with x-layerd-after-steps,
     give bit for bit the parameters and losses of the same steps one after another."""
+    numbered_steps_apply_in_order(pb, stub, inputs)
+
+
+@pytest.fixture(scope="module")
+def one_worker(pb):
+    """A server with a single async worker thread (--worker-threads 1) and a stub for it."""
+    s = Server("--worker-threads", "1")
+    with s.channel() as channel:
+        yield s, pb[1].LayerServiceStub(channel)
+    assert s.stop() == 0
+
+
+@WIDTHS
+def test_one_worker_thread_serves_numbered_steps_queued_and_inline(pb, one_worker, inputs):
+    """With --worker-threads 1 the one worker decodes every call while steps wait in their
+    optimizer's queue or compute inline on it: the same bits as steps one after another."""
+    server, stub = one_worker
+    serving = [json.loads(line) for line in server.log if '"layerd serving"' in line]
+    assert serving and serving[0]["worker_threads"] == 1, server.log
+    numbered_steps_apply_in_order(pb, stub, inputs)
+
+
+def numbered_steps_apply_in_order(pb, stub, inputs):
     pb2, _ = pb
     batches = [data(np.float64, seed=s, inputs=inputs) for s in range(8)]
 
