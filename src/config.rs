@@ -59,9 +59,10 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Threads that serve connections and compute small calls (the async runtime's workers);
-    /// default: one per core the process may use. Large computations and training steps run on
-    /// threads of their own besides these, so a server sharing its cores with busy clients or
-    /// other processes may do better with fewer (docs/benchmarks.md, "Training").
+    /// default: one per core the process may use. Large computations and large training steps
+    /// run on threads of their own besides these, so a server sharing its cores with busy
+    /// clients or other processes may do better with fewer (docs/benchmarks.md, "Training
+    /// through the service").
     #[arg(long, env = "LAYERD_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
 

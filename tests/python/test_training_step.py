@@ -8,6 +8,8 @@
   layer, unknown optimizers, bad hyperparameters, a missing target.
 - A TrainStep that times out, is cancelled or fails leaves parameters, buffers, gradients,
   optimizer state, kept state and the step count as they were.
+- Numbered TrainSteps apply in their order, sent in any order, also on a server with one async
+  worker thread (--worker-threads 1).
 """
 import json
 import time
