@@ -268,15 +268,25 @@ impl InferenceService {
                 ))
             }
             (Some(session_id), _) => {
-                self.infer_in_sequence(
-                    &caller.principal,
-                    model,
-                    (session_id, ticket),
-                    &params,
-                    input,
-                    &mut stages.layer,
-                )
-                .await?
+                // After the requests of this sequence that arrived before it
+                // on its connection; the wait counts as queue time.
+                let waiting = Instant::now();
+                if let Some(ticket) = ticket {
+                    ticket.wait_turn(session_id).await;
+                }
+                let waited = waiting.elapsed();
+                let y = self
+                    .infer_in_sequence(
+                        &caller.principal,
+                        model,
+                        session_id,
+                        &params,
+                        input,
+                        &mut stages.layer,
+                    )
+                    .await?;
+                stages.layer.queue += waited;
+                y
             }
             (None, Direction::Forward | Direction::NoGrad) => {
                 let computing = Instant::now();
@@ -325,7 +335,7 @@ impl InferenceService {
         &self,
         owner: &Principal,
         model: Model,
-        (session_id, ticket): (&str, Option<&Ticket>),
+        session_id: &str,
         params: &SequenceParams,
         input: Tensor,
         phases: &mut Phases,
@@ -334,12 +344,6 @@ impl InferenceService {
         let layer_id = params.layer_id.as_deref().unwrap_or(model.kind.name());
         Span::current().record("session", session_id);
         Span::current().record("layer", layer_id);
-        // After the requests of this sequence that arrived before it.
-        let waiting = Instant::now();
-        if let Some(ticket) = ticket {
-            ticket.wait_turn(session_id).await;
-        }
-        let waited = waiting.elapsed();
 
         // A sequence_start that fails (or times out, or is cancelled) must
         // not leave its new session behind.
@@ -373,7 +377,6 @@ impl InferenceService {
                     .dx
             }
         };
-        phases.queue += waited;
         if params.end {
             // Answered: the sequence is over. It may have expired meanwhile.
             let _ = store.close(owner, session_id);
