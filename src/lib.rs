@@ -26,7 +26,9 @@
 //!   periodically) and read back at start.
 //! - [`service`]: the gRPC handlers of the layer service (thin).
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
-//!   sessions: models, sequence parameters, statistics.
+//!   sessions: models, sequence parameters, statistics; `kserve::wire` reads
+//!   and writes ModelInfer's tensors between HTTP/2 frames and their buffers
+//!   without tonic's codec copies.
 //! - [`auth`]: bearer tokens and the principal each session belongs to.
 //! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 //! - [`overload`]: the process-wide call limit (load shedding) and the
@@ -36,7 +38,8 @@
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
 //! - [`drain`]: ends health Watch streams when shutdown drains.
 //! - [`telemetry`], [`signal`]: logging setup and shutdown signals;
-//!   [`allocator`]: glibc malloc settings for the server process.
+//!   [`allocator`]: glibc malloc settings for the server process (and the
+//!   load generator).
 //! - [`client`]: connecting, for the bundled tools `layerd-bench` (a verifying
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 

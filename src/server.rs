@@ -20,7 +20,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::drain::EndWatchesLayer;
 use crate::engine::oversize_to_resource_exhausted;
-use crate::kserve::{arrival::ArrivalLayer, InferenceService};
+use crate::kserve::{arrival::ArrivalLayer, wire::DirectInfer, InferenceService};
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
     self, inference::grpc_inference_service_server::GrpcInferenceServiceServer,
@@ -120,7 +120,11 @@ pub async fn run(
             authenticator.clone(),
         )))
         .add_service(InterceptedService::new(
-            limited!(GrpcInferenceServiceServer::new(inference.clone()), config),
+            DirectInfer::new(
+                limited!(GrpcInferenceServiceServer::new(inference.clone()), config),
+                inference.clone(),
+                usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
+            ),
             authenticator.clone(),
         ))
         .add_service(health_service)

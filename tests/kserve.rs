@@ -1,7 +1,8 @@
 //! The KServe v2 service against a real server: what tritonclient cannot
 //! easily provoke — a sequence start cut off by the request timeout, a client
 //! that cancels mid-call — and how sequences and native sessions share one
-//! store.
+//! store; and ModelInfer's own message path (`kserve::wire`) against the
+//! codec path gzip takes.
 
 mod common;
 
@@ -10,7 +11,67 @@ use std::time::Duration;
 use common::{kserve::*, *};
 use layerd::pb::inference::infer_parameter::ParameterChoice;
 use layerd::pb::{self, layer_service_client::LayerServiceClient};
-use tonic::Code;
+use tonic::{codec::CompressionEncoding, Code};
+
+#[tokio::test]
+async fn model_infer_answers_alike_with_and_without_gzip() {
+    let server = start(|_| {}).await;
+    let mut client = kserve_client(&server).await;
+    // 800 kB: the message spans many HTTP/2 frames both ways.
+    let values: Vec<f64> = (0..100_000).map(|i| f64::from(i) - 50_000.5).collect();
+    let plain = infer(&mut client, "relu_no_grad", &values, &[])
+        .await
+        .unwrap();
+    // A compressed request goes through tonic's codec instead.
+    let mut gzip = client.send_compressed(CompressionEncoding::Gzip);
+    let zipped = gzip
+        .model_infer(infer_request("relu_no_grad", &values, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain, zipped);
+    let relu: Vec<f64> = values.iter().map(|v| v.max(0.0)).collect();
+    assert_eq!(infer_values(&plain), relu);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn model_infer_reads_fields_in_any_order_and_checks_the_prefix() {
+    let server = start(|c| c.max_message_bytes = bytesize::ByteSize::kib(64)).await;
+    let channel = server.channel().await;
+    let request = infer_request("relu_no_grad", &[-1.0, 2.0], &[]);
+    // The raw contents first (prost writes them last), then an unknown field.
+    let raw = request.raw_input_contents[0].clone();
+    let mut message = vec![0x3a, raw.len() as u8];
+    message.extend_from_slice(&raw);
+    let rest = pb::inference::ModelInferRequest {
+        raw_input_contents: vec![],
+        ..request
+    };
+    message.extend(prost::Message::encode_to_vec(&rest));
+    message.extend([0x98, 0x06, 0x01]);
+    let answer = infer_raw(&channel, 0, &message).await.unwrap();
+    assert_eq!(infer_values(&answer), [0.0, 2.0]);
+    // Longer than --max-message-bytes by its prefix alone: refused unread.
+    assert_status(
+        infer_raw(&channel, 0, &vec![0; 70_000]).await,
+        Code::ResourceExhausted,
+        "LIMIT_EXCEEDED",
+        &["--max-message-bytes", "64.0 KiB"],
+    );
+    // Flagged compressed without a grpc-encoding header.
+    let status = infer_raw(&channel, 1, &message).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("compressed-flag"), "{status:?}");
+    // Cut short: the raw contents say 16 bytes and end after 3.
+    let status = infer_raw(&channel, 0, &message[..5]).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("failed to decode"), "{status:?}");
+    // And the server still serves.
+    let answer = infer_raw(&channel, 0, &message).await.unwrap();
+    assert_eq!(infer_values(&answer), [0.0, 2.0]);
+    server.stop().await;
+}
 
 #[tokio::test]
 async fn a_sequence_start_cut_off_by_the_request_timeout_leaves_no_session() {

@@ -51,11 +51,11 @@ use std::{
 use tokio::sync::Notify;
 use tower::{Layer, Service};
 
+// The calls that keep their ticket.
+use super::wire::MODEL_INFER_PATH;
+
 /// The longest a call waits for the calls that arrived before it.
 pub const MAX_ORDER_WAIT: Duration = Duration::from_secs(1);
-
-/// The gRPC path of the calls that keep their ticket.
-const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// One connection's calls in progress, by arrival number.
 #[derive(Default)]

@@ -6,8 +6,10 @@
 //! `*_backward` request ([`sequence`]), its requests taking effect in the
 //! order they arrived ([`arrival`]); per-model counts and durations back
 //! `ModelStatistics` ([`stats`]); inputs and outputs may live in system
-//! shared-memory regions instead of the messages ([`shm`]). Tensors are
-//! converted in [`crate::tensor`]. Numerics are the native API's: both call
+//! shared-memory regions instead of the messages ([`shm`]); uncompressed
+//! `ModelInfer` messages are read and written by [`wire`], which moves their
+//! raw contents without tonic's codec copies. Tensors are converted in
+//! [`crate::tensor`]. Numerics are the native API's: both call
 //! the same layer code.
 
 pub mod arrival;
@@ -15,6 +17,7 @@ pub mod models;
 pub mod sequence;
 pub mod shm;
 pub mod stats;
+pub mod wire;
 
 use std::{
     sync::{

@@ -129,6 +129,40 @@ pub async fn infer_pipelined(
     outcomes
 }
 
+/// One ModelInfer call whose body is `message` behind a gRPC prefix with
+/// `flag` as its compressed flag, sent as is: the bytes a test composes by
+/// hand reach the server unchanged.
+pub async fn infer_raw(
+    channel: &Channel,
+    flag: u8,
+    message: &[u8],
+) -> Result<kserve::ModelInferResponse, tonic::Status> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use tower::ServiceExt;
+
+    let mut frame = vec![flag];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let request = http::Request::post("http://layerd/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(frame),
+        )))
+        .unwrap();
+    let (head, body) = channel.clone().oneshot(request).await.unwrap().into_parts();
+    let body = body.collect().await.unwrap();
+    let status = body
+        .trailers()
+        .and_then(tonic::Status::from_header_map)
+        .or_else(|| tonic::Status::from_header_map(&head.headers));
+    match status {
+        Some(status) if status.code() != tonic::Code::Ok => Err(status),
+        _ => Ok(kserve::ModelInferResponse::decode(&body.to_bytes()[5..]).unwrap()),
+    }
+}
+
 pub fn seq(id: u64) -> (&'static str, ParameterChoice) {
     ("sequence_id", ParameterChoice::Uint64Param(id))
 }

@@ -180,6 +180,15 @@ def test_stateless_forward_matches_numpy(client, dtype, shape):
     assert close.all() and s.dtype == dtype and s.shape == shape
 
 
+def test_gzip_requests_answer_as_plain_ones(client):
+    """Plain requests take ModelInfer's own message path (kserve::wire), compressed ones tonic's
+    codec: the answers are the same bytes."""
+    x = sample((1 << 18,), np.float32, seed=5)
+    plain = infer(client, "relu_no_grad", x)
+    zipped = infer(client, "relu_no_grad", x, compression_algorithm="gzip")
+    assert plain.tobytes() == zipped.tobytes() == Relu().forward(x).tobytes()
+
+
 def test_typed_contents_are_accepted_and_answered_raw(raw_stub):
     x = np.array([1.5, -2.0, 0.0, 3.25], np.float32)
     for datatype, contents, dtype in [("FP32", tpb.InferTensorContents(fp32_contents=x), np.float32),

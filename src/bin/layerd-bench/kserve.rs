@@ -17,6 +17,7 @@ use std::{collections::HashMap, fs::File, os::unix::fs::FileExt, path::PathBuf};
 
 use bytes::Bytes;
 use layerd::dtype::Wire;
+use layerd::kserve::wire::{self, MODEL_INFER_PATH};
 use layerd::pb::{
     self,
     inference::{
@@ -26,7 +27,9 @@ use layerd::pb::{
     },
 };
 use tonic::{
-    metadata::MetadataValue, service::interceptor::InterceptedService, transport::Channel, Request,
+    metadata::{MetadataMap, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::Channel,
     Status,
 };
 
@@ -42,6 +45,9 @@ const SHM_DIR: &str = "/dev/shm";
 /// One worker's way to the server.
 pub struct Link {
     client: KClient,
+    /// The same channel for ModelInfer, whose tensors bypass tonic's codec
+    /// (`layerd::kserve::wire`): the client costs less CPU per call.
+    direct: InterceptedService<Channel, layerd::client::Bearer>,
     forward_model: String,
     backward_model: String,
     session_header: bool,
@@ -221,12 +227,11 @@ pub async fn links(
     let dout = train.then(|| reference.dout.clone()).flatten();
     let mut links = Vec::with_capacity(workers);
     for w in 0..workers {
-        let mut client = GrpcInferenceServiceClient::with_interceptor(
-            channels[w % channels.len()].clone(),
-            bearer.clone(),
-        )
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        let channel = channels[w % channels.len()].clone();
+        let direct = InterceptedService::new(channel.clone(), bearer.clone());
+        let mut client = GrpcInferenceServiceClient::with_interceptor(channel, bearer.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
         let regions = match args.shared_memory {
             SharedMemory::None => None,
             SharedMemory::System => {
@@ -248,6 +253,7 @@ pub async fn links(
         };
         links.push(Link {
             client,
+            direct,
             forward_model: forward_model.clone(),
             backward_model: backward_model.clone(),
             session_header: args.session_header,
@@ -306,21 +312,26 @@ impl Link {
             ..Default::default()
         };
         let ends = self.sequence_params(op, &mut request.parameters);
-        let mut message = Request::new(request);
+        let mut metadata = MetadataMap::new();
         if let (true, Some(_)) = (self.session_header, self.sequence_length) {
             let id = MetadataValue::from(self.sequence.id);
-            message
-                .metadata_mut()
-                .insert(layerd::engine::SESSION_HEADER, id);
+            metadata.insert(layerd::engine::SESSION_HEADER, id);
         }
-        let answer = self.client.model_infer(message).await;
+        let answer: Result<ki::ModelInferResponse, Status> = wire::unary(
+            &mut self.direct,
+            MODEL_INFER_PATH,
+            metadata,
+            request,
+            MAX_MESSAGE,
+        )
+        .await;
         match &answer {
             // A new sequence next time: this one is over, or broken.
             Err(_) => self.sequence.rounds = 0,
             Ok(_) if ends => self.sequence.rounds = 0,
             Ok(_) => {}
         }
-        let response = answer?.into_inner();
+        let response = answer?;
         let y = self.answer(response, offset)?;
         Ok(match op {
             Op::Forward => Reply::Forward(Some(y)),

@@ -22,12 +22,18 @@ use args::{Cli, Command, RunArgs};
 use report::{Report, Summary};
 use workload::SetupError;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The client, too, allocates and frees buffers of megabytes per call: the
+    // server's allocator settings spare it a page fault per page of each.
+    // Before the runtime's threads exist.
+    layerd::allocator::tune();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Chart(chart)) => merge_charts(&chart),
-        None => run(&cli.run).await,
+        None => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(run(&cli.run)),
+            Err(error) => Err(format!("cannot start the runtime: {error}")),
+        },
     };
     match result {
         Ok(code) => code,

@@ -141,10 +141,12 @@ async fn channels(args: &RunArgs) -> Result<(Vec<Channel>, layerd::client::Beare
     let endpoint = layerd::client::endpoint(&args.addr, Duration::from_secs(5), &args.tls)
         .map_err(SetupError::Unreachable)?
         .timeout(args.call_timeout)
-        // Large tensors need larger HTTP/2 windows than the 64 KiB default.
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .max_frame_size(Some(1 << 20));
+        // Large tensors need larger HTTP/2 windows than the 64 KiB default;
+        // frames up to HTTP/2's largest let a server send a 4 MiB answer in
+        // one, which the KServe mode then checks where it landed, uncopied.
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_frame_size(Some((16 << 20) - 1));
     let connections = args.connections.max(1);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
