@@ -156,9 +156,9 @@ pub struct Config {
     #[arg(long, env = "LAYERD_HTTP2_ADAPTIVE_WINDOW")]
     pub http2_adaptive_window: bool,
 
-    /// HTTP/2: largest frame the server accepts (16KiB to 16MiB); fewer, larger
-    /// frames cost less per byte for large tensors.
-    #[arg(long, env = "LAYERD_MAX_FRAME_SIZE", default_value = "1MiB")]
+    /// HTTP/2: largest frame the server accepts (16KiB to 16777215 bytes, HTTP/2's
+    /// bounds); fewer, larger frames cost less per byte for large tensors.
+    #[arg(long, env = "LAYERD_MAX_FRAME_SIZE", default_value = "1MiB", value_parser = parse_frame_size)]
     pub max_frame_size: ByteSize,
 
     /// Longest a new connection may take to send the HTTP/2 connection preface before it is
@@ -221,6 +221,22 @@ fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
         return Err(format!("expected whole seconds from 1s to {}s", u32::MAX));
     }
     Ok(duration)
+}
+
+/// HTTP/2 frames are 2^14 to 2^24 - 1 bytes (RFC 9113 §6.5.2); h2 panics on
+/// a setting outside, on every connection, so it is refused at start.
+fn parse_frame_size(text: &str) -> Result<ByteSize, String> {
+    const BOUNDS: std::ops::RangeInclusive<u64> = (1 << 14)..=(1 << 24) - 1;
+    let size: ByteSize = text.parse()?;
+    if !BOUNDS.contains(&size.as_u64()) {
+        return Err(format!(
+            "expected {} to {} bytes (16KiB to 16MiB - 1, HTTP/2's bounds), got {} bytes",
+            BOUNDS.start(),
+            BOUNDS.end(),
+            size.as_u64()
+        ));
+    }
+    Ok(size)
 }
 
 impl Config {
@@ -309,6 +325,14 @@ mod tests {
         let workers = Config::try_parse_from(["layerd", "--worker-threads=1"]).unwrap();
         assert_eq!(workers.worker_threads.map(|n| n.get()), Some(1));
         assert!(Config::try_parse_from(["layerd", "--worker-threads=0"]).is_err());
+        let frames = Config::try_parse_from(["layerd", "--max-frame-size=16777215"]).unwrap();
+        assert_eq!(frames.max_frame_size.as_u64(), (1 << 24) - 1);
+        assert!(Config::try_parse_from(["layerd", "--max-frame-size=16KiB"]).is_ok());
+        for outside in ["16MiB", "16383"] {
+            let arg = format!("--max-frame-size={outside}");
+            let error = Config::try_parse_from(["layerd", &arg]).unwrap_err();
+            assert!(error.to_string().contains("16777215"), "{error}");
+        }
     }
 
     #[test]
