@@ -271,7 +271,9 @@ def report(args, m, mb, machine_line, commands):
            "## layerd-bench --protocol kserve", "",
            f"The Rust load generator (`--mode forward`, {args.bench_duration} measured after {args.bench_warmup} "
            "warm-up), which checks every answer bit for bit against its own ReLU, with the tensors in the "
-           "messages or (`shm`) in two shared-memory objects per worker that it registers (x written once; "
+           "messages (written and read by `layerd::kserve::wire`, without tonic's codec copies; HTTP/2 frames "
+           "of up to 16 MiB, so a 4 MiB answer arrives in one frame and is checked where it landed) or "
+           "(`shm`) in two shared-memory objects per worker that it registers (x written once; "
            "y checked in place in its read-only mapping). A stateless call with both tensors in regions is "
            "streamed by layerd in 256 KiB chunks from one region to the other.", "",
            *table(mb, [c[0] for c in BENCH_CASES])]

@@ -19,9 +19,9 @@
 //! - Out: the message without its raw contents is encoded by prost; each raw
 //!   content follows as its own frame, uncopied ([`encode`], [`Frames`]).
 //!
-//! The bytes on the wire are standard protobuf in standard gRPC framing; only
-//! the raw contents field moves to the end of the message, which protobuf
-//! allows (a repeated field's elements keep their order). The server takes
+//! The bytes on the wire are standard protobuf in standard gRPC framing: the
+//! raw contents come last, where prost puts them too (theirs is the highest
+//! field number), and a sender may put them anywhere. The server takes
 //! this path for uncompressed `ModelInfer` calls ([`DirectInfer`]); the load
 //! generator uses [`unary`] as its client.
 
@@ -696,6 +696,12 @@ mod tests {
         );
     }
 
+    /// Asserts `status` has `code` and a message containing `words`.
+    fn assert_status(status: Status, code: tonic::Code, words: &str) {
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(words), "{status:?}");
+    }
+
     #[test]
     fn an_answer_longer_than_the_limit_is_out_of_range() {
         let response = pb::ModelInferResponse {
@@ -703,12 +709,10 @@ mod tests {
             ..Default::default()
         };
         let status = encode(response, 50).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::OutOfRange);
-        assert!(
-            status
-                .message()
-                .contains("encoded message length too large"),
-            "{status:?}"
+        assert_status(
+            status,
+            tonic::Code::OutOfRange,
+            "encoded message length too large",
         );
     }
 
@@ -720,20 +724,13 @@ mod tests {
             bytes.extend(body);
             vec![Bytes::from(bytes)]
         };
+        let limit = "found 1000 bytes, the limit is: 999 bytes";
         let status = read(message(0, 1000, &[]), 999).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::OutOfRange);
-        assert!(
-            status
-                .message()
-                .contains("found 1000 bytes, the limit is: 999 bytes"),
-            "{status:?}"
-        );
+        assert_status(status, tonic::Code::OutOfRange, limit);
         let status = read(message(1, 1, &[0]), 999).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Internal);
-        assert!(status.message().contains("compressed-flag"), "{status:?}");
+        assert_status(status, tonic::Code::Internal, "compressed-flag");
         let status = read(message(0, 10, &[1, 2, 3]), 999).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Internal);
-        assert!(status.message().contains("Unexpected EOF"), "{status:?}");
+        assert_status(status, tonic::Code::Internal, "Unexpected EOF");
         assert!(read(vec![], 999).unwrap().is_none());
         // What follows the one message is not read.
         let mut two = message(0, 2, &[0x08, 0x01]);
@@ -751,12 +748,10 @@ mod tests {
         ] {
             let status =
                 decode::<pb::ModelInferRequest>(frames(bytes, &[]), Start::Anywhere).unwrap_err();
-            assert_eq!(status.code(), tonic::Code::Internal, "{bytes:?}");
-            assert!(
-                status
-                    .message()
-                    .starts_with("failed to decode Protobuf message"),
-                "{status:?}"
+            assert_status(
+                status,
+                tonic::Code::Internal,
+                "failed to decode Protobuf message",
             );
         }
     }
