@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed inputs of the fuzz corpus: valid and near-valid requests of each kind, as wire
 bytes (layer_request: a CreateLayerRequest's length as two little-endian bytes, the request, then
-a RunRequest; kserve_request: a selector byte then a ModelInferRequest).
+a RunRequest; kserve_request: a selector byte — which also sets the frames the message is cut into —
+then a ModelInferRequest).
 
     .venv/bin/python fuzz/seed_corpus.py
 """

@@ -117,6 +117,14 @@ impl Chunks {
     }
 }
 
+impl FromIterator<Bytes> for Chunks {
+    fn from_iter<I: IntoIterator<Item = Bytes>>(frames: I) -> Chunks {
+        let mut chunks = Chunks::default();
+        frames.into_iter().for_each(|frame| chunks.push(frame));
+        chunks
+    }
+}
+
 impl Buf for Chunks {
     fn remaining(&self) -> usize {
         self.remaining
@@ -584,11 +592,9 @@ mod tests {
         let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (bytes.len() + 1)).collect();
         cuts.extend([0, bytes.len()]);
         cuts.sort_unstable();
-        let mut chunks = Chunks::default();
-        for pair in cuts.windows(2) {
-            chunks.push(Bytes::copy_from_slice(&bytes[pair[0]..pair[1]]));
-        }
-        chunks
+        cuts.windows(2)
+            .map(|pair| Bytes::copy_from_slice(&bytes[pair[0]..pair[1]]))
+            .collect()
     }
 
     fn joined(frames: VecDeque<Bytes>) -> Vec<u8> {
