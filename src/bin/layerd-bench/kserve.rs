@@ -10,7 +10,10 @@
 //! shared-memory objects it creates and registers (inputs: x then dout,
 //! written once; outputs: y then dx, checked in place through a read-only
 //! mapping of the worker's own object, which the server never resizes).
-//! Answers become `pb::Tensor`s and are checked by the same reference as the
+//! ModelInfer calls are written and read by `layerd::kserve::wire`, as the
+//! server reads them, without tonic's codec copies: at 1 Mi elements the
+//! client must not be the bottleneck. Answers become `pb::Tensor`s (left in
+//! the frame they arrived in) and are checked by the same reference as the
 //! native modes, bit for bit.
 
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt, path::PathBuf};
