@@ -335,7 +335,8 @@ impl AsRef<[u8]> for AlignedBytes {
 pub fn encode<M: RawContents>(mut message: M, max: usize) -> Result<VecDeque<Bytes>, Status> {
     let raw = std::mem::take(message.raw_contents());
     let raw_key_len = prost::encoding::key_len(M::FIELD);
-    let len = message.encoded_len()
+    let rest_len = message.encoded_len();
+    let len = rest_len
         + raw
             .iter()
             .map(|r| raw_key_len + encoded_len_varint(r.len() as u64) + r.len())
@@ -345,12 +346,10 @@ pub fn encode<M: RawContents>(mut message: M, max: usize) -> Result<VecDeque<Byt
             "Error, encoded message length too large: found {len} bytes, the limit is: {max} bytes"
         )));
     }
-    let mut head = BytesMut::with_capacity(PREFIX + message.encoded_len() + 16);
+    let mut head = BytesMut::with_capacity(PREFIX + rest_len + 16);
     head.put_u8(0);
     head.put_u32(len as u32);
-    message
-        .encode(&mut head)
-        .expect("the buffer grows as needed");
+    message.encode_raw(&mut head);
     let mut frames = VecDeque::with_capacity(1 + 2 * raw.len());
     for content in raw {
         encode_key(M::FIELD, WireType::LengthDelimited, &mut head);
@@ -358,9 +357,7 @@ pub fn encode<M: RawContents>(mut message: M, max: usize) -> Result<VecDeque<Byt
         frames.push_back(head.split().freeze());
         frames.push_back(content);
     }
-    if !head.is_empty() {
-        frames.push_back(head.freeze());
-    }
+    frames.push_back(head.freeze());
     frames.retain(|f| !f.is_empty());
     Ok(frames)
 }

@@ -89,42 +89,19 @@ pub async fn infer_pipelined(
     channel: &Channel,
     requests: Vec<kserve::ModelInferRequest>,
 ) -> Vec<Result<kserve::ModelInferResponse, tonic::Status>> {
-    use http_body_util::BodyExt;
     use prost::Message;
     use tower::{Service, ServiceExt};
 
     let mut channel = channel.clone();
     let mut calls = Vec::new();
     for request in requests {
-        let message = request.encode_to_vec();
-        let mut frame = vec![0];
-        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&message);
-        let request =
-            http::Request::post("http://layerd/inference.GRPCInferenceService/ModelInfer")
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(tonic::body::Body::new(http_body_util::Full::new(
-                    bytes::Bytes::from(frame),
-                )))
-                .unwrap();
+        let request = model_infer_http(0, &request.encode_to_vec());
         // `call` hands the request to the connection's task at once.
         calls.push(channel.ready().await.unwrap().call(request));
     }
     let mut outcomes = Vec::new();
     for call in calls {
-        let (head, body) = call.await.unwrap().into_parts();
-        let body = body.collect().await.unwrap();
-        // In the trailers, or in the headers of a trailers-only answer.
-        let status = body
-            .trailers()
-            .and_then(tonic::Status::from_header_map)
-            .or_else(|| tonic::Status::from_header_map(&head.headers));
-        let data = body.to_bytes();
-        outcomes.push(match status {
-            Some(status) if status.code() != tonic::Code::Ok => Err(status),
-            _ => Ok(kserve::ModelInferResponse::decode(&data[5..]).unwrap()),
-        });
+        outcomes.push(model_infer_outcome(call.await.unwrap()).await);
     }
     outcomes
 }
@@ -137,21 +114,40 @@ pub async fn infer_raw(
     flag: u8,
     message: &[u8],
 ) -> Result<kserve::ModelInferResponse, tonic::Status> {
-    use http_body_util::BodyExt;
-    use prost::Message;
     use tower::ServiceExt;
 
+    let response = channel
+        .clone()
+        .oneshot(model_infer_http(flag, message))
+        .await
+        .unwrap();
+    model_infer_outcome(response).await
+}
+
+/// A ModelInfer HTTP/2 request: `message` behind a gRPC prefix whose
+/// compressed flag is `flag`.
+fn model_infer_http(flag: u8, message: &[u8]) -> http::Request<tonic::body::Body> {
     let mut frame = vec![flag];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(message);
-    let request = http::Request::post("http://layerd/inference.GRPCInferenceService/ModelInfer")
+    http::Request::post("http://layerd/inference.GRPCInferenceService/ModelInfer")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(tonic::body::Body::new(http_body_util::Full::new(
             bytes::Bytes::from(frame),
         )))
-        .unwrap();
-    let (head, body) = channel.clone().oneshot(request).await.unwrap().into_parts();
+        .unwrap()
+}
+
+/// A ModelInfer answer's outcome: its status is in the trailers, or in the
+/// headers of a trailers-only answer.
+async fn model_infer_outcome(
+    response: http::Response<tonic::body::Body>,
+) -> Result<kserve::ModelInferResponse, tonic::Status> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+
+    let (head, body) = response.into_parts();
     let body = body.collect().await.unwrap();
     let status = body
         .trailers()
