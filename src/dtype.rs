@@ -2,6 +2,9 @@
 //! the trait of the Rust types a tensor's bytes are viewed as. Nothing here
 //! depends on layers, sessions or metrics.
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
 use crate::error::Error;
 use crate::pb;
 
@@ -70,6 +73,32 @@ impl Wire {
     /// Whether values are rounded to a half type on the wire.
     pub const fn is_half(self) -> bool {
         matches!(self, Wire::F16 | Wire::BF16)
+    }
+
+    /// The float32 values of `halves`, 16-bit elements of this half type,
+    /// into `out` (as long).
+    ///
+    /// # Panics
+    /// If this is not a half type, or the lengths differ (caller bugs).
+    pub fn widen_halves(self, halves: &[u16], out: &mut [f32]) {
+        match self {
+            Wire::F16 => bytemuck::cast_slice::<u16, f16>(halves).convert_to_f32_slice(out),
+            Wire::BF16 => bytemuck::cast_slice::<u16, bf16>(halves).convert_to_f32_slice(out),
+            Wire::F32 | Wire::F64 => unreachable!("only half types are widened"),
+        }
+    }
+
+    /// `values` rounded to this half type (to nearest, ties to even), into
+    /// `out` (as long).
+    ///
+    /// # Panics
+    /// As [`Wire::widen_halves`].
+    pub fn round_to_halves(self, values: &[f32], out: &mut [u16]) {
+        match self {
+            Wire::F16 => bytemuck::cast_slice_mut::<u16, f16>(out).convert_from_f32_slice(values),
+            Wire::BF16 => bytemuck::cast_slice_mut::<u16, bf16>(out).convert_from_f32_slice(values),
+            Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
+        }
     }
 
     /// The proto enum value name, as clients see it.

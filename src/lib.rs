@@ -9,7 +9,9 @@
 //!   `identity.rs`, `affine.rs`, `convolution.rs`, `pooling.rs`,
 //!   `batch_norm.rs`, `dropout.rs`, `softmax_with_loss.rs`, with `linalg.rs`,
 //!   `rng.rs` and `init.rs`) behind the [`layers::Layer`] trait; pure ndarray;
-//!   `chain.rs` runs a layer instance's members (a `sequential`).
+//!   `chain.rs` runs a layer instance's members (a `sequential`);
+//!   `elementwise.rs` runs the stateless elementwise kinds over raw bytes at
+//!   any address (KServe's stateless models, in one pass from the frames).
 //! - [`optimizers`]: SGD, Momentum, AdaGrad, Adam as pure elementwise math.
 //! - [`dtype`]: element types (the wire dtype enum, the element trait), at the
 //!   bottom: it depends on nothing but errors and the generated code.

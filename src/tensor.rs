@@ -81,21 +81,14 @@ impl Tensor {
         field: &str,
         raw_field: &str,
     ) -> Result<Tensor, Error> {
+        if let Some(raw) = raw {
+            let (wire, shape, len) = kserve_raw_layout(&input, raw.len(), field, raw_field)?;
+            return Tensor::with_data(wire, shape, len, raw, raw_field, wire.kserve_name());
+        }
         let (wire, shape, len) = kserve_layout(&input, field)?;
         let contents = input.contents.unwrap_or_default();
         let typed = typed_lengths(&contents);
         let contents_field = format!("{field}.contents");
-        if let Some(raw) = raw {
-            if let Some((list, _)) = typed.iter().find(|(_, n)| *n > 0) {
-                return Err(Error::invalid(
-                    format!("{contents_field}.{list}"),
-                    format!("no elements: the request sends its inputs in {raw_field}"),
-                    "elements",
-                    "INVALID_TENSOR",
-                ));
-            }
-            return Tensor::with_data(wire, shape, len, raw, raw_field, wire.kserve_name());
-        }
         let wanted = match wire {
             Wire::F32 => "fp32_contents",
             Wire::F64 => "fp64_contents",
@@ -182,18 +175,7 @@ impl Tensor {
         dtype_name: &str,
     ) -> Result<Tensor, Error> {
         metrics::tensor_bytes(metrics::Direction::In, data.len());
-        let want = len * wire.itemsize();
-        if data.len() != want {
-            return Err(Error::invalid(
-                data_field,
-                format!(
-                    "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {dtype_name})",
-                    wire.itemsize(),
-                ),
-                format!("{} bytes", data.len()),
-                "INVALID_TENSOR",
-            ));
-        }
+        check_byte_len(wire, &shape, len, data.len(), data_field, dtype_name)?;
         Ok(Tensor {
             stored: wire,
             wire,
@@ -416,6 +398,56 @@ fn typed_lengths(contents: &inference::InferTensorContents) -> [(&'static str, u
     ]
 }
 
+/// Checks that `got` bytes (of `data_field`) hold the `len` elements of `shape` in
+/// `wire`'s dtype, named `dtype_name` in the error.
+fn check_byte_len(
+    wire: Wire,
+    shape: &[usize],
+    len: usize,
+    got: usize,
+    data_field: &str,
+    dtype_name: &str,
+) -> Result<(), Error> {
+    let want = len * wire.itemsize();
+    if got != want {
+        return Err(Error::invalid(
+            data_field,
+            format!(
+                "{want} bytes ({len} elements of shape {shape:?} × {} bytes for {dtype_name})",
+                wire.itemsize(),
+            ),
+            format!("{got} bytes"),
+            "INVALID_TENSOR",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a KServe input whose elements are `raw_len` raw bytes (its entry of
+/// `raw_input_contents`, named `raw_field`), as [`Tensor::from_kserve`] does:
+/// its layout, no typed contents beside the raw ones, and the byte length.
+/// Returns its datatype, shape and element count.
+pub fn kserve_raw_layout(
+    input: &inference::model_infer_request::InferInputTensor,
+    raw_len: usize,
+    field: &str,
+    raw_field: &str,
+) -> Result<(Wire, Vec<usize>, usize), Error> {
+    let (wire, shape, len) = kserve_layout(input, field)?;
+    if let Some(contents) = &input.contents {
+        if let Some((list, _)) = typed_lengths(contents).iter().find(|(_, n)| *n > 0) {
+            return Err(Error::invalid(
+                format!("{field}.contents.{list}"),
+                format!("no elements: the request sends its inputs in {raw_field}"),
+                "elements",
+                "INVALID_TENSOR",
+            ));
+        }
+    }
+    check_byte_len(wire, &shape, len, raw_len, raw_field, wire.kserve_name())?;
+    Ok((wire, shape, len))
+}
+
 /// Checks a wire shape (rank, addressable size) for `field`, returning it as
 /// `usize`s with its element count.
 fn validated_shape(
@@ -520,8 +552,6 @@ fn elements<T: bytemuck::Pod>(data: &[u8]) -> Cow<'_, [T]> {
 /// a time: the source may be unaligned (prost's buffer), and the large
 /// destination is written once, never zero-filled first.
 mod half {
-    use ::half::slice::HalfFloatSliceExt;
-    use ::half::{bf16, f16};
     use bytes::Bytes;
     use ndarray::CowArray;
 
@@ -538,13 +568,7 @@ mod half {
         for bytes in data.chunks(2 * CHUNK) {
             let n = bytes.len() / 2;
             bytemuck::cast_slice_mut::<u16, u8>(&mut halves[..n]).copy_from_slice(bytes);
-            match wire {
-                Wire::F16 => bytemuck::cast_slice::<u16, f16>(&halves[..n])
-                    .convert_to_f32_slice(&mut wide[..n]),
-                Wire::BF16 => bytemuck::cast_slice::<u16, bf16>(&halves[..n])
-                    .convert_to_f32_slice(&mut wide[..n]),
-                Wire::F32 | Wire::F64 => unreachable!("only half types are widened"),
-            }
+            wire.widen_halves(&halves[..n], &mut wide[..n]);
             out.extend_from_slice(&wide[..n]);
         }
         out
@@ -559,15 +583,7 @@ mod half {
         let mut halves = [0u16; CHUNK];
         for chunk in values.chunks(CHUNK) {
             let halves = &mut halves[..chunk.len()];
-            match wire {
-                Wire::F16 => {
-                    bytemuck::cast_slice_mut::<u16, f16>(halves).convert_from_f32_slice(chunk)
-                }
-                Wire::BF16 => {
-                    bytemuck::cast_slice_mut::<u16, bf16>(halves).convert_from_f32_slice(chunk)
-                }
-                Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
-            }
+            wire.round_to_halves(chunk, halves);
             out.extend_from_slice(halves);
         }
         Bytes::from_owner(Halves(out))

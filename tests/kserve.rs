@@ -300,3 +300,88 @@ async fn requests_of_a_sequence_sent_without_waiting_take_effect_in_arrival_orde
     );
     server.stop().await;
 }
+
+/// A stateless model computes straight from the request's frames
+/// (`layers::elementwise`); a call in a sequence copies the input into
+/// aligned memory and runs the layer (`layers::chain`); gzip goes through
+/// tonic's codec to the layer too. For every model and datatype, special
+/// values and random bits, in a message of many frames: the same bytes.
+#[tokio::test]
+async fn stateless_answers_from_the_frames_are_the_layers_answers() {
+    let server = start(|_| {}).await;
+    let mut client = kserve_client(&server).await;
+    let mut gzip = client.clone().send_compressed(CompressionEncoding::Gzip);
+    let specials = [
+        0.0,
+        -0.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1e-40,
+        -710.0,
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (datatype, size) in [("FP32", 4), ("FP64", 8), ("FP16", 2), ("BF16", 2)] {
+        // 300,001 elements: more than one 1 MiB frame in every datatype
+        // but the half ones, and an odd length.
+        let len = 300_001;
+        let mut raw = Vec::with_capacity(len * size);
+        for i in 0..len {
+            let v = specials.get(i % 1000).copied();
+            let bytes: Vec<u8> = match (datatype, v) {
+                ("FP32", Some(v)) => (v as f32).to_le_bytes().to_vec(),
+                ("FP64", Some(v)) => v.to_le_bytes().to_vec(),
+                ("FP16", Some(v)) => half::f16::from_f64(v).to_le_bytes().to_vec(),
+                ("BF16", Some(v)) => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+                (_, None) => random().to_le_bytes()[..size].to_vec(),
+                _ => unreachable!(),
+            };
+            raw.extend(bytes);
+        }
+        for kind in ["relu", "sigmoid", "identity"] {
+            let request = |model: String, params: &[(&str, ParameterChoice)]| {
+                let mut request = infer_request(&model, &[], params);
+                request.inputs[0].datatype = datatype.into();
+                request.inputs[0].shape = vec![len as i64];
+                request.raw_input_contents = vec![raw.clone().into()];
+                request
+            };
+            let answer = |response: pb::inference::ModelInferResponse| {
+                assert_eq!(response.outputs[0].datatype, datatype);
+                response.raw_output_contents[0].clone()
+            };
+            let stateless = client
+                .model_infer(request(format!("{kind}_no_grad"), &[]))
+                .await
+                .unwrap();
+            let in_sequence = client
+                .model_infer(request(
+                    kind.into(),
+                    &[seq(7), flag("sequence_start"), flag("sequence_end")],
+                ))
+                .await
+                .unwrap();
+            let zipped = gzip
+                .model_infer(request(format!("{kind}_no_grad"), &[]))
+                .await
+                .unwrap();
+            let stateless = answer(stateless.into_inner());
+            assert_eq!(stateless.len(), raw.len());
+            assert!(
+                stateless == answer(in_sequence.into_inner()),
+                "{kind} {datatype}: stateless and in a sequence differ"
+            );
+            assert!(
+                stateless == answer(zipped.into_inner()),
+                "{kind} {datatype}: from the frames and through the codec differ"
+            );
+        }
+    }
+    server.stop().await;
+}

@@ -27,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::{Buf, Bytes};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
@@ -38,16 +39,18 @@ use crate::engine::{
     answer_in_order, backward_on, compute, forward_on, observe, ForwardOptions, Phases, Rpc,
 };
 use crate::error::Error;
-use crate::layers::MemberState;
+use crate::layers::{Elementwise, MemberState};
+use crate::metrics;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::session::{CloseOnDrop, Store};
-use crate::tensor::{first_typed_list, kserve_layout, Tensor};
+use crate::tensor::{first_typed_list, kserve_layout, kserve_raw_layout, Tensor};
 
 use arrival::Ticket;
 use models::{Direction, Model, PLATFORM, VERSION};
 use sequence::{SequenceId, SequenceParams};
 use shm::{RegionUse, Regions, ShmRef};
 use stats::{ModelStats, Stages};
+use wire::{Chunks, Start};
 
 /// The request header with which a ModelStreamInfer client asks for errors as
 /// a gRPC status (ending the stream) instead of `error_message` answers.
@@ -81,9 +84,9 @@ struct Shared {
     regions: Regions,
 }
 
-/// Elements per chunk when a stateless call streams from one region to
-/// another: 256 KiB of float32, which stays in a core's cache between the
-/// read, the layer and the write.
+/// Elements per chunk when a stateless call streams its input: a region is
+/// read (and an output region written) 256 KiB of float32 at a time, which
+/// stays in a core's cache between the read, the layer and the write.
 const STREAM_CHUNK_ELEMENTS: usize = 64 << 10;
 
 /// A request's input, and where its output goes when not in the response.
@@ -92,48 +95,110 @@ struct Io {
     output_region: Option<RegionUse>,
 }
 
-/// A request's input: decoded from the message, or still in its region.
+/// A request's raw input content: in the message (tonic's codec decoded
+/// it), or still in the frames it arrived in ([`wire::decode_framed`]).
+enum Raw {
+    Message(Bytes),
+    Frames(Chunks),
+}
+
+impl Raw {
+    /// The bytes in one buffer, aligned for the math (copied once if they
+    /// are in several frames or misaligned in one).
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Raw::Message(bytes) => bytes,
+            Raw::Frames(chunks) => chunks.into_bytes(Start::Aligned),
+        }
+    }
+}
+
+/// A request's input: decoded from the message, or validated and still
+/// where it arrived (its region, or the request's frames).
 enum Input {
     Message(Tensor),
-    Region {
-        held: RegionUse,
+    Deferred {
+        source: Source,
         tensor: Box<pb::model_infer_request::InferInputTensor>,
         wire: Wire,
         len: usize,
     },
 }
 
+/// Where a deferred input's bytes are.
+enum Source {
+    Region(RegionUse),
+    Frames(Chunks),
+}
+
+impl Source {
+    /// Appends to `out` the answer of `model` for the next `len` bytes of
+    /// elements, `from` bytes into the input (read front to back, once).
+    fn forward_next(
+        &mut self,
+        model: Elementwise,
+        wire: Wire,
+        (from, len): (usize, usize),
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        match self {
+            Source::Region(held) => {
+                let data = held.read_range(from as u64, len)?;
+                model.forward_bytes(wire, [&data[..]], out);
+            }
+            Source::Frames(chunks) => model.forward_bytes(wire, chunks.split_to(len).pieces(), out),
+        }
+        Ok(())
+    }
+}
+
 impl Input {
     fn len(&self) -> usize {
         match self {
             Input::Message(tensor) => tensor.len(),
-            Input::Region { len, .. } => *len,
+            Input::Deferred { len, .. } => *len,
         }
     }
 
-    /// The input as a tensor, read from its region if it is in one.
+    /// The input as one tensor, read from where it is.
     async fn read(self) -> Result<Tensor, Error> {
-        match self {
-            Input::Message(tensor) => Ok(tensor),
-            Input::Region {
-                held, tensor, len, ..
-            } => {
-                let data = compute(len, move || held.read()).await??;
-                Tensor::from_kserve(*tensor, Some(data), "inputs[0]", SHM_BYTE_SIZE_FIELD)
-            }
-        }
+        let (source, tensor, len) = match self {
+            Input::Message(tensor) => return Ok(tensor),
+            Input::Deferred {
+                source,
+                tensor,
+                len,
+                ..
+            } => (source, tensor, len),
+        };
+        let (data, field) = match source {
+            Source::Region(held) => (
+                compute(len, move || held.read()).await??,
+                SHM_BYTE_SIZE_FIELD,
+            ),
+            Source::Frames(chunks) => (
+                compute(len, move || chunks.into_bytes(Start::Aligned)).await?,
+                RAW_INPUT_FIELD,
+            ),
+        };
+        Tensor::from_kserve(*tensor, Some(data), "inputs[0]", field)
     }
 }
 
-/// A stateless call whose input and output are both in regions.
+/// A stateless call computed a chunk at a time as its input is read: from
+/// its region, or from the request's frames, into the output's region or
+/// the response.
 struct Streamed {
-    input: RegionUse,
-    output: RegionUse,
+    input: Source,
+    output: Option<RegionUse>,
     /// The input's (and output's) shape, as the request gave it.
     shape: Vec<i64>,
     wire: Wire,
     len: usize,
 }
+
+/// The request's raw contents of its one input.
+const RAW_INPUT_FIELD: &str = "raw_input_contents[0]";
 
 /// Where an input's byte size in a region is given.
 const SHM_BYTE_SIZE_FIELD: &str = "inputs[0].parameters.shared_memory_byte_size";
@@ -159,6 +224,21 @@ impl InferenceService {
         }
     }
 
+    /// `ModelInfer` of a request whose raw contents are still in `frames`
+    /// when given ([`wire::decode_framed`]), else in the message.
+    pub async fn model_infer_framed(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+        frames: Option<Vec<Chunks>>,
+    ) -> ServiceResult<pb::ModelInferResponse> {
+        let (metadata, extensions, message) = request.into_parts();
+        let caller = Caller::from_parts(metadata, &extensions)?;
+        let ticket = extensions.get::<Ticket>();
+        Ok(Response::new(
+            self.infer(&caller, ticket, message, frames).await?,
+        ))
+    }
+
     /// ServerReady answers false from now on (the server is draining).
     pub fn set_not_ready(&self) {
         self.shared.ready.store(false, Ordering::Relaxed);
@@ -170,6 +250,7 @@ impl InferenceService {
         caller: &Caller,
         ticket: Option<&Ticket>,
         request: pb::ModelInferRequest,
+        frames: Option<Vec<Chunks>>,
     ) -> Result<pb::ModelInferResponse, Error> {
         let method = "ModelInfer";
         let span = tracing::info_span!(
@@ -194,7 +275,7 @@ impl InferenceService {
         let result = observe(
             self.shared.request_timeout,
             Rpc { method, span },
-            self.infer_model(model, caller, ticket, request, &mut stages),
+            self.infer_model(model, caller, ticket, request, frames, &mut stages),
         )
         .await;
         self.shared.stats[model.index()].record(result.is_ok(), started.elapsed(), &stages);
@@ -207,6 +288,7 @@ impl InferenceService {
         caller: &Caller,
         ticket: Option<&Ticket>,
         mut request: pb::ModelInferRequest,
+        frames: Option<Vec<Chunks>>,
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
         crate::metrics::note_kind(model.kind.name());
@@ -220,7 +302,7 @@ impl InferenceService {
         let Io {
             input,
             output_region,
-        } = self.take_io(model, &caller.principal, &mut request)?;
+        } = self.take_io(model, &caller.principal, &mut request, frames)?;
         let span = Span::current();
         span.record("kind", model.kind.name());
         span.record("elements", input.len());
@@ -232,17 +314,17 @@ impl InferenceService {
         let (input, output_region) = match (stateless, input, output_region) {
             (
                 true,
-                Input::Region {
-                    held,
+                Input::Deferred {
+                    source,
                     tensor,
                     wire,
                     len,
                 },
-                Some(output),
+                output,
             ) => {
                 stages.input = decoding.elapsed();
                 let streamed = Streamed {
-                    input: held,
+                    input: source,
                     output,
                     shape: tensor.shape,
                     wire,
@@ -404,14 +486,29 @@ impl InferenceService {
         model: Model,
         owner: &Principal,
         request: &mut pb::ModelInferRequest,
+        frames: Option<Vec<Chunks>>,
     ) -> Result<Io, Error> {
         let regions = &self.shared.regions;
-        let (input, raw) = take_input_parts(model, request)?;
+        let (input, raw) = take_input_parts(model, request, frames)?;
         let output_ref = match request.outputs.first() {
             Some(output) => ShmRef::parse(&output.parameters, "outputs[0]")?,
             None => None,
         };
         let Some(input_ref) = ShmRef::parse(&input.parameters, "inputs[0]")? else {
+            if let Some(Raw::Frames(chunks)) = raw {
+                let (wire, shape, len) =
+                    kserve_raw_layout(&input, chunks.remaining(), "inputs[0]", RAW_INPUT_FIELD)?;
+                let output_region = self.output_region(owner, output_ref, wire, &shape)?;
+                return Ok(Io {
+                    input: Input::Deferred {
+                        source: Source::Frames(chunks),
+                        tensor: Box::new(input),
+                        wire,
+                        len,
+                    },
+                    output_region,
+                });
+            }
             let input = message_input(input, raw)?;
             let output_region =
                 self.output_region(owner, output_ref, input.wire(), input.shape())?;
@@ -458,8 +555,8 @@ impl InferenceService {
         let held = regions.hold(owner, &input_ref, "inputs[0]")?;
         let output_region = self.output_region(owner, output_ref, wire, &shape)?;
         Ok(Io {
-            input: Input::Region {
-                held,
+            input: Input::Deferred {
+                source: Source::Region(held),
                 tensor: Box::new(input),
                 wire,
                 len,
@@ -496,10 +593,12 @@ impl InferenceService {
         Ok(Some(held))
     }
 
-    /// A stateless Forward from one region to another, a chunk at a time:
-    /// the server never holds the whole tensor (nor fresh memory of its
-    /// size), and every element's answer is the one the whole tensor gets
-    /// (the models are elementwise).
+    /// A stateless Forward from where the input is to where the output goes,
+    /// in one pass ([`Elementwise`]: the models are elementwise, and every
+    /// element's answer is the one the layer gives the whole tensor). The
+    /// input is never copied whole: frames are read as they came; a region
+    /// a chunk at a time, and into a region the server holds no memory of
+    /// the tensor's size at all.
     async fn stream_stateless(
         &self,
         model: Model,
@@ -508,27 +607,32 @@ impl InferenceService {
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, Error> {
         let Streamed {
-            input: held,
+            mut input,
             output,
             shape,
             wire,
             len,
         } = streamed;
         let computing = Instant::now();
-        let chain = model.chain();
-        compute(len, move || {
-            let stateless = [MemberState::default()];
+        let elementwise = Elementwise::of(model.kind).expect("models are of elementwise kinds");
+        let raw = compute(len, move || {
             let total = len * wire.itemsize();
             let chunk = STREAM_CHUNK_ELEMENTS * wire.itemsize();
+            let mut answer = Vec::with_capacity(match output {
+                Some(_) => chunk.min(total),
+                None => total,
+            });
             for from in (0..total).step_by(chunk) {
-                let data = held.read_range(from as u64, chunk.min(total - from))?;
-                let x = Tensor::from_wire_bytes(wire, data, "inputs[0]")?;
-                let plan = chain.plan(&x, None, false)?;
-                let y = chain.forward(&stateless, &x, None, &plan, false, false).y;
-                let (_, bytes) = y.into_kserve(model.output());
-                output.write_at(from as u64, &bytes)?;
+                let part = (from, chunk.min(total - from));
+                input.forward_next(elementwise, wire, part, &mut answer)?;
+                if let Some(region) = &output {
+                    region.write_at(from as u64, &answer)?;
+                    answer.clear();
+                }
             }
-            Ok::<(), Error>(())
+            metrics::tensor_bytes(metrics::Direction::In, total);
+            metrics::tensor_bytes(metrics::Direction::Out, total);
+            Ok::<_, Error>(Bytes::from(answer))
         })
         .await??;
         stages.layer.compute = computing.elapsed();
@@ -543,7 +647,7 @@ impl InferenceService {
                 ..Default::default()
             }],
             // As Triton: an empty entry for an output in a region.
-            raw_output_contents: vec![bytes::Bytes::new()],
+            raw_output_contents: vec![raw],
             ..Default::default()
         })
     }
@@ -552,7 +656,7 @@ impl InferenceService {
 /// Validates the request's one input (and requested outputs) for `model`,
 /// with its elements in the message (raw or typed contents).
 pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
-    let (input, raw) = take_input_parts(model, request)?;
+    let (input, raw) = take_input_parts(model, request, None)?;
     message_input(input, raw)
 }
 
@@ -560,23 +664,25 @@ pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<T
 /// `raw` (the request's `raw_input_contents[0]`).
 fn message_input(
     input: pb::model_infer_request::InferInputTensor,
-    raw: Option<bytes::Bytes>,
+    raw: Option<Raw>,
 ) -> Result<Tensor, Error> {
-    Tensor::from_kserve(input, raw, "inputs[0]", "raw_input_contents[0]")
+    Tensor::from_kserve(
+        input,
+        raw.map(Raw::into_bytes),
+        "inputs[0]",
+        RAW_INPUT_FIELD,
+    )
 }
 
 /// Checks the request's one input (and requested outputs) for `model`, and
-/// takes the input with its raw contents, if any.
+/// takes the input with its raw contents, if any: from `frames` when the
+/// message was decoded with its raw contents left in them, else from the
+/// message.
 fn take_input_parts(
     model: Model,
     request: &mut pb::ModelInferRequest,
-) -> Result<
-    (
-        pb::model_infer_request::InferInputTensor,
-        Option<bytes::Bytes>,
-    ),
-    Error,
-> {
+    frames: Option<Vec<Chunks>>,
+) -> Result<(pb::model_infer_request::InferInputTensor, Option<Raw>), Error> {
     if request.inputs.len() != 1 {
         return Err(Error::invalid(
             "inputs",
@@ -604,9 +710,16 @@ fn take_input_parts(
             ));
         }
     }
-    let raw = match request.raw_input_contents.len() {
+    let mut raw: Vec<Raw> = match frames {
+        Some(frames) => frames.into_iter().map(Raw::Frames).collect(),
+        None => std::mem::take(&mut request.raw_input_contents)
+            .into_iter()
+            .map(Raw::Message)
+            .collect(),
+    };
+    let raw = match raw.len() {
         0 => None,
-        1 => Some(std::mem::take(&mut request.raw_input_contents[0])),
+        1 => raw.pop(),
         n => {
             return Err(Error::invalid(
                 "raw_input_contents",
@@ -715,10 +828,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> ServiceResult<pb::ModelInferResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let caller = Caller::from_parts(metadata, &extensions)?;
-        let ticket = extensions.get::<Ticket>();
-        Ok(Response::new(self.infer(&caller, ticket, message).await?))
+        self.model_infer_framed(request, None).await
     }
 
     async fn system_shared_memory_status(
@@ -774,7 +884,7 @@ impl GrpcInferenceService for InferenceService {
             async move {
                 let (model_name, id) = (request.model_name.clone(), request.id.clone());
                 // A stream's requests run one at a time, in order.
-                match service.infer(&caller, None, request).await {
+                match service.infer(&caller, None, request, None).await {
                     Ok(response) => Ok(pb::ModelStreamInferResponse {
                         error_message: String::new(),
                         infer_response: Some(response),

@@ -102,6 +102,27 @@ impl Relu {
         x.mapv(|xi| if xi.masked() { F::zero() } else { xi })
     }
 
+    /// `y` of one element, as every Forward computes it.
+    #[inline]
+    pub fn one<F: Float>(x: F) -> F {
+        if x.masked() {
+            F::zero()
+        } else {
+            x
+        }
+    }
+
+    /// `y` of the 16-bit elements of half type `wire` into `ys` (as long),
+    /// masked as they are (the bits of [`Relu::keep_halves`]'s `y`).
+    pub fn no_grad_halves(wire: Wire, xs: &[u16], ys: &mut [u16]) {
+        use bytemuck::{cast_slice as view, cast_slice_mut as view_mut};
+        match wire {
+            Wire::F16 => no_grad_kernel::<HalfBits<F16_INF>>(view(xs), view_mut(ys)),
+            Wire::BF16 => no_grad_kernel::<HalfBits<BF16_INF>>(view(xs), view_mut(ys)),
+            Wire::F32 | Wire::F64 => unreachable!("{wire:?} is not a half type"),
+        }
+    }
+
     /// `dx` from the kept mask.
     pub fn backward_with<F: Float>(mask: &Mask, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
@@ -198,6 +219,15 @@ fn forward_kernel<T: Maskable>(xs: &[T], y: &mut [MaybeUninit<T>], words: &mut [
             .iter()
             .enumerate()
             .fold(0u64, |bits, (i, &xi)| bits | (xi.masked() as u64) << i);
+    }
+}
+
+/// `y` alone, as [`forward_kernel`] writes it.
+#[multiversion::multiversion(targets = "simd")]
+fn no_grad_kernel<T: Maskable>(xs: &[T], ys: &mut [T]) {
+    assert_eq!(xs.len(), ys.len());
+    for (yi, &xi) in ys.iter_mut().zip(xs) {
+        *yi = if xi.masked() { T::zeroed() } else { xi };
     }
 }
 

@@ -35,6 +35,17 @@ impl Sigmoid {
         y
     }
 
+    /// `y` of a slice, into `ys` (as long): the bits of [`Sigmoid::y`].
+    pub fn y_slice<F: Float>(xs: &[F], ys: &mut [F]) {
+        forward_kernel(xs, ys);
+    }
+
+    /// `y` of one element, as [`Sigmoid::y`] computes it.
+    #[inline]
+    pub fn one<F: Float>(x: F) -> F {
+        sigmoid(x)
+    }
+
     /// `dx` from the kept `y`.
     pub fn backward_with<F: Float>(y: &ArcArray<F, IxDyn>, dout: ArrayViewD<'_, F>) -> ArrayD<F> {
         let dout = dout.as_standard_layout();
