@@ -4,7 +4,8 @@
 //! typed contents) and the stateless Forward with its KServe output.
 //! Invariants: nothing panics; what the server decodes, prost decodes alike,
 //! with every raw content aligned; a validated input computes, and its output
-//! has the input's shape and byte size.
+//! has the input's shape and byte size; the server's stateless path straight
+//! from the frames (`layers::elementwise`) answers the chain's bytes.
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -12,7 +13,7 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use layerd::kserve::wire::{self, Chunks, Start};
 use layerd::kserve::{models::Model, sequence::SequenceParams, take_input};
-use layerd::layers::MemberState;
+use layerd::layers::{Elementwise, MemberState};
 use layerd::pb::inference::ModelInferRequest;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -27,13 +28,21 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Frames of 1 to 442 bytes, as the selector says.
-    let frames = wire
-        .chunks(1 + usize::from(selector % 64) * 7)
-        .map(Bytes::copy_from_slice)
-        .collect::<Chunks>();
-    let Ok(mut request) = wire::decode::<ModelInferRequest>(frames, Start::Aligned) else {
+    let frames = || {
+        wire.chunks(1 + usize::from(selector % 64) * 7)
+            .map(Bytes::copy_from_slice)
+            .collect::<Chunks>()
+    };
+    let Ok(mut request) = wire::decode::<ModelInferRequest>(frames(), Start::Aligned) else {
         return;
     };
+    // As the server reads it: the raw contents left in their frames.
+    let (_, in_frames) =
+        wire::decode_framed::<ModelInferRequest>(frames()).expect("decoded once already");
+    assert!(in_frames
+        .iter()
+        .map(|c| c.pieces().flatten().copied().collect::<Vec<u8>>())
+        .eq(request.raw_input_contents.iter().map(|r| r.to_vec())));
     // Field by field: whole messages may hold NaNs (not equal to themselves)
     // and maps (encoded in no fixed order).
     let by_prost = ModelInferRequest::decode(wire).expect("what the server decodes, prost decodes");
@@ -88,4 +97,15 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(output.datatype, wire.kserve_name());
     assert!(output.shape.iter().map(|&d| d as usize).eq(shape));
     assert_eq!(raw.len(), bytes);
+    if let [content] = &in_frames[..] {
+        // The input was these raw bytes (take_input reads them when given).
+        let mut streamed = Vec::new();
+        Elementwise::of(model.kind)
+            .expect("models are of elementwise kinds")
+            .forward_bytes(wire, content.pieces(), &mut streamed);
+        assert_eq!(
+            streamed, raw,
+            "from the frames, the stateless path answers as the chain"
+        );
+    }
 });
