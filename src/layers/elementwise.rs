@@ -4,23 +4,24 @@
 //! shared-memory region) into the answer's buffer.
 //!
 //! # Why
-//! At 1 Mi float32 elements the work per call is moving bytes. The frames a
-//! tensor arrives in are 16 KiB pieces at any alignment, so the layer could
-//! not view them: the tensor was copied whole into aligned memory, then the
-//! layer read that copy and wrote its answer, twice through memory the size
-//! of the tensor. Here each element is read where it lies (unaligned vector
-//! loads) and its answer written straight into the answer's buffer: the
-//! tensor's bytes are read once and the answer's written once. (Gathering
-//! blocks into aligned scratch first, then copying the answers out, measured
-//! twice the CPU time per call.)
+//! At 1 Mi float32 elements the work per call is moving bytes. A tensor
+//! arrives in HTTP/2 frames at any alignment, so the layer could not view
+//! it: the tensor was copied whole into aligned memory, then the layer read
+//! that copy and wrote its answer, twice through memory the size of the
+//! tensor. Here each element is read where it lies (unaligned vector loads)
+//! and its answer written straight into the answer's buffer: the tensor's
+//! bytes are read once and the answer's written once. (Gathering blocks into
+//! aligned scratch first, then copying the answers out, measured nearly
+//! twice the user CPU time per call.)
 //!
 //! # Numerics
 //! The same kernels as the kinds' own Forward, element by element, in the
 //! element's compute dtype: half types are widened to float32 and rounded
 //! back to nearest even, as a half tensor's Forward does (ReLU masks their
-//! 16-bit elements as they are, as its Forward does). The answer is bit for bit the one [`super::Chain`] gives
-//! the whole tensor without keeping anything (tested below on every dtype,
-//! special values and arbitrary cuts of the input).
+//! 16-bit elements as they are, as its Forward does). The answer is bit for
+//! bit the one [`super::Chain`] gives the whole tensor without keeping
+//! anything (tested below on every dtype, special values and arbitrary cuts
+//! of the input; the `kserve_request` fuzz target checks it too).
 
 use std::mem::MaybeUninit;
 
