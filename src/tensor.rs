@@ -138,14 +138,6 @@ impl Tensor {
         })
     }
 
-    /// A 1-D tensor of the `wire` elements in `data` (little-endian; a
-    /// whole number of them): one chunk of a tensor streamed through shared
-    /// memory. `field` names it in errors.
-    pub fn from_wire_bytes(wire: Wire, data: Bytes, field: &str) -> Result<Tensor, Error> {
-        let len = data.len() / wire.itemsize();
-        Tensor::with_data(wire, vec![len], len, data, field, wire.kserve_name())
-    }
-
     /// The tensor as KServe output `name`: its metadata, and its bytes for
     /// `raw_output_contents` (not copied).
     pub fn into_kserve(

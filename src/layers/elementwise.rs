@@ -162,7 +162,15 @@ mod tests {
     /// The chain's no_grad Forward of the whole tensor, as its answer's bytes.
     fn chain_answer(kind: Kind, wire: Wire, data: &[u8]) -> Vec<u8> {
         let chain = Chain::single(Spec::unconfigured(kind).unwrap(), None);
-        let x = Tensor::from_wire_bytes(wire, bytes::Bytes::copy_from_slice(data), "x").unwrap();
+        let x = Tensor::from_proto(
+            Some(crate::pb::Tensor {
+                dtype: wire.to_proto().into(),
+                shape: vec![(data.len() / wire.itemsize()) as u64],
+                data: bytes::Bytes::copy_from_slice(data),
+            }),
+            "x",
+        )
+        .unwrap();
         let plan = chain.plan(&x, None, false).unwrap();
         let y = chain
             .forward(&[MemberState::default()], &x, None, &plan, false, false)

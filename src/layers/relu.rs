@@ -99,17 +99,13 @@ impl Relu {
 
     /// `y` alone, for `no_grad`.
     pub fn no_grad<F: Float>(x: ArrayViewD<'_, F>) -> ArrayD<F> {
-        x.mapv(|xi| if xi.masked() { F::zero() } else { xi })
+        x.mapv(Relu::one)
     }
 
     /// `y` of one element, as every Forward computes it.
     #[inline]
     pub fn one<F: Float>(x: F) -> F {
-        if x.masked() {
-            F::zero()
-        } else {
-            x
-        }
+        relu(x)
     }
 
     /// `y` of the 16-bit elements of half type `wire` into `ys` (as long),
@@ -213,7 +209,7 @@ fn forward_kernel<T: Maskable>(xs: &[T], y: &mut [MaybeUninit<T>], words: &mut [
     assert_eq!(xs.len(), y.len());
     for ((x64, y64), word) in xs.chunks(64).zip(y.chunks_mut(64)).zip(words) {
         for (yi, &xi) in y64.iter_mut().zip(x64) {
-            yi.write(if xi.masked() { T::zeroed() } else { xi });
+            yi.write(relu(xi));
         }
         *word = x64
             .iter()
@@ -222,12 +218,22 @@ fn forward_kernel<T: Maskable>(xs: &[T], y: &mut [MaybeUninit<T>], words: &mut [
     }
 }
 
+/// One element's answer: `+0.0` (all zero bits) where masked, else itself.
+#[inline(always)]
+fn relu<T: Maskable>(x: T) -> T {
+    if x.masked() {
+        T::zeroed()
+    } else {
+        x
+    }
+}
+
 /// `y` alone, as [`forward_kernel`] writes it.
 #[multiversion::multiversion(targets = "simd")]
 fn no_grad_kernel<T: Maskable>(xs: &[T], ys: &mut [T]) {
     assert_eq!(xs.len(), ys.len());
     for (yi, &xi) in ys.iter_mut().zip(xs) {
-        *yi = if xi.masked() { T::zeroed() } else { xi };
+        *yi = relu(xi);
     }
 }
 
