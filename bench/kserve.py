@@ -49,14 +49,19 @@ CASES = [
     ("shm, 1 Mi", "x:1048576", "8", False, True),
 ]
 # layerd-bench --protocol kserve cases: (case, elements, concurrency, --shared-memory,
-# sequence length or 0). Stateless ones go to each server's stateless ReLU, the sequence
-# one (Forward only, as Triton's relu_seq has no Backward) to its stateful ReLU.
+# sequence length or 0, connections). Stateless ones go to each server's stateless ReLU (and
+# layerd's identity floor), the sequence one (Forward only, as Triton's relu_seq has no
+# Backward) to its stateful ReLU. The concurrency is the calls in flight over all connections.
+# perf_analyzer 2.60 shares a connection among at most 6 of its clients, one of which reads
+# metadata: it opens 1 connection at concurrency 1, 2 at 6 and 8, 3 at 12 (counted with `ss`).
+# The "2 connections" case is its arrangement at 8; the others keep every call on one.
 BENCH_CASES = [
-    ("1 Mi", 1048576, 8, "none", 0),
-    ("shm, 1 Mi", 1048576, 8, "system", 0),
-    ("16 Mi", 16777216, 4, "none", 0),
-    ("shm, 16 Mi", 16777216, 4, "system", 0),
-    ("sequence, 1 Mi, 5 per sequence", 1048576, 8, "none", 5),
+    ("1 Mi", 1048576, 8, "none", 0, 1),
+    ("1 Mi, 2 connections", 1048576, 8, "none", 0, 2),
+    ("shm, 1 Mi", 1048576, 8, "system", 0, 1),
+    ("16 Mi", 16777216, 4, "none", 0, 1),
+    ("shm, 16 Mi", 16777216, 4, "system", 0, 1),
+    ("sequence, 1 Mi, 5 per sequence", 1048576, 8, "none", 5, 1),
 ]
 # perf_analyzer 2.60 keeps every request's records until it exits: at 1 Mi its
 # RSS grows by ~15 MB per request and, against a server answering ~100/s, its
@@ -142,12 +147,15 @@ def client_cpu(server, run):
     return result, wall, used, server.cpu_seconds() - server_cpu
 
 
-def layerd_bench(args, binary, server, case, elements, concurrency, shm, sequence, tmp, tag):
-    """One verifying layerd-bench --protocol kserve run against `server`."""
-    model = server.models["sequence" if sequence else "stateless"]
-    flags = ["--protocol", "kserve", "--mode", "forward", "--model", model, "--elements", elements,
-             "--concurrency", concurrency, "--shared-memory", shm, "--duration", args.bench_duration,
-             "--warmup", args.bench_warmup]
+def layerd_bench(args, binary, server, model, case, elements, concurrency, shm, sequence, tmp, tag,
+                 connections=1):
+    """One verifying layerd-bench --protocol kserve run of `model` against `server`;
+    `concurrency` calls in flight, spread evenly over `connections`."""
+    # The kind layerd-bench checks every answer against: the floor's is identity.
+    kind = "identity" if model == server.models.get("floor") else "relu"
+    flags = ["--protocol", "kserve", "--mode", "forward", "--kind", kind, "--model", model, "--elements", elements,
+             "--connections", connections, "--concurrency", concurrency // connections,
+             "--shared-memory", shm, "--duration", args.bench_duration, "--warmup", args.bench_warmup]
     if sequence:
         flags += ["--sequence-length", sequence]
     (run,), wall, client_s, server_s = client_cpu(
@@ -196,6 +204,15 @@ def perf_analyzer(args, server, model, shape, concurrency, stateful, shm, tmp, t
              # As a reader runs it: no paths of this machine.
              "command": " ".join([display(cmd[0])] + [f"OUT/{out.name}" if a == str(out) else a for a in cmd[1:]])}
             for r in rows]
+
+
+def variants_of(server, stateful):
+    """(label, model) pairs to run on `server`: its ReLU, and for a stateless case its no-math
+    floor where it has one (layerd's identity: what the same path costs without the layer)."""
+    variants = [(server.name, server.models["sequence" if stateful else "stateless"])]
+    if "floor" in server.models and not stateful:
+        variants.append((f"{server.name} identity", server.models["floor"]))
+    return variants
 
 
 def median_table(runs):
@@ -270,14 +287,18 @@ def report(args, m, mb, machine_line, commands):
            *table(m, [c[0] for c in CASES]), "",
            "## layerd-bench --protocol kserve", "",
            f"The Rust load generator (`--mode forward`, {args.bench_duration} measured after {args.bench_warmup} "
-           "warm-up), which checks every answer bit for bit against its own ReLU, with the tensors in the "
+           "warm-up), which checks every answer bit for bit against its own ReLU (identity for the floor), "
+           "with the tensors in the "
            "messages (written and read by `layerd::kserve::wire`, without tonic's codec copies; HTTP/2 frames "
            "of up to 16 MiB, so a 4 MiB answer arrives in one frame and is checked where it landed) or "
            "(`shm`) in two shared-memory objects per worker that it registers (x written once; "
            "y checked in place in its read-only mapping). layerd computes a stateless call in one pass "
            "from where its input is (the request's frames, or a region read in 256 KiB chunks) to where its "
            "output goes. Before the first repeat every server serves 16 Mi requests for one run's time: "
-           "Triton answers 1 Mi requests about 1.5x faster once it has served 16 Mi ones.", "",
+           "Triton answers 1 Mi requests about 1.5x faster once it has served 16 Mi ones. Calls share one "
+           "connection, but in `2 connections` (4 calls in flight on each), the arrangement perf_analyzer "
+           "2.60 uses at concurrency 8: its clients share a connection, at most 6 on one, and it opens "
+           "1 at concurrency 1, 2 at 6 and 8, 3 at 12 (counted with `ss`).", "",
            *table(mb, [c[0] for c in BENCH_CASES])]
 
     targets = [("perf_analyzer", m, "1 Ki, c8: layerd / Triton", ("1 Ki", 8), 2.5),
@@ -287,6 +308,8 @@ def report(args, m, mb, machine_line, commands):
                 ("sequence, 1 Ki, 5 per sequence", 8), 2.0),
                ("perf_analyzer", m, "shm, 1 Mi, c8: layerd / Triton", ("shm, 1 Mi", 8), 3.0),
                ("layerd-bench", mb, "1 Mi, c8: layerd / Triton", ("1 Mi", 8), 3.0),
+               ("layerd-bench", mb, "1 Mi, c8 on 2 connections (perf_analyzer's): layerd / Triton",
+                ("1 Mi, 2 connections", 8), 3.0),
                ("layerd-bench", mb, "shm, 1 Mi, c8: layerd / Triton", ("shm, 1 Mi", 8), 3.0)]
     lines = []
     for client, table_m, label, (case, conc), goal in targets:
@@ -344,10 +367,7 @@ def main():
                 for server in servers:
                     if shm and not server.shm:
                         continue
-                    variants = [(server.name, server.models["sequence" if stateful else "stateless"])]
-                    if "floor" in server.models and not stateful:
-                        variants.append((f"{server.name} identity", server.models["floor"]))
-                    for label, model in variants:
+                    for label, model in variants_of(server, stateful):
                         tag = f"{label}-{case}-c{concurrency}-{repeat}".replace(" ", "_").replace(",", "")
                         for r in perf_analyzer(args, server, model, shape, concurrency, stateful, shm, tmp, tag):
                             r.update(case=case, server=label, repeat=repeat)
@@ -363,20 +383,21 @@ def main():
                 # do it. Every server serves a few first, so each repeat measures warm servers.
                 for server in servers:
                     if server.name != "grpc_numpy":
-                        layerd_bench(args, target / "layerd-bench", server, "warm-up", 16777216, 4, "none",
-                                     0, tmp, f"warm-up-{server.name}")
-            for case, elements, concurrency, shm, sequence in BENCH_CASES:
+                        layerd_bench(args, target / "layerd-bench", server, server.models["stateless"],
+                                     "warm-up", 16777216, 4, "none", 0, tmp, f"warm-up-{server.name}")
+            for case, elements, concurrency, shm, sequence, connections in BENCH_CASES:
                 for server in servers:
                     if server.name == "grpc_numpy" or (shm == "system" and not server.shm):
                         continue
-                    tag = f"bench-{server.name}-{case}-{repeat}".replace(" ", "_").replace(",", "")
-                    r = layerd_bench(args, target / "layerd-bench", server, case, elements, concurrency, shm,
-                                     sequence, tmp, tag)
-                    r.update(repeat=repeat)
-                    bench_runs.append(r)
-                    print(f"  #{repeat} {case:32} {server.name:16} c{concurrency}: {r['infer_per_s']:9.1f} "
-                          f"infer/s p99 {r['p99_us']:8.0f} us (layerd-bench, verified; client CPU "
-                          f"{r['pa_cpu_s'] / (r['wall_s'] * os.cpu_count()):.0%})", flush=True)
+                    for label, model in variants_of(server, sequence):
+                        tag = f"bench-{label}-{case}-{repeat}".replace(" ", "_").replace(",", "")
+                        r = layerd_bench(args, target / "layerd-bench", server, model, case, elements,
+                                         concurrency, shm, sequence, tmp, tag, connections)
+                        r.update(server=label, repeat=repeat)
+                        bench_runs.append(r)
+                        print(f"  #{repeat} {case:32} {label:16} c{concurrency}: {r['infer_per_s']:9.1f} "
+                              f"infer/s p99 {r['p99_us']:8.0f} us (layerd-bench, verified; client CPU "
+                              f"{r['pa_cpu_s'] / (r['wall_s'] * os.cpu_count()):.0%})", flush=True)
     finally:
         for server in servers:
             server.stop()
