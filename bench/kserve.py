@@ -288,8 +288,8 @@ def report(args, m, mb, machine_line, commands):
            "## layerd-bench --protocol kserve", "",
            f"The Rust load generator (`--mode forward`, {args.bench_duration} measured after {args.bench_warmup} "
            "warm-up), which checks every answer bit for bit against its own ReLU (identity for the floor), "
-           "with the tensors in the "
-           "messages (written and read by `layerd::kserve::wire`, without tonic's codec copies; HTTP/2 frames "
+           "with the tensors in the messages (written and read by `layerd::kserve::wire`, without tonic's "
+           "codec copies; HTTP/2 frames "
            "of up to 16 MiB, so a 4 MiB answer arrives in one frame and is checked where it landed) or "
            "(`shm`) in two shared-memory objects per worker that it registers (x written once; "
            "y checked in place in its read-only mapping). layerd computes a stateless call in one pass "
