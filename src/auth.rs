@@ -15,7 +15,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 
 use tonic::{metadata::MetadataMap, service::Interceptor, Request, Status};
 
-use crate::error::Error;
+use crate::rpc::status::CallError;
 
 /// Shortest token accepted: 16 characters (at least 96 bits if random base64).
 const MIN_TOKEN_CHARS: usize = 16;
@@ -38,11 +38,11 @@ impl Principal {
 
     /// The principal stored with the request by [`Authenticator`]; a request
     /// that did not pass through it is refused (fail closed).
-    pub fn of(extensions: &http::Extensions) -> Result<Principal, Error> {
+    pub fn of(extensions: &http::Extensions) -> Result<Principal, CallError> {
         extensions
             .get::<Principal>()
             .cloned()
-            .ok_or_else(|| Error::Unauthenticated {
+            .ok_or_else(|| CallError::Unauthenticated {
                 reason: "MISSING_TOKEN",
                 detail: "the request was not authenticated".into(),
             })
@@ -60,7 +60,7 @@ impl Caller {
     pub fn from_parts(
         metadata: MetadataMap,
         extensions: &http::Extensions,
-    ) -> Result<Caller, Error> {
+    ) -> Result<Caller, CallError> {
         Ok(Caller {
             principal: Principal::of(extensions)?,
             metadata,
@@ -142,11 +142,11 @@ impl Authenticator {
         self.tokens.is_some()
     }
 
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, Error> {
+    fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, CallError> {
         let Some(tokens) = &self.tokens else {
             return Ok(Principal::default());
         };
-        let missing = |detail: &str| Error::Unauthenticated {
+        let missing = |detail: &str| CallError::Unauthenticated {
             reason: "MISSING_TOKEN",
             detail: format!("expected an `authorization: Bearer <token>` header, got {detail}"),
         };
@@ -163,7 +163,7 @@ impl Authenticator {
         tokens
             .get(token)
             .cloned()
-            .ok_or_else(|| Error::Unauthenticated {
+            .ok_or_else(|| CallError::Unauthenticated {
                 reason: "INVALID_TOKEN",
                 detail: "the bearer token is not one of --auth-tokens".into(),
             })

@@ -1,12 +1,11 @@
-//! Element types, at the bottom of the module graph: the wire dtype enum and
-//! the trait of the Rust types a tensor's bytes are viewed as. Nothing here
-//! depends on layers, sessions or metrics.
+//! Element types, at the bottom of the module graph: how a float tensor
+//! travels ([`Wire`]), what it is computed in ([`DType`]), and the trait of
+//! the Rust types a tensor's bytes are viewed as. Nothing here depends on
+//! layers, sessions, metrics or a wire format (the codecs name these dtypes
+//! as their formats do).
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-
-use crate::error::Error;
-use crate::pb;
 
 /// Element type of a validated tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,11 +23,6 @@ impl DType {
     /// The proto enum value name, as clients see it.
     pub const fn proto_name(self) -> &'static str {
         self.wire().proto_name()
-    }
-
-    /// The KServe v2 datatype name.
-    pub const fn kserve_name(self) -> &'static str {
-        self.wire().kserve_name()
     }
 
     /// How a tensor of this dtype travels.
@@ -110,66 +104,6 @@ impl Wire {
             Wire::BF16 => "DTYPE_BFLOAT16",
         }
     }
-
-    /// The KServe v2 datatype name.
-    pub const fn kserve_name(self) -> &'static str {
-        match self {
-            Wire::F32 => "FP32",
-            Wire::F64 => "FP64",
-            Wire::F16 => "FP16",
-            Wire::BF16 => "BF16",
-        }
-    }
-
-    pub fn from_kserve(name: &str, field: &str) -> Result<Wire, Error> {
-        match name {
-            "FP32" => Ok(Wire::F32),
-            "FP64" => Ok(Wire::F64),
-            "FP16" => Ok(Wire::F16),
-            "BF16" => Ok(Wire::BF16),
-            other => Err(Error::invalid(
-                format!("{field}.datatype"),
-                "FP32, FP64, FP16 or BF16",
-                format!("{other:?}"),
-                "INVALID_TENSOR",
-            )),
-        }
-    }
-
-    pub fn from_proto(value: i32, field: &str) -> Result<Wire, Error> {
-        match pb::DType::try_from(value) {
-            Ok(pb::DType::DtypeFloat32) => Ok(Wire::F32),
-            Ok(pb::DType::DtypeFloat64) => Ok(Wire::F64),
-            Ok(pb::DType::DtypeFloat16) => Ok(Wire::F16),
-            Ok(pb::DType::DtypeBfloat16) => Ok(Wire::BF16),
-            Ok(pb::DType::DtypeInt64) => Err(bad_dtype(
-                field,
-                "DTYPE_INT64 (3), which only a loss target t accepts".into(),
-            )),
-            Ok(pb::DType::DtypeUnspecified) => {
-                Err(bad_dtype(field, "DTYPE_UNSPECIFIED (0)".into()))
-            }
-            Err(_) => Err(bad_dtype(field, format!("unknown value {value}"))),
-        }
-    }
-
-    pub fn to_proto(self) -> pb::DType {
-        match self {
-            Wire::F32 => pb::DType::DtypeFloat32,
-            Wire::F64 => pb::DType::DtypeFloat64,
-            Wire::F16 => pb::DType::DtypeFloat16,
-            Wire::BF16 => pb::DType::DtypeBfloat16,
-        }
-    }
-}
-
-fn bad_dtype(field: &str, got: String) -> Error {
-    Error::invalid(
-        format!("{field}.dtype"),
-        "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2), DTYPE_FLOAT16 (4) or DTYPE_BFLOAT16 (5)",
-        got,
-        "INVALID_TENSOR",
-    )
 }
 
 /// A Rust element type a tensor's little-endian bytes can be viewed as.

@@ -1,7 +1,8 @@
-//! The compute path both protocols share (the native handlers in
-//! [`crate::service`] and the KServe ones in [`crate::kserve`]): Forward and
-//! Backward on a layer instance, the request timeout with tracing and metrics
-//! around each call, where computations run, and in-order stream answering.
+//! The one executor both protocols call (the native handlers in
+//! [`crate::api`] and the KServe ones in [`crate::kserve`]): Forward and
+//! Backward on a layer instance, a stateless Forward, a layer's values, and
+//! where computations run. No transport here: the RPC plumbing (spans,
+//! deadlines, metrics, headers, streams) is [`crate::rpc`]'s.
 //!
 //! Invariant: a call validates everything before it touches a session,
 //! computes without holding any lock but its own layer instance's, and commits
@@ -10,96 +11,21 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{metadata::MetadataMap, Code, Status, Streaming};
-use tracing::{field, Instrument, Span};
+use tokio::sync::Semaphore;
 
 use crate::error::Error;
 use crate::layers::{rng::Rng, Chain, MemberState};
-use crate::metrics;
 use crate::session::{KeptEntry, LayerInstance, Session};
 use crate::tensor::{Target, Tensor};
-
-/// The metadata key load balancers hash on to route a session to its replica.
-pub const SESSION_HEADER: &str = "x-session-id";
 
 /// Tensors up to this many elements are computed on the async executor;
 /// larger ones on the blocking pool, so small calls are not starved behind
 /// them. At this size a ReLU or Sigmoid takes some tens of microseconds.
 const INLINE_COMPUTE_MAX_ELEMENTS: usize = 16 * 1024;
-
-/// Answers a stream (Run, ModelStreamInfer) may compute ahead of a slow reader.
-const STREAM_BUFFER: usize = 4;
-
-/// A span for one RPC; `kind`, `elements` and `code` are filled in as known.
-pub fn rpc_span(method: &'static str, session_id: &str, layer_id: &str) -> Rpc {
-    let span = tracing::info_span!(
-        "rpc",
-        method,
-        session = session_id,
-        layer = layer_id,
-        kind = field::Empty,
-        elements = field::Empty,
-        code = field::Empty,
-    );
-    Rpc { method, span }
-}
-
-/// If the request carries `x-session-id`, it must name the message's session.
-pub fn check_routing(metadata: &MetadataMap, session_id: &str) -> Result<(), Error> {
-    let Some(header) = metadata.get(SESSION_HEADER) else {
-        return Ok(());
-    };
-    if header.as_bytes() == session_id.as_bytes() {
-        return Ok(());
-    }
-    Err(Error::invalid(
-        SESSION_HEADER,
-        format!("the request's session_id {session_id:?} (the header routes the call)"),
-        format!("{:?}", String::from_utf8_lossy(header.as_bytes())),
-        "SESSION_HEADER_MISMATCH",
-    ))
-}
-
-/// One RPC (or stream step) being observed: its method name and its span.
-pub struct Rpc {
-    pub method: &'static str,
-    pub span: Span,
-}
-
-/// Runs one call (or stream step) in its span under `request_timeout`, and
-/// records its outcome on the span and in the metrics.
-pub async fn observe<T>(
-    request_timeout: Duration,
-    rpc: Rpc,
-    call: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    let Rpc { method, span } = rpc;
-    let started = Instant::now();
-    let (result, kind) = metrics::with_kind(tokio::time::timeout(
-        request_timeout,
-        call.instrument(span.clone()),
-    ))
-    .await;
-    let result = result.unwrap_or(Err(Error::Timeout(request_timeout)));
-    let code = result.as_ref().map_or_else(Error::code, |_| Code::Ok);
-    span.record("code", field::debug(code));
-    let elapsed = started.elapsed();
-    metrics::call(method, kind, code, elapsed);
-    let micros = elapsed.as_micros() as u64;
-    span.in_scope(|| match &result {
-        Ok(_) => tracing::debug!(micros, "ok"),
-        Err(error @ Error::Internal(_)) => tracing::error!(micros, %error, "failed"),
-        Err(error) => tracing::info!(micros, %error, "failed"),
-    });
-    result
-}
 
 /// Where a Forward or Backward spent its time, for the KServe statistics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -260,44 +186,6 @@ pub fn cost(chain: &Chain, elements: usize, bytes: u64) -> usize {
     elements.max(usize::try_from(arrays).unwrap_or(usize::MAX))
 }
 
-/// Answers the requests of a bidirectional stream one at a time, in order,
-/// from a spawned task feeding a bounded channel (so a slow reader holds back
-/// the computation, not the server's memory). An `Err` answer is sent and ends
-/// the stream. A client that goes away drops the request in progress before
-/// it commits anything.
-pub fn answer_in_order<Req, Resp, Fut>(
-    mut requests: Streaming<Req>,
-    max_message_bytes: u64,
-    mut answer: impl FnMut(Req) -> Fut + Send + 'static,
-) -> ReceiverStream<Result<Resp, Status>>
-where
-    Req: Send + 'static,
-    Resp: Send + 'static,
-    Fut: Future<Output = Result<Resp, Status>> + Send,
-{
-    let (answers, receiver) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(async move {
-        loop {
-            let result = tokio::select! {
-                request = requests.message() => match request {
-                    Ok(None) => break,
-                    Ok(Some(request)) => tokio::select! {
-                        result = answer(request) => result,
-                        _ = answers.closed() => break,
-                    },
-                    Err(status) => Err(oversize_to_resource_exhausted(status, max_message_bytes)),
-                },
-                _ = answers.closed() => break,
-            };
-            let ends_stream = result.is_err();
-            if answers.send(result).await.is_err() || ends_stream {
-                break;
-            }
-        }
-    });
-    ReceiverStream::new(receiver)
-}
-
 /// Runs `work` inline when small, else on the blocking pool — at most one
 /// large computation per core at a time, so they cannot crowd out the async
 /// workers that read requests, answer small calls and shed load.
@@ -349,18 +237,4 @@ fn compute_slots() -> &'static Arc<Semaphore> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Arc::new(Semaphore::new(cores))
     })
-}
-
-/// tonic answers an oversize message with OUT_OF_RANGE; layerd answers every
-/// exceeded limit with RESOURCE_EXHAUSTED naming the flag that sets it.
-pub fn oversize_to_resource_exhausted(status: Status, max_message_bytes: u64) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
-        return Error::LimitExceeded {
-            flag: "--max-message-bytes",
-            limit: bytesize::ByteSize(max_message_bytes).to_string(),
-            detail: status.message().to_string(),
-        }
-        .into();
-    }
-    status
 }

@@ -1,17 +1,12 @@
-//! The one error type of the service, and its one mapping to `tonic::Status`.
+//! The domain error of layers, sessions, training and checkpoints: what went
+//! wrong, with no transport in it.
 //!
-//! Every status carries a message naming the field, what was expected and
-//! what came, plus `google.rpc` details clients can branch on: an `ErrorInfo`
-//! whose `reason` is stable (e.g. `SESSION_NOT_FOUND`, `NOTHING_KEPT`) in the
-//! domain `layerd.v1`, and for bad arguments a `BadRequest` field violation.
-
-use std::{collections::HashMap, time::Duration};
-
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-/// The `ErrorInfo.domain` of every error.
-pub const ERROR_DOMAIN: &str = "layerd.v1";
+//! Every variant names what a client needs to act: the field, what was
+//! expected and what came (`InvalidArgument`), or the ids involved. Each has
+//! a stable [`Error::reason`] (`SESSION_NOT_FOUND`, `NOTHING_KEPT`, …) and
+//! [`Error::metadata`] pairs; the protocol edges ([`crate::rpc::status`]) map
+//! them to gRPC codes and `google.rpc` details, and add the errors only they
+//! raise (authentication, overload, timeouts, KServe models, shared memory).
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,23 +18,6 @@ pub enum Error {
         session_id: String,
         layer_id: String,
     },
-
-    /// A KServe request names a model (or version) layerd does not serve.
-    #[error(
-        "model {model:?} version {version:?} not found: layerd serves {served}, version \"1\""
-    )]
-    ModelNotFound {
-        model: String,
-        version: String,
-        served: String,
-    },
-
-    /// A KServe `*_backward` request without a `sequence_id`: Backward needs
-    /// what a Forward of the same sequence kept.
-    #[error(
-        "model {model:?} needs a sequence: send Forward with a sequence_id (and sequence_start), then Backward with the same sequence_id"
-    )]
-    SequenceRequired { model: String },
 
     #[error("session {session_id:?} already exists")]
     SessionExists { session_id: String },
@@ -115,38 +93,6 @@ pub enum Error {
         detail: String,
     },
 
-    /// No valid bearer token; `reason` is MISSING_TOKEN or INVALID_TOKEN.
-    #[error("unauthenticated: {detail}")]
-    Unauthenticated {
-        reason: &'static str,
-        detail: String,
-    },
-
-    /// Shed at `--max-concurrent-calls` before running: safe to retry.
-    #[error(
-        "server overloaded: {max_calls} calls in flight (--max-concurrent-calls); the call did not run, retry after a backoff"
-    )]
-    Overloaded { max_calls: usize },
-
-    #[error("request did not finish within the server's request timeout of {0:?}")]
-    Timeout(Duration),
-
-    /// A shared-memory region name the caller has not registered.
-    #[error("{field}: shared-memory region {region:?} is not registered (SystemSharedMemoryRegister it first)")]
-    RegionNotFound { region: String, field: String },
-
-    #[error("shared-memory region {region:?} is already registered; unregister it first or pick another name")]
-    RegionExists { region: String },
-
-    /// The object behind a registered region changed under it (shrunk or
-    /// removed by its owner): the use did not happen.
-    #[error("shared-memory region {region:?} cannot be used: {detail}")]
-    RegionUnusable { region: String, detail: String },
-
-    /// The server runs without `--allow-client-shm`.
-    #[error("system shared memory is disabled on this server: start it with --allow-client-shm to register and use regions")]
-    SharedMemoryDisabled,
-
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -167,64 +113,28 @@ impl Error {
         }
     }
 
-    pub fn code(&self) -> Code {
-        match self {
-            Error::SessionNotFound { .. }
-            | Error::LayerNotFound { .. }
-            | Error::ModelNotFound { .. }
-            | Error::OptimizerNotFound { .. }
-            | Error::RegionNotFound { .. } => Code::NotFound,
-            Error::SessionExists { .. }
-            | Error::LayerExists { .. }
-            | Error::OptimizerExists { .. }
-            | Error::ParamsOwned { .. }
-            | Error::RegionExists { .. } => Code::AlreadyExists,
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NothingKept { .. }
-            | Error::SequenceRequired { .. }
-            | Error::NoGradients { .. }
-            | Error::StepOutOfOrder { .. }
-            | Error::RegionUnusable { .. }
-            | Error::SharedMemoryDisabled => Code::FailedPrecondition,
-            Error::LimitExceeded { .. } => Code::ResourceExhausted,
-            Error::Unauthenticated { .. } => Code::Unauthenticated,
-            Error::Overloaded { .. } => Code::Unavailable,
-            Error::Timeout(_) => Code::DeadlineExceeded,
-            Error::Internal(_) => Code::Internal,
-        }
-    }
-
     /// The stable `ErrorInfo.reason`.
     pub fn reason(&self) -> &'static str {
         match self {
             Error::SessionNotFound { .. } => "SESSION_NOT_FOUND",
             Error::LayerNotFound { .. } => "LAYER_NOT_FOUND",
             Error::SessionExists { .. } => "SESSION_EXISTS",
-            Error::ModelNotFound { .. } => "MODEL_NOT_FOUND",
-            Error::SequenceRequired { .. } => "SEQUENCE_REQUIRED",
             Error::LayerExists { .. } => "LAYER_EXISTS",
             Error::OptimizerNotFound { .. } => "OPTIMIZER_NOT_FOUND",
             Error::OptimizerExists { .. } => "OPTIMIZER_EXISTS",
             Error::ParamsOwned { .. } => "PARAMS_OWNED",
             Error::NoGradients { .. } => "NO_GRADIENTS",
             Error::StepOutOfOrder { .. } => "STEP_OUT_OF_ORDER",
-            Error::InvalidArgument { reason, .. } | Error::Unauthenticated { reason, .. } => reason,
+            Error::InvalidArgument { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
-            Error::Overloaded { .. } => "OVERLOADED",
-            Error::Timeout(_) => "REQUEST_TIMEOUT",
-            Error::RegionNotFound { .. } => "REGION_NOT_FOUND",
-            Error::RegionExists { .. } => "REGION_EXISTS",
-            Error::RegionUnusable { .. } => "REGION_UNUSABLE",
-            Error::SharedMemoryDisabled => "SHARED_MEMORY_DISABLED",
             Error::Internal(_) => "INTERNAL",
         }
     }
 
-    fn metadata(&self) -> HashMap<String, String> {
-        // Numbers, formatted for the pairs below to borrow.
-        let numbers: [String; 2];
-        let pairs: Vec<(&str, &str)> = match self {
+    /// The `ErrorInfo.metadata` pairs: the ids and values involved.
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        let pairs: Vec<(&'static str, &str)> = match self {
             Error::SessionNotFound { session_id } | Error::SessionExists { session_id } => {
                 vec![("session_id", session_id)]
             }
@@ -236,10 +146,6 @@ impl Error {
                 session_id,
                 layer_id,
             } => vec![("session_id", session_id), ("layer_id", layer_id)],
-            Error::ModelNotFound { model, version, .. } => {
-                vec![("model", model), ("version", version)]
-            }
-            Error::SequenceRequired { model } => vec![("model", model)],
             Error::OptimizerNotFound {
                 session_id,
                 optimizer_id,
@@ -271,80 +177,17 @@ impl Error {
                 expected,
                 got,
             } => {
-                numbers = [expected.to_string(), got.to_string()];
-                vec![
-                    ("optimizer_id", optimizer_id),
-                    ("expected", &numbers[0]),
-                    ("got", &numbers[1]),
+                return vec![
+                    ("optimizer_id", optimizer_id.clone()),
+                    ("expected", expected.to_string()),
+                    ("got", got.to_string()),
                 ]
             }
             Error::InvalidArgument { field, .. } => vec![("field", field)],
             Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
-            Error::Overloaded { .. } => vec![("limit", "--max-concurrent-calls")],
-            Error::RegionNotFound { region, field } => vec![("region", region), ("field", field)],
-            Error::RegionExists { region } | Error::RegionUnusable { region, .. } => {
-                vec![("region", region)]
-            }
-            Error::SharedMemoryDisabled => vec![("flag", "--allow-client-shm")],
-            Error::Unauthenticated { .. } | Error::Timeout(_) | Error::Internal(_) => vec![],
+            Error::Internal(_) => vec![],
         };
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-}
-
-impl From<Error> for Status {
-    fn from(error: Error) -> Status {
-        let mut details = ErrorDetails::new();
-        details.set_error_info(error.reason(), ERROR_DOMAIN, error.metadata());
-        if let Error::InvalidArgument {
-            field,
-            expected,
-            got,
-            ..
-        } = &error
-        {
-            details.add_bad_request_violation(field, format!("expected {expected}, got {got}"));
-        }
-        Status::with_error_details(error.code(), error.to_string(), details)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_carry_code_message_and_details() {
-        let status = Status::from(Error::invalid(
-            "x.dtype",
-            "DTYPE_FLOAT32",
-            "0",
-            "INVALID_TENSOR",
-        ));
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(status.message(), "x.dtype: expected DTYPE_FLOAT32, got 0");
-        let details = status.get_error_details();
-        let info = details.error_info().unwrap();
-        assert_eq!(
-            (info.reason.as_str(), info.domain.as_str()),
-            ("INVALID_TENSOR", ERROR_DOMAIN)
-        );
-        assert_eq!(
-            details.bad_request().unwrap().field_violations[0].field,
-            "x.dtype"
-        );
-
-        let status = Status::from(Error::NothingKept {
-            layer_id: "l1".into(),
-        });
-        assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(
-            status.get_error_details().error_info().unwrap().metadata["layer_id"],
-            "l1"
-        );
+        pairs.into_iter().map(|(k, v)| (k, v.to_string())).collect()
     }
 }

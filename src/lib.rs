@@ -46,6 +46,7 @@
 //!   load generator, `src/bin/layerd-bench/`) and `layerd-cli`.
 
 pub mod allocator;
+pub mod api;
 pub mod auth;
 pub mod checkpoint;
 pub mod client;
@@ -60,8 +61,8 @@ pub mod metrics;
 pub mod optimizers;
 pub mod overload;
 pub mod persist;
+pub mod rpc;
 pub mod server;
-pub mod service;
 pub mod session;
 pub mod signal;
 pub mod spec;

@@ -41,8 +41,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{body::Body, transport::server::Connected};
 use tower::{Layer, Service};
 
-use crate::error::Error;
 use crate::metrics;
+use crate::rpc::status::CallError;
 
 /// Paths never shed: probes and tooling must answer under any load.
 const EXEMPT_PREFIXES: [&str; 3] = [
@@ -124,7 +124,7 @@ where
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             metrics::call_shed();
-            let status = tonic::Status::from(Error::Overloaded {
+            let status = tonic::Status::from(CallError::Overloaded {
                 max_calls: self.max_calls,
             });
             return Box::pin(std::future::ready(Ok(status.into_http())));
@@ -138,7 +138,7 @@ where
             // the call's future on expiry cancels it.
             let deadline = timeout + HANDLER_TIMEOUT_MARGIN;
             let Ok(response) = tokio::time::timeout(deadline, response).await else {
-                return Ok(tonic::Status::from(Error::Timeout(timeout)).into_http());
+                return Ok(tonic::Status::from(CallError::Timeout(timeout)).into_http());
             };
             let response = response?;
             // The slot is held until the body (a whole stream) is done.

@@ -16,10 +16,10 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
+use crate::api::LayerService;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::drain::EndWatchesLayer;
-use crate::engine::oversize_to_resource_exhausted;
 use crate::kserve::{arrival::ArrivalLayer, wire::DirectInfer, InferenceService};
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
@@ -27,7 +27,7 @@ use crate::pb::{
     layer_service_server::LayerServiceServer,
 };
 use crate::persist;
-use crate::service::LayerService;
+use crate::rpc::stream::oversize_to_resource_exhausted;
 use crate::session::Store;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -13,6 +13,7 @@
 //! the same layer code.
 
 pub mod arrival;
+pub mod codec;
 pub mod models;
 pub mod sequence;
 pub mod shm;
@@ -35,15 +36,17 @@ use tracing::{field, Span};
 use crate::auth::{Caller, Principal};
 use crate::config::Config;
 use crate::dtype::Wire;
-use crate::engine::{
-    answer_in_order, backward_on, compute, forward_on, observe, ForwardOptions, Phases, Rpc,
-};
+use crate::engine::{backward_on, compute, forward_on, ForwardOptions, Phases};
 use crate::error::Error;
 use crate::layers::{Elementwise, MemberState};
 use crate::metrics;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
+use crate::rpc::status::CallError;
+use crate::rpc::stream::answer_in_order;
+use crate::rpc::{observe, Rpc};
 use crate::session::{CloseOnDrop, Store};
-use crate::tensor::{first_typed_list, kserve_layout, kserve_raw_layout, Tensor};
+use crate::tensor::Tensor;
+use codec::{first_typed_list, kserve_layout, kserve_raw_layout};
 
 use arrival::Ticket;
 use models::{Direction, Model, PLATFORM, VERSION};
@@ -140,7 +143,7 @@ impl Source {
         wire: Wire,
         (from, len): (usize, usize),
         out: &mut Vec<u8>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), CallError> {
         match self {
             Source::Region(held) => {
                 let data = held.read_range(from as u64, len)?;
@@ -161,7 +164,7 @@ impl Input {
     }
 
     /// The input as one tensor, read from where it is.
-    async fn read(self) -> Result<Tensor, Error> {
+    async fn read(self) -> Result<Tensor, CallError> {
         let (source, tensor, len) = match self {
             Input::Message(tensor) => return Ok(tensor),
             Input::Deferred {
@@ -181,7 +184,12 @@ impl Input {
                 RAW_INPUT_FIELD,
             ),
         };
-        Tensor::from_kserve(*tensor, Some(data), "inputs[0]", field)
+        Ok(Tensor::from_kserve(
+            *tensor,
+            Some(data),
+            "inputs[0]",
+            field,
+        )?)
     }
 }
 
@@ -251,7 +259,7 @@ impl InferenceService {
         ticket: Option<&Ticket>,
         request: pb::ModelInferRequest,
         frames: Option<Vec<Chunks>>,
-    ) -> Result<pb::ModelInferResponse, Error> {
+    ) -> Result<pb::ModelInferResponse, CallError> {
         let method = "ModelInfer";
         let span = tracing::info_span!(
             "rpc",
@@ -290,7 +298,7 @@ impl InferenceService {
         mut request: pb::ModelInferRequest,
         frames: Option<Vec<Chunks>>,
         stages: &mut Stages,
-    ) -> Result<pb::ModelInferResponse, Error> {
+    ) -> Result<pb::ModelInferResponse, CallError> {
         crate::metrics::note_kind(model.kind.name());
         let decoding = Instant::now();
         let params = SequenceParams::parse(&request.parameters)?;
@@ -341,7 +349,7 @@ impl InferenceService {
 
         let output = match (session_id.as_deref(), model.direction) {
             (Some(_), Direction::NoGrad) => {
-                return Err(Error::invalid(
+                return Err(CallError::invalid(
                     "parameters.sequence_id",
                     format!(
                         "none: model {} is stateless (sequences go to {})",
@@ -388,7 +396,7 @@ impl InferenceService {
                 y
             }
             (None, Direction::Backward) => {
-                return Err(Error::SequenceRequired {
+                return Err(CallError::SequenceRequired {
                     model: model.name(),
                 })
             }
@@ -424,7 +432,7 @@ impl InferenceService {
         params: &SequenceParams,
         input: Tensor,
         phases: &mut Phases,
-    ) -> Result<Tensor, Error> {
+    ) -> Result<Tensor, CallError> {
         let store = &self.shared.store;
         let layer_id = params.layer_id.as_deref().unwrap_or(model.kind.name());
         Span::current().record("session", session_id);
@@ -449,7 +457,10 @@ impl InferenceService {
             }
             Direction::NoGrad => {
                 // infer_model rejects sequences on stateless models first.
-                return Err(Error::Internal(format!("{} in a sequence", model.name())));
+                return Err(CallError::internal(format!(
+                    "{} in a sequence",
+                    model.name()
+                )));
             }
             Direction::Backward => {
                 let nothing_kept = || Error::NothingKept {
@@ -487,7 +498,7 @@ impl InferenceService {
         owner: &Principal,
         request: &mut pb::ModelInferRequest,
         frames: Option<Vec<Chunks>>,
-    ) -> Result<Io, Error> {
+    ) -> Result<Io, CallError> {
         let regions = &self.shared.regions;
         let (input, raw) = take_input_parts(model, request, frames)?;
         let output_ref = match request.outputs.first() {
@@ -518,7 +529,7 @@ impl InferenceService {
             });
         };
         if raw.is_some() {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "raw_input_contents",
                 format!(
                     "none: inputs[0] is in shared-memory region {:?}",
@@ -529,7 +540,7 @@ impl InferenceService {
             ));
         }
         if let Some(list) = first_typed_list(&input) {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 format!("inputs[0].contents.{list}"),
                 format!(
                     "no elements: inputs[0] is in shared-memory region {:?}",
@@ -542,7 +553,7 @@ impl InferenceService {
         let (wire, shape, len) = kserve_layout(&input, "inputs[0]")?;
         let want = len * wire.itemsize();
         if input_ref.byte_size != want as u64 {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 SHM_BYTE_SIZE_FIELD,
                 format!(
                     "{want} bytes (shape {:?} of {})",
@@ -573,14 +584,14 @@ impl InferenceService {
         output_ref: Option<ShmRef>,
         wire: Wire,
         shape: &[usize],
-    ) -> Result<Option<RegionUse>, Error> {
+    ) -> Result<Option<RegionUse>, CallError> {
         let Some(output_ref) = output_ref else {
             return Ok(None);
         };
         let held = self.shared.regions.hold(owner, &output_ref, "outputs[0]")?;
         let need = (shape.iter().product::<usize>() * wire.itemsize()) as u64;
         if held.len() < need {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "outputs[0].parameters.shared_memory_byte_size",
                 format!(
                     "at least {need} bytes (the output: shape {shape:?} of {})",
@@ -605,7 +616,7 @@ impl InferenceService {
         id: String,
         streamed: Streamed,
         stages: &mut Stages,
-    ) -> Result<pb::ModelInferResponse, Error> {
+    ) -> Result<pb::ModelInferResponse, CallError> {
         let Streamed {
             mut input,
             output,
@@ -632,7 +643,7 @@ impl InferenceService {
             }
             metrics::tensor_bytes(metrics::Direction::In, total);
             metrics::tensor_bytes(metrics::Direction::Out, total);
-            Ok::<_, Error>(Bytes::from(answer))
+            Ok::<_, CallError>(Bytes::from(answer))
         })
         .await??;
         stages.layer.compute = computing.elapsed();
@@ -655,9 +666,9 @@ impl InferenceService {
 
 /// Validates the request's one input (and requested outputs) for `model`,
 /// with its elements in the message (raw or typed contents).
-pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, Error> {
+pub fn take_input(model: Model, request: &mut pb::ModelInferRequest) -> Result<Tensor, CallError> {
     let (input, raw) = take_input_parts(model, request, None)?;
-    message_input(input, raw)
+    Ok(message_input(input, raw)?)
 }
 
 /// The input as a tensor, its elements in the message: typed contents, or
@@ -682,9 +693,9 @@ fn take_input_parts(
     model: Model,
     request: &mut pb::ModelInferRequest,
     frames: Option<Vec<Chunks>>,
-) -> Result<(pb::model_infer_request::InferInputTensor, Option<Raw>), Error> {
+) -> Result<(pb::model_infer_request::InferInputTensor, Option<Raw>), CallError> {
     if request.inputs.len() != 1 {
-        return Err(Error::invalid(
+        return Err(CallError::invalid(
             "inputs",
             format!("one input, {:?}", model.input()),
             format!("{} inputs", request.inputs.len()),
@@ -693,7 +704,7 @@ fn take_input_parts(
     }
     let input = request.inputs.remove(0);
     if input.name != model.input() {
-        return Err(Error::invalid(
+        return Err(CallError::invalid(
             "inputs[0].name",
             format!("{:?} (model {})", model.input(), model.name()),
             format!("{:?}", input.name),
@@ -702,7 +713,7 @@ fn take_input_parts(
     }
     for (i, output) in request.outputs.iter().enumerate() {
         if output.name != model.output() {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 format!("outputs[{i}].name"),
                 format!("{:?} (model {})", model.output(), model.name()),
                 format!("{:?}", output.name),
@@ -721,7 +732,7 @@ fn take_input_parts(
         0 => None,
         1 => raw.pop(),
         n => {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "raw_input_contents",
                 "one entry per input (1), or none when inputs carry contents",
                 format!("{n} entries"),

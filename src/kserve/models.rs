@@ -19,11 +19,11 @@
 use std::time::Duration;
 
 use crate::dtype::DType;
-use crate::error::Error;
 use crate::layers::{Chain, Kind, Spec};
 use crate::pb::inference::{
     self, model_config::SchedulingChoice, model_metadata_response::TensorMetadata,
 };
+use crate::rpc::status::CallError;
 
 /// The one version of every model.
 pub const VERSION: &str = "1";
@@ -95,7 +95,7 @@ impl Model {
     }
 
     /// The model `name` at `version` ("" is the latest, "1").
-    pub fn find(name: &str, version: &str) -> Result<Model, Error> {
+    pub fn find(name: &str, version: &str) -> Result<Model, CallError> {
         // Parsed, not compared against every model's formatted name: this runs
         // on every ModelInfer.
         let model = Direction::ALL.into_iter().find_map(|direction| {
@@ -105,7 +105,7 @@ impl Model {
         });
         match model {
             Some(model) if version.is_empty() || version == VERSION => Ok(model),
-            _ => Err(Error::ModelNotFound {
+            _ => Err(CallError::ModelNotFound {
                 model: name.to_string(),
                 version: version.to_string(),
                 served: Model::all()

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 
 use tonic::metadata::MetadataMap;
 
-use crate::engine::SESSION_HEADER;
 use crate::error::Error;
 use crate::pb::inference::{infer_parameter::ParameterChoice, InferParameter};
+use crate::rpc::SESSION_HEADER;
 use crate::session::check_id;
 
 /// A sequence id as the client sent it.

@@ -44,6 +44,7 @@ use crate::pb::inference::{
     infer_parameter::ParameterChoice, system_shared_memory_status_response::RegionStatus,
     InferParameter,
 };
+use crate::rpc::status::CallError;
 
 /// Where POSIX shared-memory objects live; keys name files here.
 pub const SHM_DIR: &str = "/dev/shm";
@@ -152,8 +153,8 @@ impl Region {
         }
     }
 
-    fn unusable(&self, detail: impl Into<String>) -> Error {
-        Error::RegionUnusable {
+    fn unusable(&self, detail: impl Into<String>) -> CallError {
+        CallError::RegionUnusable {
             region: self.name.clone(),
             detail: detail.into(),
         }
@@ -192,12 +193,12 @@ impl RegionUse {
 
     /// The use's bytes, read from the object (blocking: large reads belong
     /// off the async workers).
-    pub fn read(&self) -> Result<Bytes, Error> {
+    pub fn read(&self) -> Result<Bytes, CallError> {
         self.read_range(0, self.len as usize)
     }
 
     /// `len` of the use's bytes from `from` on (both within the use).
-    pub fn read_range(&self, from: u64, len: usize) -> Result<Bytes, Error> {
+    pub fn read_range(&self, from: u64, len: usize) -> Result<Bytes, CallError> {
         self.check_range(from, len)?;
         let mut data = vec![0u8; len];
         let start = self.start + from;
@@ -218,12 +219,12 @@ impl RegionUse {
 
     /// Writes `data` (at most the use's length) at the use's start, unless
     /// the object has shrunk below it (blocking, as [`RegionUse::read`]).
-    pub fn write(&self, data: &[u8]) -> Result<(), Error> {
+    pub fn write(&self, data: &[u8]) -> Result<(), CallError> {
         self.write_at(0, data)
     }
 
     /// Writes `data` at `from` within the use, as [`RegionUse::write`].
-    pub fn write_at(&self, from: u64, data: &[u8]) -> Result<(), Error> {
+    pub fn write_at(&self, from: u64, data: &[u8]) -> Result<(), CallError> {
         self.check_range(from, data.len())?;
         let start = self.start + from;
         let end = start + data.len() as u64;
@@ -248,10 +249,10 @@ impl RegionUse {
 
 impl RegionUse {
     /// A range the server itself asks for: outside the use is a bug.
-    fn check_range(&self, from: u64, len: usize) -> Result<(), Error> {
+    fn check_range(&self, from: u64, len: usize) -> Result<(), CallError> {
         match from.checked_add(len as u64) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::Internal(format!(
+            _ => Err(CallError::internal(format!(
                 "bytes {from}..+{len} of a {}-byte use of region {:?}",
                 self.len, self.region.name
             ))),
@@ -273,10 +274,10 @@ impl Regions {
         self.enabled
     }
 
-    fn check_enabled(&self) -> Result<(), Error> {
+    fn check_enabled(&self) -> Result<(), CallError> {
         match self.enabled {
             true => Ok(()),
-            false => Err(Error::SharedMemoryDisabled),
+            false => Err(CallError::SharedMemoryDisabled),
         }
     }
 
@@ -289,10 +290,10 @@ impl Regions {
         key: &str,
         offset: u64,
         byte_size: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<(), CallError> {
         self.check_enabled()?;
         if name.is_empty() {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "name",
                 "a non-empty region name",
                 "\"\"",
@@ -301,7 +302,7 @@ impl Regions {
         }
         let file_name = object_name(key)?;
         if byte_size == 0 {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "byte_size",
                 "at least 1 byte",
                 "0",
@@ -309,7 +310,7 @@ impl Regions {
             ));
         }
         let end = offset.checked_add(byte_size).ok_or_else(|| {
-            Error::invalid(
+            CallError::invalid(
                 "byte_size",
                 "offset + byte_size within 2^64",
                 format!("offset {offset} + byte_size {byte_size}"),
@@ -324,7 +325,7 @@ impl Regions {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(Path::new(SHM_DIR).join(file_name))
             .map_err(|e| {
-                Error::invalid(
+                CallError::invalid(
                     "key",
                     format!("an existing shared-memory object under {SHM_DIR} that the server may read and write"),
                     format!("{key:?}: {e}"),
@@ -335,7 +336,7 @@ impl Regions {
             .metadata()
             .map_err(|e| Error::Internal(e.to_string()))?;
         if !metadata.is_file() {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "key",
                 "a shared-memory object (a regular file)",
                 format!("{key:?}, which is not"),
@@ -343,7 +344,7 @@ impl Regions {
             ));
         }
         if metadata.len() < end {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 "byte_size",
                 format!(
                     "offset + byte_size ≤ the size of {key:?} ({} bytes)",
@@ -372,7 +373,7 @@ impl Regions {
         Ok(())
     }
 
-    fn check_room(&self, owner: &Principal, name: &str) -> Result<(), Error> {
+    fn check_room(&self, owner: &Principal, name: &str) -> Result<(), CallError> {
         self.check_room_in(&self.lock(), owner, name)
     }
 
@@ -381,19 +382,19 @@ impl Regions {
         by_owner: &HashMap<Principal, HashMap<String, Arc<Region>>>,
         owner: &Principal,
         name: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<(), CallError> {
         if by_owner.get(owner).is_some_and(|r| r.contains_key(name)) {
-            return Err(Error::RegionExists {
+            return Err(CallError::RegionExists {
                 region: name.to_string(),
             });
         }
         let registered = count(by_owner);
         if registered >= self.max_regions {
-            return Err(Error::LimitExceeded {
+            return Err(CallError::from(Error::LimitExceeded {
                 flag: "--max-shm-regions",
                 limit: self.max_regions.to_string(),
                 detail: format!("{registered} regions are registered"),
-            });
+            }));
         }
         Ok(())
     }
@@ -403,7 +404,7 @@ impl Regions {
         &self,
         owner: &Principal,
         name: &str,
-    ) -> Result<HashMap<String, RegionStatus>, Error> {
+    ) -> Result<HashMap<String, RegionStatus>, CallError> {
         self.check_enabled()?;
         let by_owner = self.lock();
         let regions = by_owner.get(owner);
@@ -419,7 +420,7 @@ impl Regions {
 
     /// Unregisters `owner`'s region `name` (all of them for ""), then waits
     /// for the requests still using them.
-    pub async fn unregister(&self, owner: &Principal, name: &str) -> Result<(), Error> {
+    pub async fn unregister(&self, owner: &Principal, name: &str) -> Result<(), CallError> {
         self.check_enabled()?;
         let removed: Vec<Arc<Region>> = {
             let mut by_owner = self.lock();
@@ -450,7 +451,7 @@ impl Regions {
         owner: &Principal,
         reference: &ShmRef,
         field: &str,
-    ) -> Result<RegionUse, Error> {
+    ) -> Result<RegionUse, CallError> {
         self.check_enabled()?;
         let region_field = format!("{field}.parameters.shared_memory_region");
         let (region, held) = {
@@ -471,7 +472,7 @@ impl Regions {
         };
         let end = reference.offset.checked_add(reference.byte_size);
         if end.is_none_or(|end| end > region.byte_size) {
-            return Err(Error::invalid(
+            return Err(CallError::invalid(
                 format!("{field}.parameters.shared_memory_byte_size"),
                 format!(
                     "shared_memory_offset + shared_memory_byte_size ≤ the {} bytes of region {:?}",
@@ -485,14 +486,14 @@ impl Regions {
             ));
         }
         if reference.byte_size > self.max_use_bytes {
-            return Err(Error::LimitExceeded {
+            return Err(CallError::from(Error::LimitExceeded {
                 flag: "--max-work-bytes",
                 limit: bytesize::ByteSize(self.max_use_bytes).to_string(),
                 detail: format!(
                     "{field} would move {} bytes through region {:?}",
                     reference.byte_size, region.name
                 ),
-            });
+            }));
         }
         Ok(RegionUse {
             start: region.offset + reference.offset,
@@ -512,8 +513,8 @@ fn count(by_owner: &HashMap<Principal, HashMap<String, Arc<Region>>>) -> usize {
     by_owner.values().map(HashMap::len).sum()
 }
 
-fn not_found(region: &str, field: &str) -> Error {
-    Error::RegionNotFound {
+fn not_found(region: &str, field: &str) -> CallError {
+    CallError::RegionNotFound {
         region: region.to_string(),
         field: field.to_string(),
     }
@@ -521,7 +522,7 @@ fn not_found(region: &str, field: &str) -> Error {
 
 /// The file name under [`SHM_DIR`] of the object `key` names, as `shm_open`
 /// reads it: one leading `/`, then one path component.
-fn object_name(key: &str) -> Result<&str, Error> {
+fn object_name(key: &str) -> Result<&str, CallError> {
     let name = key.strip_prefix('/').unwrap_or(key);
     let valid = !name.is_empty()
         && name.len() <= 255
@@ -530,7 +531,7 @@ fn object_name(key: &str) -> Result<&str, Error> {
         && !name.contains(['/', '\0']);
     match valid {
         true => Ok(name),
-        false => Err(Error::invalid(
+        false => Err(CallError::invalid(
             "key",
             format!("a shared-memory key: \"/name\" (one path component, the file {SHM_DIR}/name)"),
             format!("{key:?}"),
@@ -663,7 +664,7 @@ mod tests {
         let regions = Regions::new(true, 2, 1 << 20);
         let (me, other) = (Principal::default(), Principal::named("other"));
         let object = Object::new("bounds", 64);
-        let reason = |r: Result<(), Error>| r.unwrap_err().reason();
+        let reason = |r: Result<(), CallError>| r.unwrap_err().reason();
         assert_eq!(
             reason(regions.register(&me, "r", &object.0, 32, 33)),
             "OUT_OF_BOUNDS"

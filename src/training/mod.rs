@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, CowArray, IxDyn};
 use tokio::sync::MutexGuard;
-use tonic::metadata::MetadataMap;
 
 use crate::engine::{commit_forward, compute, compute_here, cost, is_small};
 use crate::error::Error;
@@ -31,29 +30,6 @@ use crate::session::{
 use crate::tensor::{Target, Tensor};
 
 pub mod queue;
-
-/// Metadata that orders a Step or TrainStep: the call runs as its
-/// optimizer's update N + 1, after N updates (waiting for them if they have
-/// not all been applied yet), and fails with STEP_OUT_OF_ORDER if the
-/// optimizer is already past N. A client may then send its next steps
-/// without waiting for the answers of the earlier ones.
-pub const AFTER_STEPS_HEADER: &str = "x-layerd-after-steps";
-
-/// The call's `x-layerd-after-steps`, if it carries one.
-pub fn after_steps(metadata: &MetadataMap) -> Result<Option<u64>, Error> {
-    let Some(value) = metadata.get(AFTER_STEPS_HEADER) else {
-        return Ok(None);
-    };
-    let text = String::from_utf8_lossy(value.as_bytes());
-    text.parse::<u64>().map(Some).map_err(|_| {
-        Error::invalid(
-            AFTER_STEPS_HEADER,
-            "the optimizer's update count this call follows, a decimal integer ≥ 0",
-            format!("{text:?}"),
-            "INVALID_HEADER",
-        )
-    })
-}
 
 /// Per member: its parameter gradients (None: no parameters, or none yet).
 type Grads = Vec<Option<Vec<Tensor>>>;

@@ -318,7 +318,7 @@ impl Link {
         let mut metadata = MetadataMap::new();
         if let (true, Some(_)) = (self.session_header, self.sequence_length) {
             let id = MetadataValue::from(self.sequence.id);
-            metadata.insert(layerd::engine::SESSION_HEADER, id);
+            metadata.insert(layerd::rpc::SESSION_HEADER, id);
         }
         let answer: Result<ki::ModelInferResponse, Status> = wire::unary(
             &mut self.direct,

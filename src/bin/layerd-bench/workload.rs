@@ -374,7 +374,7 @@ pub(crate) fn routed<T>(args: &RunArgs, session_id: &str, message: T) -> Request
         let value = MetadataValue::try_from(session_id).expect("session ids are ASCII");
         request
             .metadata_mut()
-            .insert(layerd::engine::SESSION_HEADER, value);
+            .insert(layerd::rpc::SESSION_HEADER, value);
     }
     request
 }

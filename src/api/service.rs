@@ -9,20 +9,20 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
+use crate::api::codec::to_proto_map;
 use crate::auth::{Caller, Principal};
 use crate::checkpoint;
-use crate::engine::{
-    answer_in_order, backward_on, check_routing, forward_on, observe, rpc_span, set_values,
-    values_of, ForwardOptions, Phases, Rpc,
-};
-use crate::error::Error;
+use crate::engine::{backward_on, forward_on, set_values, values_of, ForwardOptions, Phases};
 use crate::layers::Kind;
 use crate::metrics;
 use crate::pb::{self, layer_service_server};
+use crate::rpc::status::CallError;
+use crate::rpc::stream::answer_in_order;
+use crate::rpc::{after_steps, check_routing, observe, rpc_span, Rpc};
 use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
 use crate::spec;
 use crate::tensor::{Target, Tensor};
-use crate::training::{after_steps, step_on, train_step_on, TrainOptions};
+use crate::training::{step_on, train_step_on, TrainOptions};
 
 /// The layer service; cheap to clone.
 #[derive(Clone)]
@@ -45,8 +45,8 @@ impl LayerService {
     async fn observe<T>(
         &self,
         rpc: Rpc,
-        call: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
+        call: impl Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
         observe(self.request_timeout, rpc, call).await
     }
 
@@ -57,7 +57,7 @@ impl LayerService {
         caller: &Caller,
         session_id: &str,
         layer_id: &str,
-    ) -> Result<(Arc<Session>, Arc<LayerInstance>), Error> {
+    ) -> Result<(Arc<Session>, Arc<LayerInstance>), CallError> {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("layer_id", layer_id)?;
@@ -76,7 +76,7 @@ impl LayerService {
         caller: &Caller,
         session_id: &str,
         optimizer_id: &str,
-    ) -> Result<(Arc<Session>, Arc<Optimizer>), Error> {
+    ) -> Result<(Arc<Session>, Arc<Optimizer>), CallError> {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("optimizer_id", optimizer_id)?;
@@ -89,7 +89,7 @@ impl LayerService {
         &self,
         caller: &Caller,
         request: pb::ForwardRequest,
-    ) -> Result<pb::ForwardResponse, Error> {
+    ) -> Result<pb::ForwardResponse, CallError> {
         let x = Tensor::from_proto(request.x, "x")?;
         let t = Target::from_proto(request.t, "t")?;
         Span::current().record("elements", x.len());
@@ -109,7 +109,7 @@ impl LayerService {
         &self,
         caller: &Caller,
         request: pb::BackwardRequest,
-    ) -> Result<pb::BackwardResponse, Error> {
+    ) -> Result<pb::BackwardResponse, CallError> {
         // Absent only after a loss; the layer's kept state decides.
         let dout = match request.dout {
             None => None,
@@ -154,7 +154,7 @@ impl LayerService {
                 )
             }
             None => {
-                return Err(Error::invalid(
+                return Err(CallError::invalid(
                     "step",
                     "forward or backward",
                     "neither (step not set)",
@@ -326,7 +326,7 @@ impl layer_service_server::LayerService for LayerService {
                     let tensor = Tensor::from_proto(Some(t), &format!("values[{name:?}]"))?;
                     Ok((name, tensor.into_computed()))
                 })
-                .collect::<Result<_, Error>>()?;
+                .collect::<Result<_, CallError>>()?;
             let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
             set_values(&layer, values).await?;
             Ok(pb::SetParamsResponse {})
@@ -422,7 +422,7 @@ impl layer_service_server::LayerService for LayerService {
             let after = after_steps(&caller.metadata)?;
             let x = Tensor::from_proto(message.x, "x")?;
             let t = Target::from_proto(message.t, "t")?.ok_or_else(|| {
-                Error::invalid(
+                CallError::invalid(
                     "t",
                     "a target: INT64 class ids (N,) or probabilities of the scores' shape",
                     "none (field not set)",
@@ -457,12 +457,4 @@ impl layer_service_server::LayerService for LayerService {
         });
         Ok(Response::new(response.await?))
     }
-}
-
-/// Named tensors as a proto map.
-fn to_proto_map(tensors: Vec<(String, Tensor)>) -> std::collections::HashMap<String, pb::Tensor> {
-    tensors
-        .into_iter()
-        .map(|(name, tensor)| (name, tensor.into_proto()))
-        .collect()
 }

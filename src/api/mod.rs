@@ -1,0 +1,8 @@
+//! The native `layerd.v1` API at the edge: its gRPC handlers ([`service`])
+//! and its codec ([`codec`]: wire tensors, targets and dtypes to the core's
+//! types and back; layer and optimizer specifications to the core's).
+
+pub mod codec;
+pub mod service;
+
+pub use service::LayerService;
