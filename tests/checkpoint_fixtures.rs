@@ -332,7 +332,7 @@ async fn write(client: &mut Client, case: &Case) {
             session_id: "s".into(),
             optimizer_id: "opt".into(),
             layer_ids: vec!["net".into()],
-            algorithm: Some(case.optimizer.clone()),
+            algorithm: Some(case.optimizer),
         })
         .await
         .unwrap();
