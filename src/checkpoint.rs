@@ -38,10 +38,9 @@ use crate::dtype::DType;
 use crate::error::Error;
 use crate::layers::{rng::Rng, Spec};
 use crate::optimizers::Algorithm;
-use crate::pb;
 use crate::session::{CloseOnDrop, OptimizerState, Session, Store};
-use crate::spec::{self, NewLayer, Recipe};
-use crate::tensor::Tensor;
+use crate::spec::{self, AlgorithmConfig, Config, LayerRequest, NewLayer, Recipe};
+use crate::tensor::{validated_shape, Tensor};
 
 /// `Manifest::format` of this layout.
 const FORMAT: &str = "layerd.v1.session";
@@ -68,7 +67,7 @@ struct LayerEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dtype: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    config: Option<pb::LayerConfig>,
+    config: Option<Config>,
     /// Dropout generators' positions by member name ("" for a plain
     /// dropout layer): four 64-bit words as 64 hex digits.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -79,7 +78,7 @@ struct LayerEntry {
 #[serde(deny_unknown_fields)]
 struct OptimizerEntry {
     id: String,
-    algorithm: pb::create_optimizer_request::Algorithm,
+    algorithm: AlgorithmConfig,
     layer_ids: Vec<String>,
     steps: u64,
 }
@@ -172,7 +171,7 @@ pub async fn export_with(
         if steps.live {
             manifest.optimizers.push(OptimizerEntry {
                 id: optimizer.id.clone(),
-                algorithm: spec::wire_algorithm(&optimizer.algorithm),
+                algorithm: AlgorithmConfig::of(&optimizer.algorithm),
                 layer_ids: optimizer.layers.iter().map(|(id, _)| id.clone()).collect(),
                 steps: steps.count,
             });
@@ -185,21 +184,6 @@ pub async fn export_with(
     extra.insert(METADATA_KEY.to_string(), json);
     safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(extra))
         .map_err(|e| Error::Internal(format!("writing the checkpoint: {e}")))
-}
-
-/// A layer's config as its one member, `{"affine": {...}}`.
-impl Serialize for pb::LayerConfig {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.config.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for pb::LayerConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(pb::LayerConfig {
-            config: Option::deserialize(deserializer)?,
-        })
-    }
 }
 
 /// A tensor as safetensors writes it.
@@ -288,25 +272,23 @@ pub fn parse(file: &[u8]) -> Result<Checkpoint, Error> {
             layers.iter().map(|l| l.id.as_str()),
             "layer",
         )?;
-        let dtype = match &entry.dtype {
-            None => pb::DType::DtypeUnspecified,
-            Some(name) => pb::DType::from_str_name(name).ok_or_else(|| {
+        let dtype = match entry.dtype.as_deref() {
+            None => None,
+            Some(name) => Some(DType::from_proto_name(name).ok_or_else(|| {
                 bad(
                     format!("{at}.dtype"),
                     "DTYPE_FLOAT32 or DTYPE_FLOAT64",
                     format!("{name:?}"),
                 )
-            })?,
+            })?),
         };
-        let request = pb::CreateLayerRequest {
-            session_id: String::new(),
-            layer_id: entry.id.clone(),
+        let request = LayerRequest {
             kind: entry.kind.clone(),
+            dtype,
             config: entry.config.clone(),
             params: HashMap::new(),
-            dtype: dtype.into(),
         };
-        let plan = spec::new_layer(&request).map_err(|e| within(&at, e))?;
+        let plan = spec::new_layer(request).map_err(|e| within(&at, e))?;
         let chain = plan.chain;
         let mut values = HashMap::new();
         let slots: Vec<(String, Vec<usize>)> = chain
@@ -367,11 +349,7 @@ pub fn parse(file: &[u8]) -> Result<Checkpoint, Error> {
             optimizers.iter().map(|o| o.id.as_str()),
             "optimizer",
         )?;
-        let algorithm = spec::algorithm(&pb::CreateOptimizerRequest {
-            algorithm: Some(entry.algorithm),
-            ..Default::default()
-        })
-        .map_err(|e| within(&at, e))?;
+        let algorithm = spec::algorithm(Some(&entry.algorithm)).map_err(|e| within(&at, e))?;
         if entry.layer_ids.is_empty() {
             return Err(bad(format!("{at}.layer_ids"), "the layers it owns", "none"));
         }
@@ -477,8 +455,8 @@ pub async fn restore_new(
 /// A safetensors tensor as a validated float tensor.
 fn tensor_of(view: &safetensors::tensor::TensorView<'_>, field: &str) -> Result<Tensor, Error> {
     let dtype = match view.dtype() {
-        Dtype::F32 => pb::DType::DtypeFloat32,
-        Dtype::F64 => pb::DType::DtypeFloat64,
+        Dtype::F32 => DType::F32,
+        Dtype::F64 => DType::F64,
         other => {
             return Err(bad(
                 format!("{field}.dtype"),
@@ -487,13 +465,17 @@ fn tensor_of(view: &safetensors::tensor::TensorView<'_>, field: &str) -> Result<
             ))
         }
     };
-    Tensor::from_proto(
-        Some(pb::Tensor {
-            dtype: dtype.into(),
-            shape: view.shape().iter().map(|&d| d as u64).collect(),
-            data: Bytes::copy_from_slice(view.data()),
-        }),
-        field,
+    let wire = dtype.wire();
+    let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+    let (shape, len) = validated_shape(&shape, wire.itemsize(), wire.proto_name(), field)?;
+    let data = Bytes::copy_from_slice(view.data());
+    Tensor::from_bytes(
+        wire,
+        shape,
+        len,
+        data,
+        &format!("{field}.data"),
+        wire.proto_name(),
     )
 }
 

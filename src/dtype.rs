@@ -25,6 +25,15 @@ impl DType {
         self.wire().proto_name()
     }
 
+    /// The dtype computed for a wire dtype named as in [`DType::proto_name`]
+    /// (a half type computes in float32); None for another name.
+    pub fn from_proto_name(name: &str) -> Option<DType> {
+        [Wire::F32, Wire::F64, Wire::F16, Wire::BF16]
+            .into_iter()
+            .find(|wire| wire.proto_name() == name)
+            .map(Wire::compute)
+    }
+
     /// How a tensor of this dtype travels.
     pub const fn wire(self) -> Wire {
         match self {

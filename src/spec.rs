@@ -1,13 +1,23 @@
-//! Layer and optimizer specifications from the wire: a `CreateLayerRequest`'s
-//! kind, config, dtype and initial values become a validated [`Chain`] and its
-//! values, a `CreateOptimizerRequest`'s algorithm an [`Algorithm`], or an
-//! INVALID_ARGUMENT naming the field (`config.convolution.kernel_h`,
+//! Layer and optimizer specifications: the configuration a client gives
+//! (kind, config, dtype, initial values; an algorithm and its
+//! hyperparameters) as the core's own types, and their validation into a
+//! [`Chain`] and its values, or an [`Algorithm`], or an INVALID_ARGUMENT
+//! naming the field (`config.convolution.kernel_h`,
 //! `config.sequential.layers[2].name`, `params["W"]`, `adam.beta1`).
+//!
+//! The config types are serde types: a checkpoint's manifest records each
+//! layer's [`Recipe`] and each optimizer's [`AlgorithmConfig`] as JSON, in
+//! the layout layerd 0.1.0 wrote (`{"affine": {"in_features": 784, …}}`,
+//! `{"adam": {"lr": 0.001, …}}`), and reads them back through the same
+//! validation as CreateLayer and CreateOptimizer. The wire messages map onto
+//! them at the edge ([`crate::api::spec`]).
 //!
 //! Nothing is allocated from the config here: the caller checks the bytes the
 //! chain will hold against the budgets first ([`Chain::held_bytes`]).
 
 use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
 use crate::error::Error;
@@ -16,8 +26,128 @@ use crate::layers::{
     Pool, Spec,
 };
 use crate::optimizers::Algorithm;
-use crate::pb::{self, layer_config::Config};
 use crate::tensor::Tensor;
+
+/// A layer's hyperparameters: the one config its kind takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Config {
+    Affine(AffineConfig),
+    Dropout(DropoutConfig),
+    BatchNorm(BatchNormConfig),
+    Convolution(ConvolutionConfig),
+    Pooling(PoolingConfig),
+    Sequential(SequentialConfig),
+}
+
+/// How weights start. `method`: 0 (unspecified) or 1 He, 2 Xavier, 3 normal
+/// with `std`; `seed` 0 means one from the operating system.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    pub method: i32,
+    pub std: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffineConfig {
+    pub in_features: u64,
+    pub out_features: u64,
+    pub init: Option<InitConfig>,
+}
+
+/// `ratio` in [0, 1), absent: 0.5; `seed` of the mask generator, 0: random.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropoutConfig {
+    pub ratio: Option<f64>,
+    pub seed: u64,
+}
+
+/// `momentum` absent: 0.9; `epsilon` absent: 1e-6 (inside the sqrt).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchNormConfig {
+    pub num_features: u64,
+    pub momentum: Option<f64>,
+    pub epsilon: Option<f64>,
+}
+
+/// `stride` 0 means 1; `pad` zeros on every side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvolutionConfig {
+    pub in_channels: u64,
+    pub out_channels: u64,
+    pub kernel_h: u64,
+    pub kernel_w: u64,
+    pub stride: u64,
+    pub pad: u64,
+    pub init: Option<InitConfig>,
+}
+
+/// `stride` 0 means `pool_h`; `pad` -inf on every side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolingConfig {
+    pub pool_h: u64,
+    pub pool_w: u64,
+    pub stride: u64,
+    pub pad: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequentialConfig {
+    pub layers: Vec<MemberConfig>,
+}
+
+/// A member of a sequential: a unique name, its kind and config, and initial
+/// values the client gave it (never serialised: a checkpoint's values are
+/// its tensors).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub name: String,
+    pub kind: String,
+    pub config: Option<Config>,
+    #[serde(skip)]
+    pub params: HashMap<String, Tensor>,
+}
+
+/// What CreateLayer asks for: a kind, its config, the dtype to compute in
+/// (None: that of the values, else float32) and initial values by name.
+#[derive(Debug, Clone, Default)]
+pub struct LayerRequest {
+    pub kind: String,
+    pub dtype: Option<DType>,
+    pub config: Option<Config>,
+    pub params: HashMap<String, Tensor>,
+}
+
+/// An optimizer's algorithm and hyperparameters as the client gave them
+/// (unset: the classic defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AlgorithmConfig {
+    Sgd {
+        lr: Option<f64>,
+    },
+    Momentum {
+        lr: Option<f64>,
+        momentum: Option<f64>,
+    },
+    Adagrad {
+        lr: Option<f64>,
+    },
+    Adam {
+        lr: Option<f64>,
+        beta1: Option<f64>,
+        beta2: Option<f64>,
+    },
+}
 
 /// A layer to create: its math, the values the client gave, and its recipe.
 #[derive(Debug)]
@@ -33,7 +163,7 @@ pub struct NewLayer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
     pub kind: String,
-    pub config: Option<pb::LayerConfig>,
+    pub config: Option<Config>,
 }
 
 impl Recipe {
@@ -46,22 +176,25 @@ impl Recipe {
     }
 }
 
-/// Validates everything a CreateLayerRequest says about the layer.
-pub fn new_layer(request: &pb::CreateLayerRequest) -> Result<NewLayer, Error> {
-    let kind = Kind::from_name(&request.kind).ok_or_else(|| {
+/// Validates everything a [`LayerRequest`] says about the layer.
+pub fn new_layer(request: LayerRequest) -> Result<NewLayer, Error> {
+    let LayerRequest {
+        kind: kind_name,
+        dtype,
+        mut config,
+        mut params,
+    } = request;
+    let kind = Kind::from_name(&kind_name).ok_or_else(|| {
         Error::invalid(
             "kind",
             format!("one of {}", Kind::names()),
-            format!("{:?}", request.kind),
+            format!("{kind_name:?}"),
             "UNKNOWN_KIND",
         )
     })?;
-    let mut params = tensors(&request.params, "params", "")?;
-    let dtype = requested_dtype(request.dtype)?;
-    let config = request.config.as_ref().and_then(|c| c.config.as_ref());
     let chain_members = if kind == Kind::Sequential {
-        let Some(Config::Sequential(sequential)) = config else {
-            return Err(wrong_config(kind, config, "config.sequential"));
+        let Some(Config::Sequential(sequential)) = &config else {
+            return Err(wrong_config(kind, config.as_ref(), "config.sequential"));
         };
         Some(members(sequential, &mut params)?)
     } else {
@@ -70,31 +203,28 @@ pub fn new_layer(request: &pb::CreateLayerRequest) -> Result<NewLayer, Error> {
     let dtype = values_dtype(dtype, &params)?;
     let chain = match chain_members {
         Some(members) => Chain::sequential(members, dtype),
-        None => Chain::single(spec(kind, config, "config")?, dtype),
+        None => Chain::single(spec(kind, config.as_ref(), "config")?, dtype),
     };
     chain.check_values(&params, "params")?;
-    let mut config = request.config.clone();
-    if let Some(Config::Sequential(sequential)) = config.as_mut().and_then(|c| c.config.as_mut()) {
+    if let Some(Config::Sequential(sequential)) = config.as_mut() {
         // Their values are the layer's, named "<member>.<name>".
         for member in &mut sequential.layers {
             member.params.clear();
         }
     }
-    let recipe = Recipe {
-        kind: request.kind.clone(),
-        config,
-    };
     Ok(NewLayer {
         chain,
         params,
-        recipe,
+        recipe: Recipe {
+            kind: kind_name,
+            config,
+        },
     })
 }
 
-/// Validates a CreateOptimizerRequest's algorithm and hyperparameters (the
-/// defaults of the classic optimizers where unset).
-pub fn algorithm(request: &pb::CreateOptimizerRequest) -> Result<Algorithm, Error> {
-    use pb::create_optimizer_request::Algorithm as Wire;
+/// Validates an optimizer's algorithm and hyperparameters (the defaults of
+/// the classic optimizers where unset).
+pub fn algorithm(config: Option<&AlgorithmConfig>) -> Result<Algorithm, Error> {
     let lr = |lr: Option<f64>, default: f64, field: &str| {
         let lr = lr.unwrap_or(default);
         if lr.is_finite() && lr > 0.0 {
@@ -120,21 +250,25 @@ pub fn algorithm(request: &pb::CreateOptimizerRequest) -> Result<Algorithm, Erro
             "INVALID_CONFIG",
         ))
     };
-    Ok(match &request.algorithm {
-        Some(Wire::Sgd(c)) => Algorithm::Sgd {
-            lr: lr(c.lr, 0.01, "sgd")?,
+    Ok(match config.copied() {
+        Some(AlgorithmConfig::Sgd { lr: l }) => Algorithm::Sgd {
+            lr: lr(l, 0.01, "sgd")?,
         },
-        Some(Wire::Momentum(c)) => Algorithm::Momentum {
-            lr: lr(c.lr, 0.01, "momentum")?,
-            momentum: rate(c.momentum, 0.9, "momentum.momentum".into())?,
+        Some(AlgorithmConfig::Momentum { lr: l, momentum }) => Algorithm::Momentum {
+            lr: lr(l, 0.01, "momentum")?,
+            momentum: rate(momentum, 0.9, "momentum.momentum".into())?,
         },
-        Some(Wire::Adagrad(c)) => Algorithm::AdaGrad {
-            lr: lr(c.lr, 0.01, "adagrad")?,
+        Some(AlgorithmConfig::Adagrad { lr: l }) => Algorithm::AdaGrad {
+            lr: lr(l, 0.01, "adagrad")?,
         },
-        Some(Wire::Adam(c)) => Algorithm::Adam {
-            lr: lr(c.lr, 0.001, "adam")?,
-            beta1: rate(c.beta1, 0.9, "adam.beta1".into())?,
-            beta2: rate(c.beta2, 0.999, "adam.beta2".into())?,
+        Some(AlgorithmConfig::Adam {
+            lr: l,
+            beta1,
+            beta2,
+        }) => Algorithm::Adam {
+            lr: lr(l, 0.001, "adam")?,
+            beta1: rate(beta1, 0.9, "adam.beta1".into())?,
+            beta2: rate(beta2, 0.999, "adam.beta2".into())?,
         },
         None => {
             return Err(Error::invalid(
@@ -147,54 +281,23 @@ pub fn algorithm(request: &pb::CreateOptimizerRequest) -> Result<Algorithm, Erro
     })
 }
 
-/// An algorithm as the wire gives it, every hyperparameter set (the inverse
-/// of [`algorithm`]).
-pub fn wire_algorithm(algorithm: &Algorithm) -> pb::create_optimizer_request::Algorithm {
-    use pb::create_optimizer_request::Algorithm as Wire;
-    match *algorithm {
-        Algorithm::Sgd { lr } => Wire::Sgd(pb::Sgd { lr: Some(lr) }),
-        Algorithm::Momentum { lr, momentum } => Wire::Momentum(pb::Momentum {
-            lr: Some(lr),
-            momentum: Some(momentum),
-        }),
-        Algorithm::AdaGrad { lr } => Wire::Adagrad(pb::AdaGrad { lr: Some(lr) }),
-        Algorithm::Adam { lr, beta1, beta2 } => Wire::Adam(pb::Adam {
-            lr: Some(lr),
-            beta1: Some(beta1),
-            beta2: Some(beta2),
-        }),
-    }
-}
-
-/// Wire tensors by name, validated; member values are prefixed `prefix`.
-fn tensors(
-    map: &HashMap<String, pb::Tensor>,
-    field: &str,
-    prefix: &str,
-) -> Result<HashMap<String, Tensor>, Error> {
-    map.iter()
-        .map(|(name, t)| {
-            let tensor = Tensor::from_proto(Some(t.clone()), &format!("{field}[{name:?}]"))?;
-            Ok((format!("{prefix}{name}"), tensor.into_computed()))
-        })
-        .collect()
-}
-
-/// The request's `dtype` (the one it computes in: float32 for a half type):
-/// None for UNSPECIFIED.
-fn requested_dtype(value: i32) -> Result<Option<DType>, Error> {
-    match pb::DType::try_from(value) {
-        Ok(pb::DType::DtypeUnspecified) => Ok(None),
-        Ok(pb::DType::DtypeFloat32 | pb::DType::DtypeFloat16 | pb::DType::DtypeBfloat16) => {
-            Ok(Some(DType::F32))
+impl AlgorithmConfig {
+    /// `algorithm` with every hyperparameter set (the inverse of
+    /// [`algorithm`]).
+    pub fn of(algorithm: &Algorithm) -> AlgorithmConfig {
+        match *algorithm {
+            Algorithm::Sgd { lr } => AlgorithmConfig::Sgd { lr: Some(lr) },
+            Algorithm::Momentum { lr, momentum } => AlgorithmConfig::Momentum {
+                lr: Some(lr),
+                momentum: Some(momentum),
+            },
+            Algorithm::AdaGrad { lr } => AlgorithmConfig::Adagrad { lr: Some(lr) },
+            Algorithm::Adam { lr, beta1, beta2 } => AlgorithmConfig::Adam {
+                lr: Some(lr),
+                beta1: Some(beta1),
+                beta2: Some(beta2),
+            },
         }
-        Ok(pb::DType::DtypeFloat64) => Ok(Some(DType::F64)),
-        _ => Err(Error::invalid(
-            "dtype",
-            "DTYPE_FLOAT32 (1), DTYPE_FLOAT64 (2), DTYPE_FLOAT16 (4), DTYPE_BFLOAT16 (5) or DTYPE_UNSPECIFIED (0)",
-            format!("{value}"),
-            "INVALID_CONFIG",
-        )),
     }
 }
 
@@ -232,7 +335,7 @@ fn values_dtype(
 
 /// A sequential's members; their `params` join `params` as `<name>.<param>`.
 fn members(
-    config: &pb::SequentialConfig,
+    config: &SequentialConfig,
     params: &mut HashMap<String, Tensor>,
 ) -> Result<Vec<Member>, Error> {
     if config.layers.is_empty() {
@@ -293,9 +396,8 @@ fn members(
                 ));
             }
         }
-        let config = layer.config.as_ref().and_then(|c| c.config.as_ref());
-        let spec = spec(kind, config, &format!("{field}.config"))?;
-        for (name, value) in tensors(&layer.params, &format!("{field}.params"), "")? {
+        let spec = spec(kind, layer.config.as_ref(), &format!("{field}.config"))?;
+        for (name, value) in layer.params.clone() {
             let full = format!("{}.{name}", layer.name);
             if params.insert(full.clone(), value).is_some() {
                 return Err(Error::invalid(
@@ -469,14 +571,13 @@ fn member_name(config: &Config) -> &'static str {
     }
 }
 
-fn weights_init(init: Option<&pb::Init>, field: &str) -> Result<init::Init, Error> {
-    use pb::init::Method as Wire;
-    let default = pb::Init::default();
+fn weights_init(init: Option<&InitConfig>, field: &str) -> Result<init::Init, Error> {
+    let default = InitConfig::default();
     let init = init.unwrap_or(&default);
-    let method = match Wire::try_from(init.method) {
-        Ok(Wire::Unspecified | Wire::He) => init::Method::He,
-        Ok(Wire::Xavier) => init::Method::Xavier,
-        Ok(Wire::Normal) => {
+    let method = match init.method {
+        0 | 1 => init::Method::He,
+        2 => init::Method::Xavier,
+        3 => {
             if !(init.std.is_finite() && init.std > 0.0) {
                 return Err(Error::invalid(
                     format!("{field}.std"),
@@ -487,7 +588,7 @@ fn weights_init(init: Option<&pb::Init>, field: &str) -> Result<init::Init, Erro
             }
             init::Method::Normal(init.std)
         }
-        Err(_) => {
+        _ => {
             return Err(Error::invalid(
                 format!("{field}.method"),
                 "HE (1), XAVIER (2), NORMAL (3) or METHOD_UNSPECIFIED (0)",
@@ -510,131 +611,4 @@ fn seed_or_random(seed: u64) -> u64 {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the operating system's random source is available");
     u64::from_le_bytes(bytes).max(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(kind: &str, config: Option<Config>) -> pb::CreateLayerRequest {
-        pb::CreateLayerRequest {
-            session_id: "s".into(),
-            layer_id: "l".into(),
-            kind: kind.into(),
-            config: config.map(|c| pb::LayerConfig { config: Some(c) }),
-            ..Default::default()
-        }
-    }
-
-    fn field_of(result: Result<NewLayer, Error>) -> String {
-        match result.unwrap_err() {
-            Error::InvalidArgument { field, .. } => field,
-            other => panic!("not an invalid argument: {other}"),
-        }
-    }
-
-    #[test]
-    fn config_errors_name_their_field() {
-        let conv = |kernel_h| {
-            Config::Convolution(pb::ConvolutionConfig {
-                in_channels: 1,
-                out_channels: 2,
-                kernel_h,
-                kernel_w: 3,
-                ..Default::default()
-            })
-        };
-        assert!(new_layer(&request("convolution", Some(conv(3)))).is_ok());
-        assert_eq!(
-            field_of(new_layer(&request("convolution", Some(conv(0))))),
-            "config.convolution.kernel_h"
-        );
-        assert_eq!(
-            field_of(new_layer(&request("affine", None))),
-            "config.affine"
-        );
-        assert_eq!(
-            field_of(new_layer(&request("relu", Some(conv(3))))),
-            "config.convolution"
-        );
-        let dropout = Config::Dropout(pb::DropoutConfig {
-            ratio: Some(1.0),
-            seed: 1,
-        });
-        assert_eq!(
-            field_of(new_layer(&request("dropout", Some(dropout)))),
-            "config.dropout.ratio"
-        );
-        let pooling = Config::Pooling(pb::PoolingConfig {
-            pool_h: 2,
-            pool_w: 2,
-            stride: 0,
-            pad: 2,
-        });
-        assert_eq!(
-            field_of(new_layer(&request("pooling", Some(pooling)))),
-            "config.pooling.pad"
-        );
-    }
-
-    #[test]
-    fn sequential_members_are_checked() {
-        let member = |name: &str, kind: &str| pb::LayerSpec {
-            name: name.into(),
-            kind: kind.into(),
-            ..Default::default()
-        };
-        let sequential = |layers| {
-            request(
-                "sequential",
-                Some(Config::Sequential(pb::SequentialConfig { layers })),
-            )
-        };
-        assert!(new_layer(&sequential(vec![
-            member("a", "relu"),
-            member("b", "softmax_with_loss")
-        ]))
-        .is_ok());
-        assert_eq!(
-            field_of(new_layer(&sequential(vec![
-                member("a", "relu"),
-                member("a", "relu")
-            ]))),
-            "config.sequential.layers[1].name"
-        );
-        assert_eq!(
-            field_of(new_layer(&sequential(vec![member("a", "sequential")]))),
-            "config.sequential.layers[0].kind"
-        );
-        assert_eq!(
-            field_of(new_layer(&sequential(vec![
-                member("l", "softmax_with_loss"),
-                member("r", "relu")
-            ]))),
-            "config.sequential.layers[1]"
-        );
-        assert_eq!(
-            field_of(new_layer(&sequential(vec![member("a b", "relu")]))),
-            "config.sequential.layers[0].name"
-        );
-        assert_eq!(
-            field_of(new_layer(&sequential(vec![]))),
-            "config.sequential.layers"
-        );
-    }
-
-    #[test]
-    fn a_huge_affine_is_described_without_allocating() {
-        let affine = Config::Affine(pb::AffineConfig {
-            in_features: 1_000_000,
-            out_features: 1_000_000,
-            init: None,
-        });
-        let layer = new_layer(&request("affine", Some(affine))).unwrap();
-        // W, its gradient, b and its gradient, in float32.
-        assert_eq!(
-            layer.chain.held_bytes(),
-            (1_000_000_000_000 + 1_000_000) * 4 * 2
-        );
-    }
 }

@@ -4,5 +4,6 @@
 
 pub mod codec;
 pub mod service;
+pub mod spec;
 
 pub use service::LayerService;

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
 use crate::api::codec::to_proto_map;
+use crate::api::spec;
 use crate::auth::{Caller, Principal};
 use crate::checkpoint;
 use crate::engine::{backward_on, forward_on, set_values, values_of, ForwardOptions, Phases};
@@ -20,7 +21,6 @@ use crate::rpc::status::CallError;
 use crate::rpc::stream::answer_in_order;
 use crate::rpc::{after_steps, check_routing, observe, rpc_span, Rpc};
 use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
-use crate::spec;
 use crate::tensor::{Target, Tensor};
 use crate::training::{step_on, train_step_on, TrainOptions};
 
