@@ -162,20 +162,14 @@ mod tests {
     /// The chain's no_grad Forward of the whole tensor, as its answer's bytes.
     fn chain_answer(kind: Kind, wire: Wire, data: &[u8]) -> Vec<u8> {
         let chain = Chain::single(Spec::unconfigured(kind).unwrap(), None);
-        let x = Tensor::from_proto(
-            Some(crate::pb::Tensor {
-                dtype: wire.to_proto().into(),
-                shape: vec![(data.len() / wire.itemsize()) as u64],
-                data: bytes::Bytes::copy_from_slice(data),
-            }),
-            "x",
-        )
-        .unwrap();
+        let len = data.len() / wire.itemsize();
+        let data = bytes::Bytes::copy_from_slice(data);
+        let x = Tensor::from_bytes(wire, vec![len], len, data, "x.data", "x").unwrap();
         let plan = chain.plan(&x, None, false).unwrap();
         let y = chain
             .forward(&[MemberState::default()], &x, None, &plan, false, false)
             .y;
-        y.into_kserve("y").1.to_vec()
+        y.wire_bytes().to_vec()
     }
 
     /// Elements with the special values at the front, then arbitrary bits.

@@ -5,6 +5,7 @@
 //! - [`budget`]: kept-byte budgets, per session and global;
 //! - [`ids`]: the id rules and server-picked ids;
 //! - [`optimizer`]: optimizers, the layers they own and their state;
+//! - [`queue`]: each optimizer's queue of steps and its runner thread;
 //! - this module: a session and its layer instances.
 //!
 //! Each layer instance has its own async mutex, which serialises the calls on
@@ -19,6 +20,7 @@
 mod budget;
 mod ids;
 mod optimizer;
+pub mod queue;
 mod store;
 
 use std::{
@@ -353,18 +355,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_principal_has_its_own_id_space() {
-        let auth =
-            crate::auth::Authenticator::parse("aaaaaaaaaaaaaaaa alice\nbbbbbbbbbbbbbbbb bob\n")
-                .unwrap();
-        let principal = |token: &str| {
-            let mut request = tonic::Request::new(());
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-            use tonic::service::Interceptor;
-            Principal::of(auth.clone().call(request).unwrap().extensions()).unwrap()
-        };
-        let (alice, bob) = (principal("aaaaaaaaaaaaaaaa"), principal("bbbbbbbbbbbbbbbb"));
+        let (alice, bob) = (Principal::named("alice"), Principal::named("bob"));
         let guard = Store::start(limits());
         let store = guard.store();
         store.create(&alice, "s", 10).unwrap();

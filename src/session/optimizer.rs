@@ -13,19 +13,19 @@
 //!   they arrive in: a Step or a small TrainStep waits (unlocked) until
 //!   `progress` shows N, then checks the count again under the lock; a large
 //!   TrainStep waits in the optimizer's `queue` for its runner
-//!   ([`crate::training::queue`]), which every change of the count wakes;
+//!   ([`super::queue`]), which every change of the count wakes;
 //! - the state's bytes are charged to the session's budgets when the
 //!   optimizer is created, before the zeros are allocated, and released with
 //!   the optimizer.
 
 use std::sync::Arc;
 
+use super::queue::{self, StepQueue};
 use super::{Charge, InstanceState, LayerInstance, Session};
 use crate::error::Error;
 use crate::layers::{with_float, Float};
 use crate::optimizers::Algorithm;
 use crate::tensor::Tensor;
-use crate::training::queue::{self, StepQueue};
 
 /// One optimizer of a session.
 pub struct Optimizer {

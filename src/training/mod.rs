@@ -11,7 +11,7 @@
 //! timed-out or cancelled call therefore leaves all of them as they were.
 //!
 //! A TrainStep large enough for the blocking pool runs on its optimizer's
-//! runner thread ([`queue`]), which applies queued steps back to back; a
+//! runner thread ([`crate::session::queue`]), which applies queued steps back to back; a
 //! small one computes inline on the async worker that decoded it.
 
 use std::sync::Arc;
@@ -24,12 +24,11 @@ use crate::error::Error;
 use crate::layers::chain::ForwardPlan;
 use crate::layers::{with_float, Chain, Float, MemberState};
 use crate::optimizers::Algorithm;
+use crate::session::queue::{self, StepCall};
 use crate::session::{
     InstanceState, KeptEntry, LayerInstance, Optimizer, OptimizerState, Session, Steps,
 };
 use crate::tensor::{Target, Tensor};
-
-pub mod queue;
 
 /// Per member: its parameter gradients (None: no parameters, or none yet).
 type Grads = Vec<Option<Vec<Tensor>>>;
@@ -125,7 +124,7 @@ pub async fn train_step_on(
         // Computed inline, like any small call: no thread to wake.
         let mut steps = optimizer.lock_steps(after).await?;
         let mut states = optimizer.lock_layers().await;
-        return call.run(optimizer, &mut steps, &mut states, || false);
+        return call.run(optimizer, &mut steps, &mut states, &|| false);
     }
     queue::submit(optimizer, after, call).await
 }
@@ -143,17 +142,15 @@ struct TrainCall {
     elements: usize,
 }
 
-impl TrainCall {
-    /// Runs the step as update `steps.count + 1`, on this thread, under the
-    /// optimizer's step lock and its layers' locks (`states`, in `layers`
-    /// order), held by the caller; the results are committed unless
-    /// `abandoned()` says nobody waits for them any more.
+impl StepCall for TrainCall {
+    type Answer = TrainAnswer;
+
     fn run(
         self,
         optimizer: &Arc<Optimizer>,
         steps: &mut Steps,
         states: &mut [MutexGuard<'_, InstanceState>],
-        abandoned: impl Fn() -> bool,
+        abandoned: &dyn Fn() -> bool,
     ) -> Result<TrainAnswer, Error> {
         let TrainCall {
             session,

@@ -1,5 +1,6 @@
-//! Each optimizer's queue of TrainSteps, and the runner that applies them
-//! one after another on a blocking thread.
+//! Each optimizer's queue of steps (TrainSteps), and the runner that applies
+//! them one after another on a blocking thread. The queue knows a step only
+//! as a [`StepCall`]: training ([`crate::training`]) says what one computes.
 //!
 //! A pipelining client keeps several numbered TrainSteps in flight; the
 //! server decodes them concurrently, but an optimizer applies one update at a
@@ -30,12 +31,40 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, MutexGuard as StateGuard};
 use tracing::Span;
 
-use super::{TrainAnswer, TrainCall};
+use super::{InstanceState, Optimizer, Steps};
 use crate::error::Error;
-use crate::session::Optimizer;
+
+/// A step to apply as its optimizer's next update.
+pub trait StepCall: Send + 'static {
+    type Answer: Send + 'static;
+
+    /// Runs the step as update `steps.count + 1`, on this thread, under the
+    /// optimizer's step lock and its layers' locks (`states`, in the
+    /// optimizer's layer order); commits its results unless `abandoned()`
+    /// says nobody waits for them any more.
+    fn run(
+        self,
+        optimizer: &Arc<Optimizer>,
+        steps: &mut Steps,
+        states: &mut [StateGuard<'_, InstanceState>],
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Self::Answer, Error>;
+}
+
+/// What the runner does with a job.
+enum Outcome<'a, 'b> {
+    /// Run it (unless its caller went away) and answer.
+    Run {
+        optimizer: &'a Arc<Optimizer>,
+        steps: &'a mut Steps,
+        states: &'a mut [StateGuard<'b, InstanceState>],
+    },
+    /// Answer this error without running it.
+    Fail(Error),
+}
 
 /// An optimizer's waiting TrainSteps.
 #[derive(Default)]
@@ -61,10 +90,35 @@ enum Slot {
     Unnumbered(u64),
 }
 
+/// A queued call with its answer's channel, its type erased.
 struct Job {
-    call: TrainCall,
-    answer: oneshot::Sender<Result<TrainAnswer, Error>>,
+    settle: Box<dyn for<'a, 'b> FnOnce(Outcome<'a, 'b>) + Send>,
     span: Span,
+}
+
+impl Job {
+    fn new<C: StepCall>(call: C, answer: oneshot::Sender<Result<C::Answer, Error>>) -> Job {
+        let settle = move |outcome: Outcome<'_, '_>| match outcome {
+            Outcome::Fail(error) => {
+                let _ = answer.send(Err(error));
+            }
+            Outcome::Run {
+                optimizer,
+                steps,
+                states,
+            } => {
+                if answer.is_closed() {
+                    return;
+                }
+                let result = call.run(optimizer, steps, states, &|| answer.is_closed());
+                let _ = answer.send(result);
+            }
+        };
+        Job {
+            settle: Box::new(settle),
+            span: Span::current(),
+        }
+    }
 }
 
 impl StepQueue {
@@ -112,17 +166,13 @@ impl Pending {
 }
 
 /// Queues `call` on `optimizer` and waits for its answer.
-pub(super) async fn submit(
+pub async fn submit<C: StepCall>(
     optimizer: &Arc<Optimizer>,
     after: Option<u64>,
-    call: TrainCall,
-) -> Result<TrainAnswer, Error> {
+    call: C,
+) -> Result<C::Answer, Error> {
     let (answer, answered) = oneshot::channel();
-    let job = Job {
-        call,
-        answer,
-        span: Span::current(),
-    };
+    let job = Job::new(call, answer);
     let slot = {
         let mut pending = optimizer.queue.lock();
         let count = optimizer.committed_count();
@@ -196,22 +246,20 @@ fn run(optimizer: &Arc<Optimizer>) {
             (stale, job)
         };
         for ((after, _), job) in stale {
-            let _ = job
-                .answer
-                .send(Err(out_of_order(optimizer, after, steps.count)));
+            (job.settle)(Outcome::Fail(out_of_order(optimizer, after, steps.count)));
         }
-        let Some(Job { call, answer, span }) = job else {
+        let Some(Job { settle, span }) = job else {
             return;
         };
-        if answer.is_closed() {
-            continue;
-        }
-        let result = span.in_scope(|| {
+        span.in_scope(|| {
             let mut states = optimizer.lock_layers_blocking();
-            call.run(optimizer, &mut steps, &mut states, || answer.is_closed())
+            settle(Outcome::Run {
+                optimizer,
+                steps: &mut steps,
+                states: &mut states,
+            });
         });
         drop(steps);
-        let _ = answer.send(result);
     }
 }
 
