@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use layerd::pb::{self, run_request::Step};
 use layerd::session::check_id;
-use layerd::spec::new_layer;
+use layerd::api::spec::new_layer;
 use layerd::tensor::{Target, Tensor};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

@@ -49,7 +49,7 @@ impl Input<'_> {
     }
 }
 
-fn check_refusal(error: layerd::error::Error) {
+fn check_refusal(error: layerd::rpc::status::CallError) {
     assert!(REASONS.contains(&error.reason()), "{error}");
 }
 

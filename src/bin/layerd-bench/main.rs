@@ -8,6 +8,7 @@
 mod args;
 mod chart;
 mod kserve;
+mod measured;
 mod network;
 mod reference;
 mod report;

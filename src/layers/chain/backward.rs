@@ -1,0 +1,150 @@
+//! A chain's Backward: `dout` checked against what the keeping Forward
+//! kept, then the members in reverse (and ReLU's half-precision path).
+
+use std::any::Any;
+
+use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+
+use super::{Backwarded, Chain, Kept, MemberState};
+use crate::error::Error;
+use crate::layers::relu::{Mask, Relu};
+use crate::layers::{with_float, with_spec, Float, Layer};
+use crate::tensor::Tensor;
+
+impl Chain {
+    /// Checks Backward's `dout` against what the keeping Forward answered:
+    /// its dtype and shape, or absent (= 1) after a loss.
+    pub fn check_dout(&self, kept: &Kept, dout: Option<&Tensor>) -> Result<(), Error> {
+        match dout {
+            None if kept.ran_loss => Ok(()),
+            None => Err(Error::invalid(
+                "dout",
+                format!(
+                    "a tensor ({}{:?}, the kept Forward's output): only a loss may omit it",
+                    kept.wire.proto_name(),
+                    kept.y_shape
+                ),
+                "none (field not set)",
+                "MISSING_TENSOR",
+            )),
+            Some(dout) if dout.wire() == kept.wire && dout.shape() == kept.y_shape => Ok(()),
+            Some(dout) => Err(Error::invalid(
+                "dout",
+                format!(
+                    "the kept Forward's {}{:?}",
+                    kept.wire.proto_name(),
+                    kept.y_shape
+                ),
+                format!("{}{:?}", dout.wire().proto_name(), dout.shape()),
+                "DOUT_MISMATCH",
+            )),
+        }
+    }
+
+    /// Backward through the members that ran, in reverse, from what they
+    /// kept (checked by [`Chain::check_dout`]); commits nothing.
+    pub fn backward(
+        &self,
+        states: &[MemberState],
+        kept: &Kept,
+        dout: Option<&Tensor>,
+    ) -> Backwarded {
+        if let Some(backwarded) = self.relu_back_on_halves(kept, dout) {
+            return backwarded;
+        }
+        with_float!(kept.wire.compute(), F => self.backward_as::<F>(states, kept, dout, true))
+    }
+
+    /// [`Chain::relu_on_halves`]'s Backward, from a half dout.
+    fn relu_back_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
+        if !self.is_lone_relu() {
+            return None;
+        }
+        let dout = dout?;
+        let (wire, ds) = dout.halves()?;
+        let mask = kept.members[0]
+            .downcast_ref::<Mask>()
+            .expect("a ReLU keeps its mask");
+        Some(Backwarded {
+            dx: Tensor::from_halves(wire, dout.shape(), Relu::backward_halves(mask, &ds)),
+            grads: vec![None],
+        })
+    }
+
+    /// [`Chain::backward`] for a training step: without `need_dx`, the first
+    /// member computes only its parameter gradients (affine and convolution
+    /// then skip a matrix product) and `dx` is `None`.
+    pub fn backward_for_step(
+        &self,
+        states: &[MemberState],
+        kept: &Kept,
+        dout: Option<&Tensor>,
+        need_dx: bool,
+    ) -> (Option<Tensor>, Vec<Option<Vec<Tensor>>>) {
+        let out = with_float!(kept.wire.compute(), F => self.backward_as::<F>(states, kept, dout, need_dx));
+        (need_dx.then_some(out.dx), out.grads)
+    }
+
+    fn backward_as<F: Float>(
+        &self,
+        states: &[MemberState],
+        kept: &Kept,
+        dout: Option<&Tensor>,
+        need_dx: bool,
+    ) -> Backwarded {
+        let mut d: CowArray<'_, F, IxDyn> = match dout {
+            Some(dout) => dout.view::<F>(),
+            None => ArrayD::from_elem(IxDyn(&[]), F::one()).into(),
+        };
+        let runs = kept.members.len();
+        let mut grads = vec![None; self.members.len()];
+        for i in (0..runs).rev() {
+            let (member, state) = (&self.members[i], &states[i]);
+            let values: Vec<CowArray<'_, F, IxDyn>> =
+                state.values.iter().map(Tensor::view::<F>).collect();
+            let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
+            if i == 0 && !need_dx {
+                let out = with_spec!(&member.spec, l => run_param_grads(l, &views, kept.members[0].as_ref(), d.view()));
+                if !out.is_empty() {
+                    grads[0] = Some(out.into_iter().map(Tensor::from_array).collect());
+                }
+                // Not asked for: an empty placeholder, dropped by the caller.
+                d = ArrayD::zeros(IxDyn(&[0])).into();
+                break;
+            }
+            let out = with_spec!(&member.spec, l => run_backward(l, &views, kept.members[i].as_ref(), d.view()));
+            if !out.grads.is_empty() {
+                grads[i] = Some(out.grads.into_iter().map(Tensor::from_array).collect());
+            }
+            d = out.dx.into();
+        }
+        Backwarded {
+            dx: Tensor::from_array(d.into_owned()).answered_as(kept.wire),
+            grads,
+        }
+    }
+}
+
+fn run_param_grads<L: Layer, F: Float>(
+    layer: &L,
+    values: &[ArrayViewD<'_, F>],
+    kept: &(dyn Any + Send + Sync),
+    dout: ArrayViewD<'_, F>,
+) -> Vec<ArrayD<F>> {
+    let kept = kept
+        .downcast_ref::<L::Kept<F>>()
+        .expect("kept state was made by this member at this dtype");
+    layer.param_grads(values, kept, dout)
+}
+
+fn run_backward<L: Layer, F: Float>(
+    layer: &L,
+    values: &[ArrayViewD<'_, F>],
+    kept: &(dyn Any + Send + Sync),
+    dout: ArrayViewD<'_, F>,
+) -> crate::layers::Backwarded<F> {
+    let kept = kept
+        .downcast_ref::<L::Kept<F>>()
+        .expect("kept state was made by this member at this dtype");
+    layer.backward(values, kept, dout)
+}

@@ -1,0 +1,302 @@
+//! A chain's Forward: the plan that checks everything first, then the run
+//! over the members (and ReLU's half-precision path).
+
+use std::any::Any;
+
+use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
+
+use super::{Chain, ForwardPlan, Forwarded, Kept, Member, MemberState};
+use crate::dtype::DType;
+use crate::error::Error;
+use crate::layers::relu::Relu;
+use crate::layers::{with_float, with_spec, Float, Layer, Plan, Spec, Step};
+use crate::tensor::{Target, Tensor};
+
+impl Chain {
+    /// Checks a Forward of `x` (and target `t`) completely and says what it
+    /// will keep and build.
+    pub fn plan(&self, x: &Tensor, t: Option<&Target>, eval: bool) -> Result<ForwardPlan, Error> {
+        if let Some(dtype) = self.dtype {
+            if x.dtype() != dtype {
+                let accepted = match dtype {
+                    DType::F32 => "DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16",
+                    DType::F64 => "DTYPE_FLOAT64",
+                };
+                return Err(Error::invalid(
+                    "x.dtype",
+                    format!(
+                        "{accepted} (the layer's parameters are {})",
+                        dtype.proto_name()
+                    ),
+                    x.wire().proto_name(),
+                    "DTYPE_MISMATCH",
+                ));
+            }
+        }
+        let itemsize = x.dtype().itemsize();
+        let mut shape = x.shape().to_vec();
+        let mut plan = ForwardPlan {
+            runs: 0,
+            ran_loss: false,
+            kept_bytes: 0,
+            work_bytes: 0,
+        };
+        for member in &self.members {
+            if member.spec.is_loss() && t.is_none() {
+                if self.sequential {
+                    break; // answers the scores
+                }
+                return Err(Error::invalid(
+                    "t",
+                    "a target: INT64 class ids (N,) or probabilities of the scores' shape",
+                    "none (field not set)",
+                    "MISSING_TENSOR",
+                ));
+            }
+            let out =
+                with_spec!(&member.spec, l => l.output_shape(&shape)).map_err(|expected| {
+                    Error::invalid(
+                        "x.shape",
+                        self.at_member(member, &shape, expected),
+                        format!("{:?}", x.shape()),
+                        "SHAPE_MISMATCH",
+                    )
+                })?;
+            if member.spec.is_loss() {
+                check_target(t.expect("checked above"), x.dtype(), &shape)?;
+                plan.ran_loss = true;
+            }
+            let step = Plan {
+                x: &shape,
+                itemsize,
+                eval,
+                classes: t.is_some_and(Target::is_classes),
+            };
+            let kept = with_spec!(&member.spec, l => l.kept_bytes(step));
+            let scratch = with_spec!(&member.spec, l => l.scratch_elements(&shape));
+            let out_elements = out.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+            plan.kept_bytes = plan.kept_bytes.saturating_add(kept as u64);
+            plan.work_bytes = plan
+                .work_bytes
+                .max(out_elements.max(scratch).saturating_mul(itemsize as u64));
+            plan.runs += 1;
+            shape = out;
+        }
+        if t.is_some() && !plan.ran_loss {
+            return Err(Error::invalid(
+                "t",
+                format!("no target: a {} layer has no loss layer", self.kind()),
+                "a target",
+                "UNEXPECTED_TARGET",
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// What to expect, for a sequential naming the member and its input.
+    fn at_member(&self, member: &Member, input: &[usize], expected: String) -> String {
+        if self.sequential {
+            format!(
+                "x such that member {:?} ({}) gets {expected}; it would get {input:?}",
+                member.name,
+                member.spec.kind()
+            )
+        } else {
+            expected
+        }
+    }
+
+    /// Forward as planned, from the members' current state; commits nothing.
+    /// Without `keep`, buffers and generators stay as they were.
+    pub fn forward(
+        &self,
+        states: &[MemberState],
+        x: &Tensor,
+        t: Option<&Target>,
+        plan: &ForwardPlan,
+        eval: bool,
+        keep: bool,
+    ) -> Forwarded {
+        if let Some(forwarded) = self.relu_on_halves(states, x, plan, keep) {
+            return forwarded;
+        }
+        with_float!(x.dtype(), F => self.forward_as::<F>(states, x, t, plan, eval, keep))
+    }
+
+    /// Whether this is one ReLU (a plain layer, or a sequential of it alone).
+    pub(super) fn is_lone_relu(&self) -> bool {
+        matches!(&self.members[..], [member] if matches!(member.spec, Spec::Relu(_)))
+    }
+
+    /// A lone ReLU on a half x: computed on its 16-bit elements, never
+    /// widened (exact, see `relu.rs`); None for anything else.
+    fn relu_on_halves(
+        &self,
+        states: &[MemberState],
+        x: &Tensor,
+        plan: &ForwardPlan,
+        keep: bool,
+    ) -> Option<Forwarded> {
+        if !self.is_lone_relu() {
+            return None;
+        }
+        let (wire, xs) = x.halves()?;
+        let (y, mask) = Relu::keep_halves(&xs, wire);
+        let kept = keep.then(|| Kept {
+            wire,
+            y_shape: x.shape().to_vec(),
+            ran_loss: false,
+            members: vec![Box::new(mask) as Box<dyn Any + Send + Sync>],
+            bytes: plan.kept_bytes,
+        });
+        Some(Forwarded {
+            y: Tensor::from_halves(wire, x.shape(), y),
+            kept,
+            updates: vec![(Vec::new(), states[0].rng)],
+            scores: None,
+        })
+    }
+
+    fn forward_as<F: Float>(
+        &self,
+        states: &[MemberState],
+        x: &Tensor,
+        t: Option<&Target>,
+        plan: &ForwardPlan,
+        eval: bool,
+        keep: bool,
+    ) -> Forwarded {
+        let x_wire = x.wire();
+        // An aligned copy made for this call is held as a shared array, so a
+        // first member that keeps its input (Affine) keeps that copy instead
+        // of making another.
+        let (x_borrowed, x_copied) = match x.view::<F>() {
+            x if x.is_view() => (Some(x), None),
+            x => (None, Some(x.into_owned().into_shared())),
+        };
+        let x = x_copied.as_ref().map_or_else(
+            || x_borrowed.as_ref().expect("one of the two").view(),
+            |x| x.view(),
+        );
+        let target_values = match t {
+            Some(Target::Probabilities(p)) => Some(p.view::<F>()),
+            _ => None,
+        };
+        let mut y: Option<ArcArray<F, IxDyn>> = None;
+        let mut kept = Vec::new();
+        let mut updates = Vec::new();
+        let mut scores = None;
+        for (member, state) in self.members.iter().zip(states).take(plan.runs) {
+            if member.spec.is_loss() {
+                scores = y
+                    .clone()
+                    .map(|y| Tensor::from_shared(y).answered_as(x_wire));
+            }
+            let values: Vec<CowArray<'_, F, IxDyn>> =
+                state.values.iter().map(Tensor::view::<F>).collect();
+            let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
+            let mut rng = state.rng;
+            let input = y.as_ref().map_or_else(|| x.view(), |y| y.view());
+            let input_shared = y.as_ref().or(x_copied.as_ref());
+            // Array views are invariant in their lifetime: the target is
+            // viewed anew for each step.
+            let target = t.filter(|_| member.spec.is_loss()).map(|t| match t {
+                Target::Classes(ids) => crate::layers::Target::Classes(ids.view()),
+                Target::Probabilities(_) => crate::layers::Target::Probabilities(
+                    target_values
+                        .as_ref()
+                        .expect("made above")
+                        .view()
+                        .into_dimensionality::<Ix2>()
+                        .expect("validated (N, C)"),
+                ),
+            });
+            let out = with_spec!(&member.spec, l => run_forward(l, Step {
+                x: input,
+                x_shared: input_shared,
+                values: &views,
+                target,
+                eval,
+                keep,
+                rng: rng.as_mut(),
+            }));
+            if let Some(state) = out.1 {
+                kept.push(state);
+            }
+            let buffers = out.2.into_iter().map(Tensor::from_array).collect();
+            updates.push((buffers, if keep { rng } else { state.rng }));
+            y = Some(out.0);
+        }
+        // A sequential that is only a loss, without t, runs no member: its
+        // scores are its input.
+        let y = y.unwrap_or_else(|| x.to_owned().into_shared());
+        let kept = keep.then(|| Kept {
+            wire: x_wire,
+            y_shape: y.shape().to_vec(),
+            ran_loss: plan.ran_loss,
+            members: kept,
+            bytes: plan.kept_bytes,
+        });
+        Forwarded {
+            y: Tensor::from_shared(y).answered_as(x_wire),
+            kept,
+            updates,
+            scores,
+        }
+    }
+}
+
+/// `t` against scores of `shape` (N, C) in `dtype`.
+fn check_target(t: &Target, dtype: DType, shape: &[usize]) -> Result<(), Error> {
+    let (n, c) = (shape[0], shape[1]);
+    match t {
+        Target::Classes(ids) => {
+            if ids.len() != n {
+                return Err(Error::invalid(
+                    "t.shape",
+                    format!("({n},): one class id per row of the ({n}, {c}) scores"),
+                    format!("[{}]", ids.len()),
+                    "INVALID_TARGET",
+                ));
+            }
+            if let Some((i, id)) = ids
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| !(0..c as i64).contains(&id))
+            {
+                return Err(Error::invalid(
+                    "t",
+                    format!("class ids in [0, {c})"),
+                    format!("{id} at index {i}"),
+                    "INVALID_TARGET",
+                ));
+            }
+        }
+        Target::Probabilities(p) => {
+            if p.dtype() != dtype || p.shape() != shape {
+                return Err(Error::invalid(
+                    "t",
+                    format!(
+                        "INT64 class ids ({n},) or probabilities {}{shape:?} (the scores' shape and dtype)",
+                        dtype.proto_name()
+                    ),
+                    format!("{}{:?}", p.dtype().proto_name(), p.shape()),
+                    "INVALID_TARGET",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+type MemberForward<F> = (
+    ArcArray<F, IxDyn>,
+    Option<Box<dyn Any + Send + Sync>>,
+    Vec<ArrayD<F>>,
+);
+
+fn run_forward<L: Layer, F: Float>(layer: &L, step: Step<'_, F>) -> MemberForward<F> {
+    let out = layer.forward(step);
+    let kept = out.kept.map(|k| Box::new(k) as Box<dyn Any + Send + Sync>);
+    (out.y, kept, out.buffers)
+}
