@@ -80,7 +80,11 @@ fn the_core_names_no_wire_format_and_no_edge() {
     for path in CORE {
         files(&Path::new(ROOT).join(path), &[".rs"], &mut sources);
     }
-    assert!(sources.len() > 20, "found only {} core files", sources.len());
+    assert!(
+        sources.len() > 20,
+        "found only {} core files",
+        sources.len()
+    );
     let mut found = Vec::new();
     for file in &sources {
         let text = std::fs::read_to_string(file).unwrap();
@@ -92,7 +96,11 @@ fn the_core_names_no_wire_format_and_no_edge() {
             }
         }
     }
-    assert!(found.is_empty(), "transport in the core:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "transport in the core:\n{}",
+        found.join("\n")
+    );
 }
 
 #[test]
@@ -114,7 +122,15 @@ fn sessions_import_nothing_from_training() {
 #[test]
 fn no_hand_written_source_file_is_over_600_lines() {
     let mut sources = Vec::new();
-    for dir in ["src", "tests", "benches", "fuzz/fuzz_targets", "bench", "examples", "clients"] {
+    for dir in [
+        "src",
+        "tests",
+        "benches",
+        "fuzz/fuzz_targets",
+        "bench",
+        "examples",
+        "clients",
+    ] {
         files(
             &Path::new(ROOT).join(dir),
             &[".rs", ".py", ".js", ".sh"],
@@ -124,7 +140,11 @@ fn no_hand_written_source_file_is_over_600_lines() {
     // Generated: the Python client's stubs (scripts/generate.py writes them).
     sources.retain(|file| !file.to_string_lossy().contains("/layerd/v1/"));
     sources.retain(|file| !file.to_string_lossy().contains("node_modules"));
-    assert!(sources.len() > 50, "found only {} source files", sources.len());
+    assert!(
+        sources.len() > 50,
+        "found only {} source files",
+        sources.len()
+    );
     let long: Vec<String> = sources
         .iter()
         .filter_map(|file| {
@@ -132,7 +152,11 @@ fn no_hand_written_source_file_is_over_600_lines() {
             (lines > MAX_LINES).then(|| format!("{}: {lines} lines", file.display()))
         })
         .collect();
-    assert!(long.is_empty(), "over {MAX_LINES} lines:\n{}", long.join("\n"));
+    assert!(
+        long.is_empty(),
+        "over {MAX_LINES} lines:\n{}",
+        long.join("\n")
+    );
 }
 
 #[test]
