@@ -11,7 +11,7 @@ use tracing::Span;
 
 use crate::api::codec::to_proto_map;
 use crate::api::spec;
-use crate::auth::{Caller, Principal};
+use crate::auth::Caller;
 use crate::checkpoint;
 use crate::engine::{backward_on, forward_on, set_values, values_of, ForwardOptions, Phases};
 use crate::layers::Kind;
@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::pb::{self, layer_service_server};
 use crate::rpc::status::CallError;
 use crate::rpc::stream::answer_in_order;
-use crate::rpc::{after_steps, check_routing, observe, rpc_span, Rpc};
+use crate::rpc::{after_steps, check_routing, observe, rpc_span};
 use crate::session::{check_id, LayerInstance, Optimizer, Session, Store};
 use crate::tensor::{Target, Tensor};
 use crate::training::{step_on, train_step_on, TrainOptions};
@@ -41,13 +41,35 @@ impl LayerService {
         }
     }
 
-    /// [`observe`] under this service's request timeout.
-    async fn observe<T>(
+    /// The preamble every unary handler shares: the call's span (its method,
+    /// and the session and layer its message names), the request timeout,
+    /// the metrics and the status mapping around `body`, which gets the
+    /// caller (principal and metadata) and the message.
+    async fn unary<M, T, Fut>(
         &self,
-        rpc: Rpc,
-        call: impl Future<Output = Result<T, CallError>>,
-    ) -> Result<T, CallError> {
-        observe(self.request_timeout, rpc, call).await
+        method: &'static str,
+        request: Request<M>,
+        body: impl FnOnce(Caller, M) -> Fut,
+    ) -> ServiceResult<T>
+    where
+        M: Names,
+        Fut: Future<Output = Result<T, CallError>>,
+    {
+        let (metadata, extensions, message) = request.into_parts();
+        let (session_id, layer_id) = message.names();
+        let rpc = rpc_span(method, session_id, layer_id);
+        let answer = observe(self.request_timeout, rpc, async move {
+            body(Caller::from_parts(metadata, &extensions)?, message).await
+        });
+        Ok(Response::new(answer.await?))
+    }
+
+    /// Checks a request's routing header and session id, then finds the
+    /// caller's session.
+    fn session_of(&self, caller: &Caller, session_id: &str) -> Result<Arc<Session>, CallError> {
+        check_routing(&caller.metadata, session_id)?;
+        check_id("session_id", session_id)?;
+        Ok(self.store.session(&caller.principal, session_id)?)
     }
 
     /// Checks a request's routing header and ids, then finds its session and
@@ -69,8 +91,8 @@ impl LayerService {
         Ok((session, layer))
     }
 
-    /// Checks a request's routing header and session id, then finds the
-    /// session and its optimizer.
+    /// Checks a request's routing header and ids, then finds the session and
+    /// its optimizer.
     fn optimizer_of(
         &self,
         caller: &Caller,
@@ -141,17 +163,13 @@ impl LayerService {
         let answer = match step.step {
             Some(Step::Forward(request)) => {
                 let span = rpc_span("Run.Forward", &request.session_id, &request.layer_id);
-                Answer::Forward(
-                    self.observe(span, self.forward_step(caller, request))
-                        .await?,
-                )
+                let answer = self.forward_step(caller, request);
+                Answer::Forward(observe(self.request_timeout, span, answer).await?)
             }
             Some(Step::Backward(request)) => {
                 let span = rpc_span("Run.Backward", &request.session_id, &request.layer_id);
-                Answer::Backward(
-                    self.observe(span, self.backward_step(caller, request))
-                        .await?,
-                )
+                let answer = self.backward_step(caller, request);
+                Answer::Backward(observe(self.request_timeout, span, answer).await?)
             }
             None => {
                 return Err(CallError::invalid(
@@ -171,95 +189,111 @@ impl LayerService {
 
 type ServiceResult<T> = Result<Response<T>, Status>;
 
+/// The session and layer (or "") a request names, for its span.
+trait Names {
+    fn names(&self) -> (&str, &str);
+}
+
+macro_rules! names {
+    ($($message:ident: $layer:ident),* $(,)?) => {
+        $(impl Names for pb::$message {
+            fn names(&self) -> (&str, &str) {
+                (&self.session_id, names!(@layer self $layer))
+            }
+        })*
+    };
+    (@layer $self:ident none) => { "" };
+    (@layer $self:ident $layer:ident) => { &$self.$layer };
+}
+
+names! {
+    CreateSessionRequest: none,
+    CloseSessionRequest: none,
+    CreateLayerRequest: layer_id,
+    ForwardRequest: layer_id,
+    BackwardRequest: layer_id,
+    GetParamsRequest: layer_id,
+    SetParamsRequest: layer_id,
+    CreateOptimizerRequest: none,
+    StepRequest: none,
+    ExportSessionRequest: none,
+    ImportSessionRequest: none,
+    TrainStepRequest: layer_id,
+}
+
 #[tonic::async_trait]
 impl layer_service_server::LayerService for LayerService {
     async fn create_session(
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> ServiceResult<pb::CreateSessionResponse> {
-        let span = rpc_span("CreateSession", &request.get_ref().session_id, "");
-        let response = self.observe(span, async {
-            check_routing(request.metadata(), &request.get_ref().session_id)?;
-            let owner = Principal::of(request.extensions())?;
-            let request = request.get_ref();
-            let (session_id, granted) =
-                self.store
-                    .create(&owner, &request.session_id, request.idle_timeout_seconds)?;
+        self.unary("CreateSession", request, |caller, message| async move {
+            check_routing(&caller.metadata, &message.session_id)?;
+            let (session_id, granted) = self.store.create(
+                &caller.principal,
+                &message.session_id,
+                message.idle_timeout_seconds,
+            )?;
             Span::current().record("session", session_id.as_str());
             Ok(pb::CreateSessionResponse {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,
             })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn close_session(
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> ServiceResult<pb::CloseSessionResponse> {
-        let session_id = &request.get_ref().session_id;
-        let span = rpc_span("CloseSession", session_id, "");
-        let response = self.observe(span, async {
-            check_routing(request.metadata(), session_id)?;
-            check_id("session_id", session_id)?;
-            self.store
-                .close(&Principal::of(request.extensions())?, session_id)?;
+        self.unary("CloseSession", request, |caller, message| async move {
+            check_routing(&caller.metadata, &message.session_id)?;
+            check_id("session_id", &message.session_id)?;
+            self.store.close(&caller.principal, &message.session_id)?;
             Ok(pb::CloseSessionResponse {})
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn create_layer(
         &self,
         request: Request<pb::CreateLayerRequest>,
     ) -> ServiceResult<pb::CreateLayerResponse> {
-        let message = request.get_ref();
-        let span = rpc_span("CreateLayer", &message.session_id, &message.layer_id);
-        let response = self.observe(span, async {
-            check_routing(request.metadata(), &message.session_id)?;
+        self.unary("CreateLayer", request, |caller, message| async move {
+            check_routing(&caller.metadata, &message.session_id)?;
             check_id("session_id", &message.session_id)?;
             check_id("layer_id", &message.layer_id)?;
-            let layer = spec::new_layer(message)?;
+            let layer = spec::new_layer(&message)?;
             let kind = layer.chain.kind().name();
             Span::current().record("kind", kind);
             metrics::note_kind(kind);
             self.store
-                .session(&Principal::of(request.extensions())?, &message.session_id)?
+                .session(&caller.principal, &message.session_id)?
                 .create_layer(&message.layer_id, layer)?;
             Ok(pb::CreateLayerResponse {})
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn forward(
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> ServiceResult<pb::ForwardResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("Forward", &message.session_id, &message.layer_id);
-        Ok(Response::new(
-            self.observe(span, async {
-                let caller = Caller::from_parts(metadata, &extensions)?;
-                self.forward_step(&caller, message).await
-            })
-            .await?,
-        ))
+        self.unary("Forward", request, |caller, message| async move {
+            self.forward_step(&caller, message).await
+        })
+        .await
     }
 
     async fn backward(
         &self,
         request: Request<pb::BackwardRequest>,
     ) -> ServiceResult<pb::BackwardResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("Backward", &message.session_id, &message.layer_id);
-        Ok(Response::new(
-            self.observe(span, async {
-                let caller = Caller::from_parts(metadata, &extensions)?;
-                self.backward_step(&caller, message).await
-            })
-            .await?,
-        ))
+        self.unary("Backward", request, |caller, message| async move {
+            self.backward_step(&caller, message).await
+        })
+        .await
     }
 
     type RunStream = ReceiverStream<Result<pb::RunResponse, Status>>;
@@ -296,10 +330,7 @@ impl layer_service_server::LayerService for LayerService {
         &self,
         request: Request<pb::GetParamsRequest>,
     ) -> ServiceResult<pb::GetParamsResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("GetParams", &message.session_id, &message.layer_id);
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("GetParams", request, |caller, message| async move {
             let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
             let values = values_of(&layer, message.include_grads).await;
             Ok(pb::GetParamsResponse {
@@ -307,18 +338,15 @@ impl layer_service_server::LayerService for LayerService {
                 buffers: to_proto_map(values.buffers),
                 grads: to_proto_map(values.grads),
             })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn set_params(
         &self,
         request: Request<pb::SetParamsRequest>,
     ) -> ServiceResult<pb::SetParamsResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("SetParams", &message.session_id, &message.layer_id);
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("SetParams", request, |caller, message| async move {
             let values = message
                 .values
                 .into_iter()
@@ -330,69 +358,52 @@ impl layer_service_server::LayerService for LayerService {
             let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
             set_values(&layer, values).await?;
             Ok(pb::SetParamsResponse {})
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn create_optimizer(
         &self,
         request: Request<pb::CreateOptimizerRequest>,
     ) -> ServiceResult<pb::CreateOptimizerResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("CreateOptimizer", &message.session_id, "");
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("CreateOptimizer", request, |caller, message| async move {
             let algorithm = spec::algorithm(&message)?;
-            check_routing(&caller.metadata, &message.session_id)?;
-            check_id("session_id", &message.session_id)?;
-            self.store
-                .session(&caller.principal, &message.session_id)?
+            self.session_of(&caller, &message.session_id)?
                 .create_optimizer(&message.optimizer_id, algorithm, &message.layer_ids)
                 .await?;
             Ok(pb::CreateOptimizerResponse {})
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> ServiceResult<pb::StepResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("Step", &message.session_id, "");
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("Step", request, |caller, message| async move {
             let after = after_steps(&caller.metadata)?;
             let (_, optimizer) =
                 self.optimizer_of(&caller, &message.session_id, &message.optimizer_id)?;
             let steps = step_on(&optimizer, after).await?;
             Ok(pb::StepResponse { steps })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn export_session(
         &self,
         request: Request<pb::ExportSessionRequest>,
     ) -> ServiceResult<pb::ExportSessionResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("ExportSession", &message.session_id, "");
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
-            check_routing(&caller.metadata, &message.session_id)?;
-            check_id("session_id", &message.session_id)?;
-            let session = self.store.session(&caller.principal, &message.session_id)?;
+        self.unary("ExportSession", request, |caller, message| async move {
+            let session = self.session_of(&caller, &message.session_id)?;
             let file = checkpoint::export(&session).await?;
             Ok(pb::ExportSessionResponse { safetensors: file })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn import_session(
         &self,
         request: Request<pb::ImportSessionRequest>,
     ) -> ServiceResult<pb::ImportSessionResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("ImportSession", &message.session_id, "");
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("ImportSession", request, |caller, message| async move {
             check_routing(&caller.metadata, &message.session_id)?;
             // Everything is checked before the session exists.
             let checkpoint = checkpoint::parse(&message.safetensors)?;
@@ -407,18 +418,15 @@ impl layer_service_server::LayerService for LayerService {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,
             })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 
     async fn train_step(
         &self,
         request: Request<pb::TrainStepRequest>,
     ) -> ServiceResult<pb::TrainStepResponse> {
-        let (metadata, extensions, message) = request.into_parts();
-        let span = rpc_span("TrainStep", &message.session_id, &message.layer_id);
-        let response = self.observe(span, async {
-            let caller = Caller::from_parts(metadata, &extensions)?;
+        self.unary("TrainStep", request, |caller, message| async move {
             let after = after_steps(&caller.metadata)?;
             let x = Tensor::from_proto(message.x, "x")?;
             let t = Target::from_proto(message.t, "t")?.ok_or_else(|| {
@@ -454,7 +462,7 @@ impl layer_service_server::LayerService for LayerService {
                 scores: answer.scores.map(Tensor::into_proto),
                 steps: answer.steps,
             })
-        });
-        Ok(Response::new(response.await?))
+        })
+        .await
     }
 }
