@@ -15,10 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+use crate::dtype::Wire;
 use crate::error::Error;
-use crate::layers::{rng::Rng, Chain, MemberState};
+use crate::layers::{rng::Rng, Chain, Elementwise, Kind, MemberState};
 use crate::session::{KeptEntry, LayerInstance, Session};
 use crate::tensor::{Target, Tensor};
 
@@ -80,6 +82,82 @@ pub async fn forward_on(
     }
     phases.compute = computing.elapsed();
     Ok(out.y)
+}
+
+/// A Forward that belongs to no session and keeps nothing (KServe's models
+/// called without a sequence): checked completely, then computed where its
+/// size says, on the same chain code as a session's Forward.
+pub async fn forward_stateless(
+    chain: Chain,
+    x: Tensor,
+    phases: &mut Phases,
+) -> Result<Tensor, Error> {
+    let computing = Instant::now();
+    let plan = chain.plan(&x, None, false)?;
+    let y = compute(x.len(), move || {
+        let stateless = [MemberState::default()];
+        chain.forward(&stateless, &x, None, &plan, false, false).y
+    })
+    .await?;
+    phases.compute = computing.elapsed();
+    Ok(y)
+}
+
+/// Elements per part when a stateless Forward reads its input a part at a
+/// time ([`forward_stateless_parts`]): 256 KiB of float32, which stays in a
+/// core's cache between the read, the layer and the write.
+pub const PART_ELEMENTS: usize = 64 << 10;
+
+/// Where a stateless Forward computed a part at a time reads its input and
+/// puts its answer: an input still in the request's frames or in a
+/// shared-memory region, an answer into the response or into a region.
+pub trait Parts: Send + 'static {
+    type Error: From<Error> + Send + 'static;
+
+    /// The input's bytes `from..from + len`, read front to back once, in one
+    /// or more pieces (an element may be cut between two).
+    fn read(&mut self, from: usize, len: usize) -> Result<Vec<Bytes>, Self::Error>;
+
+    /// Whether the answer goes elsewhere, part by part ([`Parts::write`]),
+    /// rather than into the bytes the Forward returns.
+    fn writes_elsewhere(&self) -> bool;
+
+    /// Writes the answer of the part that starts at byte `from`.
+    fn write(&mut self, from: usize, answer: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// A stateless Forward of an elementwise `kind` over `len` elements of `wire`
+/// read a part at a time from `parts`: one pass over the elements, each part
+/// answered while it is in cache. Returns the answer's bytes (empty when
+/// [`Parts::writes_elsewhere`]).
+pub async fn forward_stateless_parts<P: Parts>(
+    kind: Kind,
+    wire: Wire,
+    len: usize,
+    mut parts: P,
+    phases: &mut Phases,
+) -> Result<Bytes, P::Error> {
+    let model = Elementwise::of(kind)
+        .ok_or_else(|| Error::Internal(format!("{kind} has no stateless pass")))?;
+    let computing = Instant::now();
+    let answer = compute(len, move || {
+        let total = len * wire.itemsize();
+        let part = PART_ELEMENTS * wire.itemsize();
+        let elsewhere = parts.writes_elsewhere();
+        let mut answer = Vec::with_capacity(if elsewhere { part.min(total) } else { total });
+        for from in (0..total).step_by(part) {
+            let pieces = parts.read(from, part.min(total - from))?;
+            model.forward_bytes(wire, pieces.iter().map(|p| &p[..]), &mut answer);
+            if elsewhere {
+                parts.write(from, &answer)?;
+                answer.clear();
+            }
+        }
+        Ok::<_, P::Error>(Bytes::from(answer))
+    })
+    .await??;
+    phases.compute = computing.elapsed();
+    Ok(answer)
 }
 
 /// Applies a Forward's new buffer values and generator positions to

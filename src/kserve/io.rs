@@ -3,8 +3,6 @@
 //! anything runs. A stateless call whose input is still in its frames or
 //! region is computed a chunk at a time as it is read ([`Streamed`]).
 
-use std::time::Instant;
-
 use bytes::{Buf, Bytes};
 
 use super::codec::{first_typed_list, kserve_layout, kserve_raw_layout};
@@ -15,18 +13,12 @@ use super::wire::{Chunks, Start};
 use super::InferenceService;
 use crate::auth::Principal;
 use crate::dtype::Wire;
-use crate::engine::compute;
+use crate::engine::{compute, forward_stateless_parts, Parts};
 use crate::error::Error;
-use crate::layers::Elementwise;
 use crate::metrics;
 use crate::pb::inference as pb;
 use crate::rpc::status::CallError;
 use crate::tensor::Tensor;
-
-/// Elements per chunk when a stateless call streams its input: a region is
-/// read (and an output region written) 256 KiB of float32 at a time, which
-/// stays in a core's cache between the read, the layer and the write.
-pub(super) const STREAM_CHUNK_ELEMENTS: usize = 64 << 10;
 
 /// A request's input, and where its output goes when not in the response.
 pub(super) struct Io {
@@ -70,24 +62,31 @@ pub(super) enum Source {
     Frames(Chunks),
 }
 
-impl Source {
-    /// Appends to `out` the answer of `model` for the next `len` bytes of
-    /// elements, `from` bytes into the input (read front to back, once).
-    pub(super) fn forward_next(
-        &mut self,
-        model: Elementwise,
-        wire: Wire,
-        (from, len): (usize, usize),
-        out: &mut Vec<u8>,
-    ) -> Result<(), CallError> {
-        match self {
-            Source::Region(held) => {
-                let data = held.read_range(from as u64, len)?;
-                model.forward_bytes(wire, [&data[..]], out);
-            }
-            Source::Frames(chunks) => model.forward_bytes(wire, chunks.split_to(len).pieces(), out),
+/// A streamed call's input and output, as the engine reads and writes them.
+pub(super) struct StreamedParts {
+    input: Source,
+    output: Option<RegionUse>,
+}
+
+impl Parts for StreamedParts {
+    type Error = CallError;
+
+    fn read(&mut self, from: usize, len: usize) -> Result<Vec<Bytes>, CallError> {
+        Ok(match &mut self.input {
+            Source::Region(held) => vec![held.read_range(from as u64, len)?],
+            Source::Frames(chunks) => chunks.split_to(len).into_pieces().collect(),
+        })
+    }
+
+    fn writes_elsewhere(&self) -> bool {
+        self.output.is_some()
+    }
+
+    fn write(&mut self, from: usize, answer: &[u8]) -> Result<(), CallError> {
+        match &self.output {
+            Some(region) => region.write_at(from as u64, answer),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -264,8 +263,9 @@ impl InferenceService {
     }
 
     /// A stateless Forward from where the input is to where the output goes,
-    /// in one pass ([`Elementwise`]: the models are elementwise, and every
-    /// element's answer is the one the layer gives the whole tensor). The
+    /// in one pass ([`forward_stateless_parts`]: the models are elementwise,
+    /// and every element's answer is the one the layer gives the whole
+    /// tensor). The
     /// input is never copied whole: frames are read as they came; a region
     /// a chunk at a time, and into a region the server holds no memory of
     /// the tensor's size at all.
@@ -277,35 +277,17 @@ impl InferenceService {
         stages: &mut Stages,
     ) -> Result<pb::ModelInferResponse, CallError> {
         let Streamed {
-            mut input,
+            input,
             output,
             shape,
             wire,
             len,
         } = streamed;
-        let computing = Instant::now();
-        let elementwise = Elementwise::of(model.kind).expect("models are of elementwise kinds");
-        let raw = compute(len, move || {
-            let total = len * wire.itemsize();
-            let chunk = STREAM_CHUNK_ELEMENTS * wire.itemsize();
-            let mut answer = Vec::with_capacity(match output {
-                Some(_) => chunk.min(total),
-                None => total,
-            });
-            for from in (0..total).step_by(chunk) {
-                let part = (from, chunk.min(total - from));
-                input.forward_next(elementwise, wire, part, &mut answer)?;
-                if let Some(region) = &output {
-                    region.write_at(from as u64, &answer)?;
-                    answer.clear();
-                }
-            }
-            metrics::tensor_bytes(metrics::Direction::In, total);
-            metrics::tensor_bytes(metrics::Direction::Out, total);
-            Ok::<_, CallError>(Bytes::from(answer))
-        })
-        .await??;
-        stages.layer.compute = computing.elapsed();
+        let parts = StreamedParts { input, output };
+        let raw = forward_stateless_parts(model.kind, wire, len, parts, &mut stages.layer).await?;
+        let total = len * wire.itemsize();
+        metrics::tensor_bytes(metrics::Direction::In, total);
+        metrics::tensor_bytes(metrics::Direction::Out, total);
         Ok(pb::ModelInferResponse {
             model_name: model.name(),
             model_version: VERSION.to_string(),

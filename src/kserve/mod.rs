@@ -35,9 +35,8 @@ use tracing::{field, Span};
 
 use crate::auth::{Caller, Principal};
 use crate::config::Config;
-use crate::engine::{backward_on, compute, forward_on, ForwardOptions, Phases};
+use crate::engine::{backward_on, compute, forward_on, forward_stateless, ForwardOptions, Phases};
 use crate::error::Error;
-use crate::layers::MemberState;
 use crate::pb::inference::{self as pb, grpc_inference_service_server::GrpcInferenceService};
 use crate::rpc::status::CallError;
 use crate::rpc::stream::answer_in_order;
@@ -257,18 +256,7 @@ impl InferenceService {
                 y
             }
             (None, Direction::Forward | Direction::NoGrad) => {
-                let computing = Instant::now();
-                let chain = model.chain();
-                let plan = chain.plan(&input, None, false)?;
-                let y = compute(input.len(), move || {
-                    let stateless = [MemberState::default()];
-                    chain
-                        .forward(&stateless, &input, None, &plan, false, false)
-                        .y
-                })
-                .await?;
-                stages.layer.compute = computing.elapsed();
-                y
+                forward_stateless(model.chain(), input, &mut stages.layer).await?
             }
             (None, Direction::Backward) => {
                 return Err(CallError::SequenceRequired {

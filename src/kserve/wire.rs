@@ -302,6 +302,11 @@ impl Chunks {
         self.chunks.iter().map(|c| &c[..])
     }
 
+    /// The buffers, front to back (not copied).
+    pub fn into_pieces(self) -> impl Iterator<Item = Bytes> {
+        self.chunks.into_iter()
+    }
+
     /// The bytes in one buffer starting as `start` asks: the frame itself
     /// when they lie so in one, else copied once into an aligned buffer.
     pub fn into_bytes(mut self, start: Start) -> Bytes {
