@@ -11,7 +11,7 @@
 //! third of the server's CPU time per call, on a path bound by moving bytes.
 //! (The aligning copy, then the layer's pass over it, still took half of the
 //! server's user time at 1 Mi: stateless calls now skip it, see
-//! [`crate::layers::elementwise`].)
+//! [`crate::layers::kernels::elementwise`].)
 //!
 //! # How
 //! - In: the frames of one length-prefixed message are kept as they came

@@ -10,7 +10,7 @@
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use super::Float;
+use crate::layers::Float;
 
 /// `a · b`, a new standard-layout matrix.
 pub fn matmul<F: Float>(a: ArrayView2<'_, F>, b: ArrayView2<'_, F>) -> Array2<F> {

@@ -25,8 +25,8 @@
 
 use std::mem::MaybeUninit;
 
-use super::{Float, Kind, Relu, Sigmoid};
 use crate::dtype::Wire;
+use crate::layers::{Float, Kind, Relu, Sigmoid};
 
 /// A kind whose no_grad Forward maps each element on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use ndarray::{ArrayD, IxDyn};
 
 use super::rng::Rng;
-use super::Float;
+use crate::layers::Float;
 
 /// How the weights' standard deviation is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
