@@ -1,13 +1,14 @@
 //! The [`Layer`] trait every kind implements, and what passes between a kind
 //! and the chain that runs it: the [`Slot`]s it declares, the [`Plan`] it is
-//! checked against, one Forward's inputs ([`Step`]) and what Forward and
-//! Backward produce ([`Forwarded`], [`Backwarded`]).
+//! checked against, one Forward's inputs ([`Step`]), what Forward and
+//! Backward produce ([`Forwarded`], [`Backwarded`]), and the kept state that
+//! runs its own Backward ([`MemberKept`], [`KeptMembers`]).
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::kernels::{init, rng, vexp};
 use super::softmax_with_loss::Target;
-use crate::dtype::Element;
+use crate::dtype::{Element, Wire};
 
 /// An element type the layers compute in: `f32` or `f64`.
 pub trait Float: Element + num_traits::Float {
@@ -16,6 +17,10 @@ pub trait Float: Element + num_traits::Float {
     /// `e^self` by [`vexp`], which the compiler can vectorise (within about
     /// 1 ulp of libm's `exp`).
     fn vexp(self) -> Self;
+    /// Members' kept state of this element type, dtype-erased.
+    fn keep(members: Vec<Box<dyn MemberKept<Self>>>) -> KeptMembers;
+    /// The members' kept state, if it is of this element type.
+    fn kept(members: &KeptMembers) -> Option<&[Box<dyn MemberKept<Self>>]>;
 }
 
 impl Float for f32 {
@@ -25,6 +30,15 @@ impl Float for f32 {
     fn vexp(self) -> f32 {
         vexp::exp_f32(self)
     }
+    fn keep(members: Vec<Box<dyn MemberKept<f32>>>) -> KeptMembers {
+        KeptMembers::F32(members)
+    }
+    fn kept(members: &KeptMembers) -> Option<&[Box<dyn MemberKept<f32>>]> {
+        match members {
+            KeptMembers::F32(members) => Some(members),
+            KeptMembers::F64(_) => None,
+        }
+    }
 }
 
 impl Float for f64 {
@@ -33,6 +47,15 @@ impl Float for f64 {
     }
     fn vexp(self) -> f64 {
         vexp::exp_f64(self)
+    }
+    fn keep(members: Vec<Box<dyn MemberKept<f64>>>) -> KeptMembers {
+        KeptMembers::F64(members)
+    }
+    fn kept(members: &KeptMembers) -> Option<&[Box<dyn MemberKept<f64>>]> {
+        match members {
+            KeptMembers::F64(members) => Some(members),
+            KeptMembers::F32(_) => None,
+        }
     }
 }
 
@@ -156,7 +179,7 @@ pub struct Backwarded<F> {
 /// One layer kind's math on one configured instance. The implementor declares
 /// what it holds and what Forward keeps for Backward, and the byte size of
 /// that, so the server can check the budgets before it allocates.
-pub trait Layer: Send + Sync + 'static {
+pub trait Layer: Clone + Send + Sync + 'static {
     /// The name clients pass as `CreateLayerRequest.kind`.
     const NAME: &'static str;
     /// Formula, parameters and kept state, shown by ListLayerKinds.
@@ -209,5 +232,90 @@ pub trait Layer: Send + Sync + 'static {
         dout: ArrayViewD<'_, F>,
     ) -> Vec<ArrayD<F>> {
         self.backward(values, kept, dout).grads
+    }
+
+    /// Forward on half-precision elements as they came (`xs`, of half type
+    /// `wire`), for a kind that is exact on them without widening (ReLU):
+    /// its answer in `wire`, and when `keep`, its kept state. None, the
+    /// default: the elements are widened to float32 first.
+    fn forward_halves(
+        &self,
+        _wire: Wire,
+        _xs: &[u16],
+        _keep: bool,
+    ) -> Option<Halved<Self::Kept<f32>>> {
+        None
+    }
+
+    /// Backward on half-precision `dout` elements as they came, from what
+    /// [`Layer::forward_halves`] kept; None, the default: widened first.
+    fn backward_halves<F: Float>(&self, _kept: &Self::Kept<F>, _ds: &[u16]) -> Option<Vec<u16>> {
+        None
+    }
+}
+
+/// A Forward on half-precision elements: the answer's 16-bit elements, and
+/// the kept state when the call keeps.
+pub type Halved<K> = (Vec<u16>, Option<K>);
+
+/// What one member kept for Backward, bound to the layer that kept it: it
+/// runs its own Backward, so the chain needs to know neither its type nor
+/// its kind.
+pub trait MemberKept<F: Float>: Send + Sync {
+    /// [`Layer::backward`] from this state.
+    fn backward(&self, values: &[ArrayViewD<'_, F>], dout: ArrayViewD<'_, F>) -> Backwarded<F>;
+    /// [`Layer::param_grads`] from this state.
+    fn param_grads(&self, values: &[ArrayViewD<'_, F>], dout: ArrayViewD<'_, F>) -> Vec<ArrayD<F>>;
+    /// [`Layer::backward_halves`] from this state.
+    fn backward_halves(&self, ds: &[u16]) -> Option<Vec<u16>>;
+}
+
+/// A kind's kept state with (a copy of) the configured kind that kept it.
+pub struct KeptBy<L: Layer, F: Float> {
+    layer: L,
+    kept: L::Kept<F>,
+}
+
+impl<L: Layer, F: Float> KeptBy<L, F> {
+    pub fn boxed(layer: &L, kept: L::Kept<F>) -> Box<dyn MemberKept<F>> {
+        Box::new(KeptBy {
+            layer: layer.clone(),
+            kept,
+        })
+    }
+}
+
+impl<L: Layer, F: Float> MemberKept<F> for KeptBy<L, F> {
+    fn backward(&self, values: &[ArrayViewD<'_, F>], dout: ArrayViewD<'_, F>) -> Backwarded<F> {
+        self.layer.backward(values, &self.kept, dout)
+    }
+
+    fn param_grads(&self, values: &[ArrayViewD<'_, F>], dout: ArrayViewD<'_, F>) -> Vec<ArrayD<F>> {
+        self.layer.param_grads(values, &self.kept, dout)
+    }
+
+    fn backward_halves(&self, ds: &[u16]) -> Option<Vec<u16>> {
+        self.layer.backward_halves(&self.kept, ds)
+    }
+}
+
+/// The kept state of the members that ran in one Forward, in the element
+/// type they computed in.
+pub enum KeptMembers {
+    F32(Vec<Box<dyn MemberKept<f32>>>),
+    F64(Vec<Box<dyn MemberKept<f64>>>),
+}
+
+impl KeptMembers {
+    /// How many members kept state (the ones that ran).
+    pub fn len(&self) -> usize {
+        match self {
+            KeptMembers::F32(members) => members.len(),
+            KeptMembers::F64(members) => members.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

@@ -48,7 +48,10 @@ pub use convolution::Convolution;
 pub use dropout::Dropout;
 pub use elementwise::Elementwise;
 pub use identity::Identity;
-pub use layer::{Backwarded, Fill, Float, Forwarded, Layer, Plan, Role, Slot, Step};
+pub use layer::{
+    Backwarded, Fill, Float, Forwarded, KeptBy, KeptMembers, Layer, MemberKept, Plan, Role, Slot,
+    Step,
+};
 pub use pooling::Pool;
 pub(crate) use registry::{with_float, with_spec};
 pub use registry::{Kind, Spec};

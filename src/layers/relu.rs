@@ -18,6 +18,7 @@ use std::mem::MaybeUninit;
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
+use super::layer::Halved;
 use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
 use crate::dtype::Wire;
 
@@ -196,6 +197,15 @@ impl Layer for Relu {
             dx: Relu::backward_with(mask, dout),
             grads: Vec::new(),
         }
+    }
+
+    fn forward_halves(&self, wire: Wire, xs: &[u16], keep: bool) -> Option<Halved<Mask>> {
+        let (y, mask) = Relu::keep_halves(xs, wire);
+        Some((y, keep.then_some(mask)))
+    }
+
+    fn backward_halves<F: Float>(&self, kept: &Mask, ds: &[u16]) -> Option<Vec<u16>> {
+        Some(Relu::backward_halves(kept, ds))
     }
 }
 

@@ -1,14 +1,12 @@
 //! A chain's Backward: `dout` checked against what the keeping Forward
-//! kept, then the members in reverse (and ReLU's half-precision path).
-
-use std::any::Any;
+//! kept, then each member's kept state runs its own Backward, in reverse
+//! (and the half-precision hook of a lone member).
 
 use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
 
 use super::{Backwarded, Chain, Kept, MemberState};
 use crate::error::Error;
-use crate::layers::relu::{Mask, Relu};
-use crate::layers::{with_float, with_spec, Float, Layer};
+use crate::layers::{with_float, Float};
 use crate::tensor::Tensor;
 
 impl Chain {
@@ -49,24 +47,27 @@ impl Chain {
         kept: &Kept,
         dout: Option<&Tensor>,
     ) -> Backwarded {
-        if let Some(backwarded) = self.relu_back_on_halves(kept, dout) {
+        if let Some(backwarded) = self.backward_on_halves(kept, dout) {
             return backwarded;
         }
         with_float!(kept.wire.compute(), F => self.backward_as::<F>(states, kept, dout, true))
     }
 
-    /// [`Chain::relu_on_halves`]'s Backward, from a half dout.
-    fn relu_back_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
-        if !self.is_lone_relu() {
+    /// The Backward of a lone member from a half dout as it came, when what
+    /// it kept computes one ([`crate::layers::Layer::backward_halves`]: ReLU's
+    /// mask).
+    fn backward_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
+        if self.members.len() != 1 {
             return None;
         }
+        let [member] = f32::kept(&kept.members)? else {
+            return None;
+        };
         let dout = dout?;
         let (wire, ds) = dout.halves()?;
-        let mask = kept.members[0]
-            .downcast_ref::<Mask>()
-            .expect("a ReLU keeps its mask");
+        let dx = member.backward_halves(&ds)?;
         Some(Backwarded {
-            dx: Tensor::from_halves(wire, dout.shape(), Relu::backward_halves(mask, &ds)),
+            dx: Tensor::from_halves(wire, dout.shape(), dx),
             grads: vec![None],
         })
     }
@@ -96,15 +97,16 @@ impl Chain {
             Some(dout) => dout.view::<F>(),
             None => ArrayD::from_elem(IxDyn(&[]), F::one()).into(),
         };
-        let runs = kept.members.len();
+        let kept_members = F::kept(&kept.members).expect("kept in the dtype it computed in");
+        let runs = kept_members.len();
         let mut grads = vec![None; self.members.len()];
         for i in (0..runs).rev() {
-            let (member, state) = (&self.members[i], &states[i]);
+            let state = &states[i];
             let values: Vec<CowArray<'_, F, IxDyn>> =
                 state.values.iter().map(Tensor::view::<F>).collect();
             let views: Vec<ArrayViewD<'_, F>> = values.iter().map(|v| v.view()).collect();
             if i == 0 && !need_dx {
-                let out = with_spec!(&member.spec, l => run_param_grads(l, &views, kept.members[0].as_ref(), d.view()));
+                let out = kept_members[0].param_grads(&views, d.view());
                 if !out.is_empty() {
                     grads[0] = Some(out.into_iter().map(Tensor::from_array).collect());
                 }
@@ -112,7 +114,7 @@ impl Chain {
                 d = ArrayD::zeros(IxDyn(&[0])).into();
                 break;
             }
-            let out = with_spec!(&member.spec, l => run_backward(l, &views, kept.members[i].as_ref(), d.view()));
+            let out = kept_members[i].backward(&views, d.view());
             if !out.grads.is_empty() {
                 grads[i] = Some(out.grads.into_iter().map(Tensor::from_array).collect());
             }
@@ -123,28 +125,4 @@ impl Chain {
             grads,
         }
     }
-}
-
-fn run_param_grads<L: Layer, F: Float>(
-    layer: &L,
-    values: &[ArrayViewD<'_, F>],
-    kept: &(dyn Any + Send + Sync),
-    dout: ArrayViewD<'_, F>,
-) -> Vec<ArrayD<F>> {
-    let kept = kept
-        .downcast_ref::<L::Kept<F>>()
-        .expect("kept state was made by this member at this dtype");
-    layer.param_grads(values, kept, dout)
-}
-
-fn run_backward<L: Layer, F: Float>(
-    layer: &L,
-    values: &[ArrayViewD<'_, F>],
-    kept: &(dyn Any + Send + Sync),
-    dout: ArrayViewD<'_, F>,
-) -> crate::layers::Backwarded<F> {
-    let kept = kept
-        .downcast_ref::<L::Kept<F>>()
-        .expect("kept state was made by this member at this dtype");
-    layer.backward(values, kept, dout)
 }

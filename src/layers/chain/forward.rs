@@ -1,15 +1,15 @@
 //! A chain's Forward: the plan that checks everything first, then the run
-//! over the members (and ReLU's half-precision path).
-
-use std::any::Any;
+//! over the members (and the half-precision hook of a lone member).
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
 
 use super::{Chain, ForwardPlan, Forwarded, Kept, Member, MemberState};
-use crate::dtype::DType;
+use crate::dtype::{DType, Wire};
 use crate::error::Error;
-use crate::layers::relu::Relu;
-use crate::layers::{with_float, with_spec, Float, Layer, Plan, Spec, Step};
+use crate::layers::layer::Halved;
+use crate::layers::{
+    with_float, with_spec, Float, KeptBy, KeptMembers, Layer, MemberKept, Plan, Step,
+};
 use crate::tensor::{Target, Tensor};
 
 impl Chain {
@@ -117,36 +117,32 @@ impl Chain {
         eval: bool,
         keep: bool,
     ) -> Forwarded {
-        if let Some(forwarded) = self.relu_on_halves(states, x, plan, keep) {
+        if let Some(forwarded) = self.forward_on_halves(states, x, plan, keep) {
             return forwarded;
         }
         with_float!(x.dtype(), F => self.forward_as::<F>(states, x, t, plan, eval, keep))
     }
 
-    /// Whether this is one ReLU (a plain layer, or a sequential of it alone).
-    pub(super) fn is_lone_relu(&self) -> bool {
-        matches!(&self.members[..], [member] if matches!(member.spec, Spec::Relu(_)))
-    }
-
-    /// A lone ReLU on a half x: computed on its 16-bit elements, never
-    /// widened (exact, see `relu.rs`); None for anything else.
-    fn relu_on_halves(
+    /// A lone member on a half x, if its kind computes half elements as they
+    /// came ([`Layer::forward_halves`]: ReLU, exact in any float type); None
+    /// for anything else, which widens them.
+    fn forward_on_halves(
         &self,
         states: &[MemberState],
         x: &Tensor,
         plan: &ForwardPlan,
         keep: bool,
     ) -> Option<Forwarded> {
-        if !self.is_lone_relu() {
+        let [member] = &self.members[..] else {
             return None;
-        }
+        };
         let (wire, xs) = x.halves()?;
-        let (y, mask) = Relu::keep_halves(&xs, wire);
-        let kept = keep.then(|| Kept {
+        let (y, kept) = with_spec!(&member.spec, l => forward_halves(l, wire, &xs, keep))?;
+        let kept = kept.map(|kept| Kept {
             wire,
             y_shape: x.shape().to_vec(),
             ran_loss: false,
-            members: vec![Box::new(mask) as Box<dyn Any + Send + Sync>],
+            members: KeptMembers::F32(vec![kept]),
             bytes: plan.kept_bytes,
         });
         Some(Forwarded {
@@ -234,7 +230,7 @@ impl Chain {
             wire: x_wire,
             y_shape: y.shape().to_vec(),
             ran_loss: plan.ran_loss,
-            members: kept,
+            members: F::keep(kept),
             bytes: plan.kept_bytes,
         });
         Forwarded {
@@ -291,12 +287,22 @@ fn check_target(t: &Target, dtype: DType, shape: &[usize]) -> Result<(), Error> 
 
 type MemberForward<F> = (
     ArcArray<F, IxDyn>,
-    Option<Box<dyn Any + Send + Sync>>,
+    Option<Box<dyn MemberKept<F>>>,
     Vec<ArrayD<F>>,
 );
 
 fn run_forward<L: Layer, F: Float>(layer: &L, step: Step<'_, F>) -> MemberForward<F> {
     let out = layer.forward(step);
-    let kept = out.kept.map(|k| Box::new(k) as Box<dyn Any + Send + Sync>);
+    let kept = out.kept.map(|kept| KeptBy::boxed(layer, kept));
     (out.y, kept, out.buffers)
+}
+
+fn forward_halves<L: Layer>(
+    layer: &L,
+    wire: Wire,
+    xs: &[u16],
+    keep: bool,
+) -> Option<Halved<Box<dyn MemberKept<f32>>>> {
+    let (y, kept) = layer.forward_halves(wire, xs, keep)?;
+    Some((y, kept.map(|kept| KeptBy::boxed(layer, kept))))
 }

@@ -19,12 +19,12 @@
 mod backward;
 mod forward;
 
-use std::{any::Any, collections::HashMap, fmt};
+use std::{collections::HashMap, fmt};
 
 use ndarray::{ArrayD, IxDyn};
 
 use super::rng::Rng;
-use super::{init, with_float, Fill, Float, Kind, Role, Slot, Spec};
+use super::{init, with_float, Fill, Float, KeptMembers, Kind, Role, Slot, Spec};
 use crate::dtype::{DType, Wire};
 use crate::error::Error;
 use crate::tensor::Tensor;
@@ -86,7 +86,8 @@ pub struct Kept {
     wire: Wire,
     y_shape: Vec<usize>,
     ran_loss: bool,
-    members: Vec<Box<dyn Any + Send + Sync>>,
+    /// The kept state of each member that ran, able to run its own Backward.
+    members: KeptMembers,
     bytes: u64,
 }
 
