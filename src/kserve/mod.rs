@@ -47,7 +47,7 @@ pub use io::take_input;
 use io::{Input, Io, Streamed};
 
 use arrival::Ticket;
-use models::{Direction, Model, PLATFORM, VERSION};
+use models::{Model, Pass, PLATFORM, VERSION};
 use sequence::{SequenceId, SequenceParams};
 use shm::Regions;
 use stats::{ModelStats, Stages};
@@ -190,8 +190,8 @@ impl InferenceService {
         span.record("elements", input.len());
 
         let stateless = matches!(
-            (&params.id, model.direction),
-            (None, Direction::Forward | Direction::NoGrad)
+            (&params.id, model.pass),
+            (None, Pass::Forward | Pass::NoGrad)
         );
         let (input, output_region) = match (stateless, input, output_region) {
             (
@@ -221,8 +221,8 @@ impl InferenceService {
         let input = input.read().await?;
         stages.input = decoding.elapsed();
 
-        let output = match (session_id.as_deref(), model.direction) {
-            (Some(_), Direction::NoGrad) => {
+        let output = match (session_id.as_deref(), model.pass) {
+            (Some(_), Pass::NoGrad) => {
                 return Err(CallError::invalid(
                     "parameters.sequence_id",
                     format!(
@@ -255,10 +255,10 @@ impl InferenceService {
                 stages.layer.queue += waited;
                 y
             }
-            (None, Direction::Forward | Direction::NoGrad) => {
+            (None, Pass::Forward | Pass::NoGrad) => {
                 forward_stateless(model.chain(), input, &mut stages.layer).await?
             }
-            (None, Direction::Backward) => {
+            (None, Pass::Backward) => {
                 return Err(CallError::SequenceRequired {
                     model: model.name(),
                 })
@@ -313,19 +313,19 @@ impl InferenceService {
             });
         }
         let session = store.session(owner, session_id)?;
-        let output = match model.direction {
-            Direction::Forward => {
+        let output = match model.pass {
+            Pass::Forward => {
                 let layer = session.layer_or_create(layer_id, model.chain())?;
                 forward_on(&session, &layer, input, ForwardOptions::default(), phases).await?
             }
-            Direction::NoGrad => {
+            Pass::NoGrad => {
                 // infer_model rejects sequences on stateless models first.
                 return Err(CallError::internal(format!(
                     "{} in a sequence",
                     model.name()
                 )));
             }
-            Direction::Backward => {
+            Pass::Backward => {
                 let nothing_kept = || Error::NothingKept {
                     layer_id: layer_id.to_string(),
                 };

@@ -1,4 +1,4 @@
-//! The KServe models layerd serves: one per layer kind and direction.
+//! The KServe models layerd serves: one per layer kind and pass.
 //!
 //! `relu`, `sigmoid`, `identity` run Forward (input `x`, output `y`), and
 //! keep state when the request belongs to a sequence;
@@ -37,7 +37,7 @@ const ADVERTISED: DType = DType::F32;
 
 /// Which pass of its layer a model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub enum Pass {
     /// Forward; keeps state inside a sequence.
     Forward,
     /// Backward, from what the sequence's Forward kept.
@@ -46,15 +46,15 @@ pub enum Direction {
     NoGrad,
 }
 
-impl Direction {
-    const ALL: [Direction; 3] = [Direction::Forward, Direction::Backward, Direction::NoGrad];
+impl Pass {
+    const ALL: [Pass; 3] = [Pass::Forward, Pass::Backward, Pass::NoGrad];
 
     /// The model name's suffix after the kind.
     fn suffix(self) -> &'static str {
         match self {
-            Direction::Forward => "",
-            Direction::Backward => "_backward",
-            Direction::NoGrad => "_no_grad",
+            Pass::Forward => "",
+            Pass::Backward => "_backward",
+            Pass::NoGrad => "_no_grad",
         }
     }
 }
@@ -63,25 +63,25 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Model {
     pub kind: Kind,
-    pub direction: Direction,
+    pub pass: Pass,
 }
 
 impl Model {
     /// Every model: Forward, Backward, then no-grad ones, in kind order.
     pub fn all() -> impl Iterator<Item = Model> {
-        Direction::ALL.into_iter().flat_map(|direction| {
+        Pass::ALL.into_iter().flat_map(|pass| {
             Kind::ELEMENTWISE
                 .into_iter()
-                .map(move |kind| Model { kind, direction })
+                .map(move |kind| Model { kind, pass })
         })
     }
 
     /// A dense index over [`Model::all`], for per-model tables.
     pub fn index(self) -> usize {
         let position = |found: Option<usize>| found.unwrap_or(0);
-        let direction = position(Direction::ALL.iter().position(|&d| d == self.direction));
+        let pass = position(Pass::ALL.iter().position(|&d| d == self.pass));
         let kind = position(Kind::ELEMENTWISE.iter().position(|&k| k == self.kind));
-        direction * Kind::ELEMENTWISE.len() + kind
+        pass * Kind::ELEMENTWISE.len() + kind
     }
 
     /// The layer a model computes (one without parameters).
@@ -91,17 +91,17 @@ impl Model {
     }
 
     pub fn count() -> usize {
-        Direction::ALL.len() * Kind::ELEMENTWISE.len()
+        Pass::ALL.len() * Kind::ELEMENTWISE.len()
     }
 
     /// The model `name` at `version` ("" is the latest, "1").
     pub fn find(name: &str, version: &str) -> Result<Model, CallError> {
         // Parsed, not compared against every model's formatted name: this runs
         // on every ModelInfer.
-        let model = Direction::ALL.into_iter().find_map(|direction| {
-            let kind = Kind::from_name(name.strip_suffix(direction.suffix())?)
+        let model = Pass::ALL.into_iter().find_map(|pass| {
+            let kind = Kind::from_name(name.strip_suffix(pass.suffix())?)
                 .filter(|kind| Kind::ELEMENTWISE.contains(kind))?;
-            Some(Model { kind, direction })
+            Some(Model { kind, pass })
         });
         match model {
             Some(model) if version.is_empty() || version == VERSION => Ok(model),
@@ -117,27 +117,27 @@ impl Model {
     }
 
     pub fn name(self) -> String {
-        format!("{}{}", self.kind.name(), self.direction.suffix())
+        format!("{}{}", self.kind.name(), self.pass.suffix())
     }
 
     /// Whether the model takes part in sequences (and says so in its config).
     pub fn is_stateful(self) -> bool {
-        self.direction != Direction::NoGrad
+        self.pass != Pass::NoGrad
     }
 
     /// The name of the model's one input.
     pub fn input(self) -> &'static str {
-        match self.direction {
-            Direction::Forward | Direction::NoGrad => "x",
-            Direction::Backward => "dout",
+        match self.pass {
+            Pass::Forward | Pass::NoGrad => "x",
+            Pass::Backward => "dout",
         }
     }
 
     /// The name of the model's one output.
     pub fn output(self) -> &'static str {
-        match self.direction {
-            Direction::Forward | Direction::NoGrad => "y",
-            Direction::Backward => "dx",
+        match self.pass {
+            Pass::Forward | Pass::NoGrad => "y",
+            Pass::Backward => "dx",
         }
     }
 

@@ -19,7 +19,7 @@ use ndarray::{
 };
 
 use super::linalg::matmul;
-use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+use super::{init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
 
 /// The affine kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,14 +66,14 @@ impl Layer for Affine {
         plan.x.iter().product::<usize>() * plan.itemsize
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept<F>> {
-        let x = step.x.as_standard_layout();
-        let (w, b) = (param2(&step.values[0]), param1(&step.values[1]));
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept<F>> {
+        let x = inputs.x.as_standard_layout();
+        let (w, b) = (param2(&inputs.values[0]), param1(&inputs.values[1]));
         let y = forward(rows(x.view(), self.in_features), w, b)
             .into_dyn()
             .into_shared();
-        let kept = step.keep.then(|| Kept {
-            x: match step.x_shared {
+        let kept = inputs.keep.then(|| Kept {
+            x: match inputs.x_shared {
                 Some(shared) if shared.is_standard_layout() => shared.clone(),
                 _ => x.into_owned().into_shared(),
             },

@@ -22,7 +22,7 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, IxDyn};
 
 use super::affine::param1;
-use super::{Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+use super::{Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
 
 /// The batch_norm kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,18 +64,18 @@ impl Layer for BatchNorm {
         Kept::<f64>::elements_for(rows, self.features, plan.eval) * plan.itemsize
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, KeptInput<F>> {
-        let shape = step.x.shape().to_vec();
-        let rows = to_rows(step.x);
-        let [gamma, beta, mean, var] = [0, 1, 2, 3].map(|i| param1(&step.values[i]));
-        let (y, kept, buffers) = if step.eval {
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, KeptInput<F>> {
+        let shape = inputs.x.shape().to_vec();
+        let rows = to_rows(inputs.x);
+        let [gamma, beta, mean, var] = [0, 1, 2, 3].map(|i| param1(&inputs.values[i]));
+        let (y, kept, buffers) = if inputs.eval {
             let (y, kept) = forward_eval(rows.view(), gamma, beta, (mean, var), self.settings);
             (y, kept, Vec::new())
         } else {
             let (y, kept, (mean, var)) =
                 forward_train(rows.view(), gamma, beta, (mean, var), self.settings);
             // Running statistics change only on a keeping training Forward.
-            let buffers = if step.keep {
+            let buffers = if inputs.keep {
                 vec![mean.into_dyn(), var.into_dyn()]
             } else {
                 Vec::new()
@@ -84,7 +84,7 @@ impl Layer for BatchNorm {
         };
         Forwarded {
             y: from_rows(y, &shape).into_shared(),
-            kept: step.keep.then_some(KeptInput { kept, shape }),
+            kept: inputs.keep.then_some(KeptInput { kept, shape }),
             buffers,
         }
     }
@@ -131,7 +131,7 @@ impl<F: Float> Kept<F> {
 ///
 /// The 4-D case is one (C, H·W) → (H·W, C) transpose per image, in plain
 /// loops: ndarray's general copy of a permuted view walks every element by
-/// index and took most of a small convnet's step.
+/// index and took most of a small convnet's inputs.
 pub fn to_rows<F: Float>(x: ArrayViewD<'_, F>) -> Array2<F> {
     match *x.shape() {
         [n, c, h, w] => {

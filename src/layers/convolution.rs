@@ -31,7 +31,7 @@ use ndarray::{
 };
 
 use super::linalg::matmul_into;
-use super::{init::Init, Backwarded, Fill, Float, Forwarded, Layer, Plan, Slot, Step};
+use super::{init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
 
 /// The convolution kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,21 +102,21 @@ impl Layer for Convolution {
             .fold(1u64, |n, &d| n.saturating_mul(d as u64))
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Array4<F>> {
-        let x = step
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Array4<F>> {
+        let x = inputs
             .x
             .into_dimensionality::<Ix4>()
             .expect("validated (N, C, H, W)");
-        let w = step.values[0]
+        let w = inputs.values[0]
             .view()
             .into_dimensionality::<Ix4>()
             .expect("4-D W");
-        let b = step.values[1]
+        let b = inputs.values[1]
             .view()
             .into_dimensionality::<Ix1>()
             .expect("1-D b");
         let y = forward(x, w, b, self.geometry).into_dyn().into_shared();
-        Forwarded::new(y, step.keep.then(|| x.to_owned()))
+        Forwarded::new(y, inputs.keep.then(|| x.to_owned()))
     }
 
     fn backward<F: Float>(

@@ -14,7 +14,7 @@
 use ndarray::{ArrayD, ArrayViewD};
 
 use super::rng::Rng;
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 
 /// The dropout kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,14 +48,14 @@ impl Layer for Dropout {
         }
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept> {
-        if step.eval {
-            let y = scale(step.x, self.ratio).into_shared();
-            return Forwarded::new(y, step.keep.then_some(Kept::Eval));
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept> {
+        if inputs.eval {
+            let y = scale(inputs.x, self.ratio).into_shared();
+            return Forwarded::new(y, inputs.keep.then_some(Kept::Eval));
         }
-        let rng = step.rng.expect("a dropout layer has a generator");
-        let (y, mask) = forward_train(step.x, self.ratio, rng);
-        Forwarded::new(y.into_shared(), step.keep.then_some(Kept::Train(mask)))
+        let rng = inputs.rng.expect("a dropout layer has a generator");
+        let (y, mask) = forward_train(inputs.x, self.ratio, rng);
+        Forwarded::new(y.into_shared(), inputs.keep.then_some(Kept::Train(mask)))
     }
 
     fn backward<F: Float>(

@@ -9,7 +9,7 @@
 
 use ndarray::ArrayViewD;
 
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 
 /// The identity kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,9 +29,9 @@ impl Layer for Identity {
         0
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, ()> {
-        let y = step.x.as_standard_layout().into_owned().into_shared();
-        Forwarded::new(y, step.keep.then_some(()))
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, ()> {
+        let y = inputs.x.as_standard_layout().into_owned().into_shared();
+        Forwarded::new(y, inputs.keep.then_some(()))
     }
 
     fn backward<F: Float>(

@@ -1,13 +1,13 @@
 //! The [`Layer`] trait every kind implements, and what passes between a kind
 //! and the chain that runs it: the [`Slot`]s it declares, the [`Plan`] it is
-//! checked against, one Forward's inputs ([`Step`]), what Forward and
+//! checked against, one Forward's [`Inputs`], what Forward and
 //! Backward produce ([`Forwarded`], [`Backwarded`]), and the kept state that
 //! runs its own Backward ([`MemberKept`], [`KeptMembers`]).
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::kernels::{init, rng, vexp};
-use super::softmax_with_loss::Target;
+use super::softmax_with_loss::TargetView;
 use crate::dtype::{Element, Wire};
 
 /// An element type the layers compute in: `f32` or `f64`.
@@ -130,7 +130,7 @@ pub struct Plan<'a> {
 }
 
 /// One Forward's inputs.
-pub struct Step<'a, F> {
+pub struct Inputs<'a, F> {
     pub x: ArrayViewD<'a, F>,
     /// `x` itself as a shared array, when the caller holds it as one (the
     /// previous member's output, or the aligned copy of a request's
@@ -139,7 +139,7 @@ pub struct Step<'a, F> {
     /// The layer's slots' values, in [`Layer::slots`] order.
     pub values: &'a [ArrayViewD<'a, F>],
     /// The target of a loss layer.
-    pub target: Option<Target<'a, F>>,
+    pub target: Option<TargetView<'a, F>>,
     pub eval: bool,
     /// Whether to keep what Backward needs (not `no_grad`).
     pub keep: bool,
@@ -151,7 +151,7 @@ pub struct Step<'a, F> {
 pub struct Forwarded<F, K> {
     /// Shared, so a kind that keeps `y` (Sigmoid) answers without copying it.
     pub y: ArcArray<F, IxDyn>,
-    /// What Backward needs, when the step was asked to keep it.
+    /// What Backward needs, when the call was asked to keep it.
     pub kept: Option<K>,
     /// New values of the buffers (BatchNorm's running statistics), in slot
     /// order after the parameters; empty when they stay as they were.
@@ -211,7 +211,7 @@ pub trait Layer: Clone + Send + Sync + 'static {
         false
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Self::Kept<F>>;
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Self::Kept<F>>;
 
     /// `dx` and the parameter gradients for `dout` (the shape of the kept
     /// Forward's output), from the slots' values and the kept state.

@@ -49,12 +49,12 @@ pub use dropout::Dropout;
 pub use elementwise::Elementwise;
 pub use identity::Identity;
 pub use layer::{
-    Backwarded, Fill, Float, Forwarded, KeptBy, KeptMembers, Layer, MemberKept, Plan, Role, Slot,
-    Step,
+    Backwarded, Fill, Float, Forwarded, Inputs, KeptBy, KeptMembers, Layer, MemberKept, Plan, Role,
+    Slot,
 };
 pub use pooling::Pool;
 pub(crate) use registry::{with_float, with_spec};
 pub use registry::{Kind, Spec};
 pub use relu::Relu;
 pub use sigmoid::Sigmoid;
-pub use softmax_with_loss::{SoftmaxWithLoss, Target};
+pub use softmax_with_loss::{SoftmaxWithLoss, TargetView};

@@ -20,7 +20,7 @@
 
 use ndarray::{Array4, ArrayView4, ArrayViewD, Ix4};
 
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 
 impl Layer for Pool {
     const NAME: &'static str = "pooling";
@@ -50,13 +50,13 @@ impl Layer for Pool {
         Winners::bytes_for(y.iter().product())
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Winners> {
-        let x = step
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Winners> {
+        let x = inputs
             .x
             .into_dimensionality::<Ix4>()
             .expect("validated (N, C, H, W)");
         let (y, winners) = forward(x, *self);
-        Forwarded::new(y.into_dyn().into_shared(), step.keep.then_some(winners))
+        Forwarded::new(y.into_dyn().into_shared(), inputs.keep.then_some(winners))
     }
 
     fn backward<F: Float>(

@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::layer::Halved;
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 use crate::dtype::Wire;
 
 /// The ReLU kind.
@@ -178,12 +178,12 @@ impl Layer for Relu {
         Mask::bytes_for(plan.x.iter().product())
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Mask> {
-        if step.keep {
-            let (y, mask) = Relu::keep(step.x);
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Mask> {
+        if inputs.keep {
+            let (y, mask) = Relu::keep(inputs.x);
             Forwarded::new(y, Some(mask))
         } else {
-            Forwarded::new(Relu::no_grad(step.x).into_shared(), None)
+            Forwarded::new(Relu::no_grad(inputs.x).into_shared(), None)
         }
     }
 

@@ -13,7 +13,7 @@
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 
 /// The sigmoid kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,10 +73,10 @@ impl Layer for Sigmoid {
         plan.x.iter().product::<usize>() * plan.itemsize
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, ArcArray<F, IxDyn>> {
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, ArcArray<F, IxDyn>> {
         // The answer and the kept state are one buffer.
-        let y = Sigmoid::y(step.x).into_shared();
-        let kept = step.keep.then(|| y.clone());
+        let y = Sigmoid::y(inputs.x).into_shared();
+        let kept = inputs.keep.then(|| y.clone());
         Forwarded::new(y, kept)
     }
 

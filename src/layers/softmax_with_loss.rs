@@ -19,7 +19,7 @@
 
 use ndarray::{arr0, Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix2};
 
-use super::{Backwarded, Float, Forwarded, Layer, Plan, Step};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
 
 /// The softmax_with_loss kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,10 +32,10 @@ pub enum OwnedTarget<F> {
 }
 
 impl<F: Float> OwnedTarget<F> {
-    fn view(&self) -> Target<'_, F> {
+    fn view(&self) -> TargetView<'_, F> {
         match self {
-            OwnedTarget::Classes(c) => Target::Classes(c.view()),
-            OwnedTarget::Probabilities(p) => Target::Probabilities(p.view()),
+            OwnedTarget::Classes(c) => TargetView::Classes(c.view()),
+            OwnedTarget::Probabilities(p) => TargetView::Probabilities(p.view()),
         }
     }
 }
@@ -72,18 +72,18 @@ impl Layer for SoftmaxWithLoss {
         true
     }
 
-    fn forward<F: Float>(&self, step: Step<'_, F>) -> Forwarded<F, Kept<F>> {
-        let x = step
+    fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept<F>> {
+        let x = inputs
             .x
             .into_dimensionality::<Ix2>()
             .expect("validated (N, C)");
-        let t = step.target.expect("validated: a loss has a target");
+        let t = inputs.target.expect("validated: a loss has a target");
         let y = softmax(x);
         let loss = arr0(loss(y.view(), t)).into_dyn().into_shared();
-        let kept = step.keep.then(|| Kept {
+        let kept = inputs.keep.then(|| Kept {
             t: match t {
-                Target::Classes(c) => OwnedTarget::Classes(c.to_owned()),
-                Target::Probabilities(p) => OwnedTarget::Probabilities(p.to_owned()),
+                TargetView::Classes(c) => OwnedTarget::Classes(c.to_owned()),
+                TargetView::Probabilities(p) => OwnedTarget::Probabilities(p.to_owned()),
             },
             y,
         });
@@ -109,7 +109,7 @@ pub const LOG_EPS: f64 = 1e-7;
 
 /// What the loss compares the scores with.
 #[derive(Debug, Clone, Copy)]
-pub enum Target<'a, F> {
+pub enum TargetView<'a, F> {
     /// Class ids, one per row, each in `0..C` (validated by the caller).
     Classes(ArrayView1<'a, i64>),
     /// A probability row per score row, of the scores' shape.
@@ -140,15 +140,15 @@ pub fn softmax<F: Float>(x: ArrayView2<'_, F>) -> Array2<F> {
 }
 
 /// The mean cross-entropy of softmax output `y` against `t`.
-pub fn loss<F: Float>(y: ArrayView2<'_, F>, t: Target<'_, F>) -> F {
+pub fn loss<F: Float>(y: ArrayView2<'_, F>, t: TargetView<'_, F>) -> F {
     let eps = F::from(LOG_EPS).expect("a float");
     let n = F::from(y.nrows()).expect("a float");
     let total = match t {
-        Target::Classes(classes) => classes
+        TargetView::Classes(classes) => classes
             .iter()
             .enumerate()
             .fold(F::zero(), |s, (i, &c)| s + (y[[i, c as usize]] + eps).ln()),
-        Target::Probabilities(t) => y
+        TargetView::Probabilities(t) => y
             .iter()
             .zip(t.iter())
             .fold(F::zero(), |s, (&y, &t)| s + t * (y + eps).ln()),
@@ -158,17 +158,17 @@ pub fn loss<F: Float>(y: ArrayView2<'_, F>, t: Target<'_, F>) -> F {
 
 /// `dx` for the kept `y` and `t`, scaled by the upstream `dout` (1 for a loss
 /// at the end of the network).
-pub fn backward<F: Float>(y: ArrayView2<'_, F>, t: Target<'_, F>, dout: F) -> Array2<F> {
+pub fn backward<F: Float>(y: ArrayView2<'_, F>, t: TargetView<'_, F>, dout: F) -> Array2<F> {
     let n = F::from(y.nrows()).expect("a float");
     let mut dx = match t {
-        Target::Classes(classes) => {
+        TargetView::Classes(classes) => {
             let mut dx = y.to_owned();
             for (i, &c) in classes.iter().enumerate() {
                 dx[[i, c as usize]] = dx[[i, c as usize]] - F::one();
             }
             dx
         }
-        Target::Probabilities(t) => &y - &t,
+        TargetView::Probabilities(t) => &y - &t,
     };
     dx.mapv_inplace(|v| v * dout / n);
     dx
@@ -211,8 +211,8 @@ mod tests {
         }
         let y = softmax(x.view());
         let (by_id, by_prob) = (
-            Target::Classes(classes.view()),
-            Target::Probabilities(one_hot.view()),
+            TargetView::Classes(classes.view()),
+            TargetView::Probabilities(one_hot.view()),
         );
         assert!((loss(y.view(), by_id) - loss(y.view(), by_prob)).abs() < 1e-15);
         assert_eq!(
@@ -228,12 +228,12 @@ mod tests {
     fn gradient_matches_central_differences() {
         let x = filled((4, 6), 7) * 3.0;
         let classes = array![0i64, 5, 2, 2];
-        let t = Target::Classes(classes.view());
+        let t = TargetView::Classes(classes.view());
         let dx = backward(softmax(x.view()).view(), t, 1.0);
         let numeric = central_difference(&x, |x| loss(softmax(x.view()).view(), t));
         assert!(max_relative_error(&dx, &numeric) < 1e-5);
         let probs = softmax(filled((4, 6), 8).view());
-        let t = Target::Probabilities(probs.view());
+        let t = TargetView::Probabilities(probs.view());
         let dx = backward(softmax(x.view()).view(), t, 2.5);
         let numeric = central_difference(&x, |x| 2.5 * loss(softmax(x.view()).view(), t));
         assert!(max_relative_error(&dx, &numeric) < 1e-5);
@@ -245,7 +245,7 @@ mod tests {
         let y = array![[0.1f32, 0.7, 0.2], [0.3, 0.3, 0.4], [0.25, 0.25, 0.5]];
         let classes = array![1i64, 0, 2];
         let dout = 0.3f32;
-        let dx = backward(y.view(), Target::Classes(classes.view()), dout);
+        let dx = backward(y.view(), TargetView::Classes(classes.view()), dout);
         let mut want = y.clone();
         for (i, &c) in classes.iter().enumerate() {
             want[[i, c as usize]] -= 1.0;

@@ -51,7 +51,7 @@ pub fn forward<L: super::Layer, F: super::Float>(
     x: ndarray::ArrayViewD<'_, F>,
     keep: bool,
 ) -> super::Forwarded<F, L::Kept<F>> {
-    layer.forward(super::Step {
+    layer.forward(super::Inputs {
         x,
         x_shared: None,
         values: &[],

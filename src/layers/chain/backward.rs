@@ -4,7 +4,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
 
-use super::{Backwarded, Chain, Kept, MemberState};
+use super::{Chain, ChainBackward, Kept, MemberState};
 use crate::error::Error;
 use crate::layers::{with_float, Float};
 use crate::tensor::Tensor;
@@ -46,7 +46,7 @@ impl Chain {
         states: &[MemberState],
         kept: &Kept,
         dout: Option<&Tensor>,
-    ) -> Backwarded {
+    ) -> ChainBackward {
         if let Some(backwarded) = self.backward_on_halves(kept, dout) {
             return backwarded;
         }
@@ -56,7 +56,7 @@ impl Chain {
     /// The Backward of a lone member from a half dout as it came, when what
     /// it kept computes one ([`crate::layers::Layer::backward_halves`]: ReLU's
     /// mask).
-    fn backward_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<Backwarded> {
+    fn backward_on_halves(&self, kept: &Kept, dout: Option<&Tensor>) -> Option<ChainBackward> {
         if self.members.len() != 1 {
             return None;
         }
@@ -66,7 +66,7 @@ impl Chain {
         let dout = dout?;
         let (wire, ds) = dout.halves()?;
         let dx = member.backward_halves(&ds)?;
-        Some(Backwarded {
+        Some(ChainBackward {
             dx: Tensor::from_halves(wire, dout.shape(), dx),
             grads: vec![None],
         })
@@ -92,7 +92,7 @@ impl Chain {
         kept: &Kept,
         dout: Option<&Tensor>,
         need_dx: bool,
-    ) -> Backwarded {
+    ) -> ChainBackward {
         let mut d: CowArray<'_, F, IxDyn> = match dout {
             Some(dout) => dout.view::<F>(),
             None => ArrayD::from_elem(IxDyn(&[]), F::one()).into(),
@@ -120,7 +120,7 @@ impl Chain {
             }
             d = out.dx.into();
         }
-        Backwarded {
+        ChainBackward {
             dx: Tensor::from_array(d.into_owned()).answered_as(kept.wire),
             grads,
         }

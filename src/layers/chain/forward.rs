@@ -3,12 +3,12 @@
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};
 
-use super::{Chain, ForwardPlan, Forwarded, Kept, Member, MemberState};
+use super::{Chain, ChainForward, ForwardPlan, Kept, Member, MemberState};
 use crate::dtype::{DType, Wire};
 use crate::error::Error;
 use crate::layers::layer::Halved;
 use crate::layers::{
-    with_float, with_spec, Float, KeptBy, KeptMembers, Layer, MemberKept, Plan, Step,
+    with_float, with_spec, Float, Inputs, KeptBy, KeptMembers, Layer, MemberKept, Plan,
 };
 use crate::tensor::{Target, Tensor};
 
@@ -66,13 +66,13 @@ impl Chain {
                 check_target(t.expect("checked above"), x.dtype(), &shape)?;
                 plan.ran_loss = true;
             }
-            let step = Plan {
+            let member_plan = Plan {
                 x: &shape,
                 itemsize,
                 eval,
                 classes: t.is_some_and(Target::is_classes),
             };
-            let kept = with_spec!(&member.spec, l => l.kept_bytes(step));
+            let kept = with_spec!(&member.spec, l => l.kept_bytes(member_plan));
             let scratch = with_spec!(&member.spec, l => l.scratch_elements(&shape));
             let out_elements = out.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
             plan.kept_bytes = plan.kept_bytes.saturating_add(kept as u64);
@@ -116,7 +116,7 @@ impl Chain {
         plan: &ForwardPlan,
         eval: bool,
         keep: bool,
-    ) -> Forwarded {
+    ) -> ChainForward {
         if let Some(forwarded) = self.forward_on_halves(states, x, plan, keep) {
             return forwarded;
         }
@@ -132,7 +132,7 @@ impl Chain {
         x: &Tensor,
         plan: &ForwardPlan,
         keep: bool,
-    ) -> Option<Forwarded> {
+    ) -> Option<ChainForward> {
         let [member] = &self.members[..] else {
             return None;
         };
@@ -145,7 +145,7 @@ impl Chain {
             members: KeptMembers::F32(vec![kept]),
             bytes: plan.kept_bytes,
         });
-        Some(Forwarded {
+        Some(ChainForward {
             y: Tensor::from_halves(wire, x.shape(), y),
             kept,
             updates: vec![(Vec::new(), states[0].rng)],
@@ -161,7 +161,7 @@ impl Chain {
         plan: &ForwardPlan,
         eval: bool,
         keep: bool,
-    ) -> Forwarded {
+    ) -> ChainForward {
         let x_wire = x.wire();
         // An aligned copy made for this call is held as a shared array, so a
         // first member that keeps its input (Affine) keeps that copy instead
@@ -197,8 +197,8 @@ impl Chain {
             // Array views are invariant in their lifetime: the target is
             // viewed anew for each step.
             let target = t.filter(|_| member.spec.is_loss()).map(|t| match t {
-                Target::Classes(ids) => crate::layers::Target::Classes(ids.view()),
-                Target::Probabilities(_) => crate::layers::Target::Probabilities(
+                Target::Classes(ids) => crate::layers::TargetView::Classes(ids.view()),
+                Target::Probabilities(_) => crate::layers::TargetView::Probabilities(
                     target_values
                         .as_ref()
                         .expect("made above")
@@ -207,7 +207,7 @@ impl Chain {
                         .expect("validated (N, C)"),
                 ),
             });
-            let out = with_spec!(&member.spec, l => run_forward(l, Step {
+            let out = with_spec!(&member.spec, l => run_forward(l, Inputs {
                 x: input,
                 x_shared: input_shared,
                 values: &views,
@@ -233,7 +233,7 @@ impl Chain {
             members: F::keep(kept),
             bytes: plan.kept_bytes,
         });
-        Forwarded {
+        ChainForward {
             y: Tensor::from_shared(y).answered_as(x_wire),
             kept,
             updates,
@@ -291,8 +291,8 @@ type MemberForward<F> = (
     Vec<ArrayD<F>>,
 );
 
-fn run_forward<L: Layer, F: Float>(layer: &L, step: Step<'_, F>) -> MemberForward<F> {
-    let out = layer.forward(step);
+fn run_forward<L: Layer, F: Float>(layer: &L, inputs: Inputs<'_, F>) -> MemberForward<F> {
+    let out = layer.forward(inputs);
     let kept = out.kept.map(|kept| KeptBy::boxed(layer, kept));
     (out.y, kept, out.buffers)
 }

@@ -110,7 +110,7 @@ impl fmt::Debug for Kept {
 }
 
 /// A Forward's results, to commit.
-pub struct Forwarded {
+pub struct ChainForward {
     pub y: Tensor,
     pub kept: Option<Kept>,
     /// Per member that ran: new buffer values (empty: unchanged) and the
@@ -122,7 +122,7 @@ pub struct Forwarded {
 }
 
 /// A Backward's results, to commit.
-pub struct Backwarded {
+pub struct ChainBackward {
     pub dx: Tensor,
     /// Per member: its parameter gradients (None for a member without
     /// parameters or that did not run).
