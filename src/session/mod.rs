@@ -30,13 +30,13 @@ use std::{
 };
 
 use budget::Budget;
-pub use budget::Charge;
+pub use budget::{Charge, KeptEntry};
 pub use ids::check_id;
 pub use optimizer::{Optimizer, OptimizerState, Steps};
 pub use store::{CloseOnDrop, Store, StoreGuard};
 
 use crate::error::Error;
-use crate::layers::{Chain, Kept, MemberState};
+use crate::layers::{Chain, MemberState};
 use crate::spec::{NewLayer, Recipe};
 
 /// Limits on sessions and the state they keep.
@@ -84,27 +84,6 @@ pub struct InstanceState {
     pub kept: Option<Arc<KeptEntry>>,
     /// The optimizer owning its parameters, and that optimizer's state for them.
     pub optimizer: Option<OptimizerState>,
-}
-
-/// Kept state together with the budget it is charged to.
-pub struct KeptEntry {
-    pub kept: Kept,
-    _charge: Charge,
-}
-
-impl KeptEntry {
-    /// Binds `kept` to the bytes reserved for it; they are released on drop.
-    pub fn new(kept: Kept, charge: Charge) -> KeptEntry {
-        debug_assert_eq!(
-            kept.bytes(),
-            charge.bytes(),
-            "kept bytes were declared exactly"
-        );
-        KeptEntry {
-            kept,
-            _charge: charge,
-        }
-    }
 }
 
 impl Session {
@@ -252,21 +231,6 @@ impl Session {
         ))
     }
 
-    /// Fails if a call would build an array of more than `--max-work-bytes`.
-    pub fn check_work(&self, bytes: u64) -> Result<(), Error> {
-        if bytes <= self.max_work_bytes {
-            return Ok(());
-        }
-        Err(Error::LimitExceeded {
-            flag: "--max-work-bytes",
-            limit: bytesize::ByteSize(self.max_work_bytes).to_string(),
-            detail: format!(
-                "the call would build an array of {}",
-                bytesize::ByteSize(bytes)
-            ),
-        })
-    }
-
     /// The layer instance `layer_id`.
     pub fn layer(&self, layer_id: &str) -> Result<Arc<LayerInstance>, Error> {
         let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
@@ -277,18 +241,6 @@ impl Session {
                 session_id: self.id.clone(),
                 layer_id: layer_id.to_string(),
             })
-    }
-
-    /// Reserves `bytes` (kept state, or a layer's values) against this
-    /// session's budget and the global one, or says which limit it would
-    /// exceed.
-    pub fn reserve(&self, bytes: u64) -> Result<Charge, Error> {
-        let session = self.kept.reserve(bytes)?;
-        let total = self.total_kept.reserve(bytes)?;
-        Ok(Charge {
-            bytes,
-            _reservations: [session, total],
-        })
     }
 
     /// Its layer instances, sorted by id (the order calls lock them in).

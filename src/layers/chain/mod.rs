@@ -13,11 +13,13 @@
 //! `b`); a sequential's as `<member>.<name>` (`fc1.W`), as in a PyTorch
 //! state_dict.
 //!
-//! Files: this one holds the chain, its slots and values; [`forward`] plans
-//! and runs Forward, [`backward`] checks and runs Backward.
+//! Files: this one holds the chain, its slots and values; [`plan`] checks a
+//! Forward before it runs, [`forward`] runs it, [`backward`] checks and runs
+//! Backward.
 
 mod backward;
 mod forward;
+mod plan;
 
 use std::{collections::HashMap, fmt};
 
