@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Principal;
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::layers::{rng::Rng, Spec};
+use crate::layers::rng::Rng;
 use crate::optimizers::Algorithm;
 use crate::session::{CloseOnDrop, OptimizerState, Session, Store};
 use crate::spec::{self, AlgorithmConfig, Config, LayerRequest, NewLayer, Recipe};
@@ -303,7 +303,7 @@ pub fn parse(file: &[u8]) -> Result<Checkpoint, Error> {
         let mut generators = Vec::new();
         let mut positions = entry.generators;
         for (m, member) in chain.members().iter().enumerate() {
-            if !matches!(member.spec, Spec::Dropout(_)) {
+            if !member.spec.draws() {
                 continue;
             }
             let field = format!("{at}.generators[{:?}]", member.name);

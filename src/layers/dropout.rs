@@ -36,6 +36,10 @@ impl Layer for Dropout {
     const DESCRIPTION: &'static str = "Dropout (not inverted): training y = x * mask, mask = u > ratio with u uniform [0, 1) from the layer's seeded generator, dx = dout * mask; evaluation y = x * (1 - ratio), dx = dout * (1 - ratio). Keeps the mask as a bitset (training).";
     type Kept<F: Float> = Kept;
 
+    fn seed(&self) -> Option<u64> {
+        Some(self.seed)
+    }
+
     fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
         Ok(x.to_vec())
     }

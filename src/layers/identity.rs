@@ -21,6 +21,10 @@ impl Layer for Identity {
         "Identity: y = x; dx = dout. Keeps only the shape and dtype (the no-compute baseline).";
     type Kept<F: Float> = ();
 
+    fn unconfigured() -> Option<Identity> {
+        Some(Identity)
+    }
+
     fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
         Ok(x.to_vec())
     }

@@ -211,6 +211,18 @@ pub trait Layer: Clone + Send + Sync + 'static {
         false
     }
 
+    /// The kind as configured without a config, for a kind that takes none
+    /// (ReLU, Sigmoid, ...); None, the default: it needs one.
+    fn unconfigured() -> Option<Self> {
+        None
+    }
+
+    /// The seed of the generator the layer draws from (Dropout's mask); None,
+    /// the default: it draws nothing.
+    fn seed(&self) -> Option<u64> {
+        None
+    }
+
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Self::Kept<F>>;
 
     /// `dx` and the parameter gradients for `dout` (the shape of the kept

@@ -2,6 +2,11 @@
 //! server, the tools and the fuzz targets use), [`Spec`] (a configured kind)
 //! and the dispatch from them to each kind's [`Layer`] (`with_spec!`, and
 //! `with_float!` from a dtype to its element type).
+//!
+//! Every kind is registered once, in the [`kinds!`] invocation below: its
+//! [`Kind`] and [`Spec`] variant and its `impl Layer`, in name order. All
+//! else a kind says of itself (name, description, slots, whether it takes a
+//! config, draws random numbers or is a loss) comes from its `impl Layer`.
 
 use std::fmt;
 
@@ -10,74 +15,109 @@ use super::{
     Affine, BatchNorm, Convolution, Dropout, Identity, Layer, Pool, Relu, Sigmoid, SoftmaxWithLoss,
 };
 
-/// The layer kinds this server offers, by name (sorted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Affine,
-    BatchNorm,
-    Convolution,
-    Dropout,
-    Identity,
-    Pooling,
-    Relu,
-    Sequential,
-    Sigmoid,
-    SoftmaxWithLoss,
-}
-
+/// What `sequential` is: not a kind of its own math, but members of the
+/// others; it has a [`Kind`] and no [`Spec`].
 const SEQUENTIAL_NAME: &str = "sequential";
 const SEQUENTIAL_DESCRIPTION: &str = "Sequential: members run in order on Forward and in reverse on Backward, under one call; the last may be a softmax_with_loss (without t, Forward stops before it and answers the scores). Parameters named <member>.<name>. Keeps what each member keeps.";
 
-impl Kind {
-    /// Every kind, sorted by name: the one list the registry,
-    /// ListLayerKinds, the tools and the fuzz targets use.
-    pub const ALL: [Kind; 10] = [
-        Kind::Affine,
-        Kind::BatchNorm,
-        Kind::Convolution,
-        Kind::Dropout,
-        Kind::Identity,
-        Kind::Pooling,
-        Kind::Relu,
-        Kind::Sequential,
-        Kind::Sigmoid,
-        Kind::SoftmaxWithLoss,
-    ];
+/// Defines [`Kind`], [`Spec`], their tables and `with_spec!` from the kinds
+/// sorted by name: those before `sequential`, then those after it (`$d` is a
+/// `$`, for the macro it defines).
+macro_rules! kinds {
+    ($d:tt; [$($before:ident($lb:ident)),* $(,)?]; [$($after:ident($la:ident)),* $(,)?]) => {
+        /// The layer kinds this server offers, by name (sorted).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Kind {
+            $($before,)*
+            Sequential,
+            $($after,)*
+        }
 
+        /// One configured layer (a member of a [`super::Chain`]): its kind
+        /// and validated hyperparameters.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Spec {
+            $($before($lb),)*
+            $($after($la),)*
+        }
+
+        impl Kind {
+            /// Every kind, sorted by name: the one list the registry,
+            /// ListLayerKinds, the tools and the fuzz targets use.
+            pub const ALL: [Kind; [$(Kind::$before,)* Kind::Sequential, $(Kind::$after,)*].len()] =
+                [$(Kind::$before,)* Kind::Sequential, $(Kind::$after,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$before => $lb::NAME,)*
+                    Kind::Sequential => SEQUENTIAL_NAME,
+                    $(Kind::$after => $la::NAME,)*
+                }
+            }
+
+            pub fn description(self) -> &'static str {
+                match self {
+                    $(Kind::$before => $lb::DESCRIPTION,)*
+                    Kind::Sequential => SEQUENTIAL_DESCRIPTION,
+                    $(Kind::$after => $la::DESCRIPTION,)*
+                }
+            }
+        }
+
+        impl Spec {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(Spec::$before(_) => Kind::$before,)*
+                    $(Spec::$after(_) => Kind::$after,)*
+                }
+            }
+
+            /// The spec of a kind that takes no config, if `kind` is one
+            /// ([`Layer::unconfigured`]).
+            pub fn unconfigured(kind: Kind) -> Option<Spec> {
+                match kind {
+                    $(Kind::$before => $lb::unconfigured().map(Spec::$before),)*
+                    Kind::Sequential => None,
+                    $(Kind::$after => $la::unconfigured().map(Spec::$after),)*
+                }
+            }
+        }
+
+        /// Expands `$body` with `$l` bound to the spec's [`Layer`] value.
+        macro_rules! with_spec {
+            ($d spec:expr, $d l:ident => $d body:expr) => {
+                match $d spec {
+                    $($crate::layers::Spec::$before($d l) => $d body,)*
+                    $($crate::layers::Spec::$after($d l) => $d body,)*
+                }
+            };
+        }
+        pub(crate) use with_spec;
+    };
+}
+
+kinds! {
+    $;
+    [
+        Affine(Affine),
+        BatchNorm(BatchNorm),
+        Convolution(Convolution),
+        Dropout(Dropout),
+        Identity(Identity),
+        Pooling(Pool),
+        Relu(Relu),
+    ];
+    [
+        Sigmoid(Sigmoid),
+        SoftmaxWithLoss(SoftmaxWithLoss),
+    ]
+}
+
+impl Kind {
     /// The kinds without parameters, config or target, whose output has the
     /// input's shape: the ones KServe serves as models, and the load
     /// generator's elementwise modes.
     pub const ELEMENTWISE: [Kind; 3] = [Kind::Identity, Kind::Relu, Kind::Sigmoid];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Affine => Affine::NAME,
-            Kind::BatchNorm => BatchNorm::NAME,
-            Kind::Convolution => Convolution::NAME,
-            Kind::Dropout => Dropout::NAME,
-            Kind::Identity => Identity::NAME,
-            Kind::Pooling => Pool::NAME,
-            Kind::Relu => Relu::NAME,
-            Kind::Sequential => SEQUENTIAL_NAME,
-            Kind::Sigmoid => Sigmoid::NAME,
-            Kind::SoftmaxWithLoss => SoftmaxWithLoss::NAME,
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            Kind::Affine => Affine::DESCRIPTION,
-            Kind::BatchNorm => BatchNorm::DESCRIPTION,
-            Kind::Convolution => Convolution::DESCRIPTION,
-            Kind::Dropout => Dropout::DESCRIPTION,
-            Kind::Identity => Identity::DESCRIPTION,
-            Kind::Pooling => Pool::DESCRIPTION,
-            Kind::Relu => Relu::DESCRIPTION,
-            Kind::Sequential => SEQUENTIAL_DESCRIPTION,
-            Kind::Sigmoid => Sigmoid::DESCRIPTION,
-            Kind::SoftmaxWithLoss => SoftmaxWithLoss::DESCRIPTION,
-        }
-    }
 
     /// The kind called `name`, if there is one.
     pub fn from_name(name: &str) -> Option<Kind> {
@@ -95,39 +135,6 @@ impl fmt::Display for Kind {
         f.write_str(self.name())
     }
 }
-
-/// One configured layer (a member of a [`Chain`]): its kind and validated
-/// hyperparameters.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Spec {
-    Affine(Affine),
-    BatchNorm(BatchNorm),
-    Convolution(Convolution),
-    Dropout(Dropout),
-    Identity(Identity),
-    Pooling(Pool),
-    Relu(Relu),
-    Sigmoid(Sigmoid),
-    SoftmaxWithLoss(SoftmaxWithLoss),
-}
-
-/// Expands `$body` with `$l` bound to the spec's [`Layer`] value.
-macro_rules! with_spec {
-    ($spec:expr, $l:ident => $body:expr) => {
-        match $spec {
-            $crate::layers::Spec::Affine($l) => $body,
-            $crate::layers::Spec::BatchNorm($l) => $body,
-            $crate::layers::Spec::Convolution($l) => $body,
-            $crate::layers::Spec::Dropout($l) => $body,
-            $crate::layers::Spec::Identity($l) => $body,
-            $crate::layers::Spec::Pooling($l) => $body,
-            $crate::layers::Spec::Relu($l) => $body,
-            $crate::layers::Spec::Sigmoid($l) => $body,
-            $crate::layers::Spec::SoftmaxWithLoss($l) => $body,
-        }
-    };
-}
-pub(crate) use with_spec;
 
 /// Expands `$body` with `$F` bound to the element type of `$dtype`.
 macro_rules! with_float {
@@ -147,31 +154,6 @@ macro_rules! with_float {
 pub(crate) use with_float;
 
 impl Spec {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Spec::Affine(_) => Kind::Affine,
-            Spec::BatchNorm(_) => Kind::BatchNorm,
-            Spec::Convolution(_) => Kind::Convolution,
-            Spec::Dropout(_) => Kind::Dropout,
-            Spec::Identity(_) => Kind::Identity,
-            Spec::Pooling(_) => Kind::Pooling,
-            Spec::Relu(_) => Kind::Relu,
-            Spec::Sigmoid(_) => Kind::Sigmoid,
-            Spec::SoftmaxWithLoss(_) => Kind::SoftmaxWithLoss,
-        }
-    }
-
-    /// The spec of a kind that takes no config, if `kind` is one.
-    pub fn unconfigured(kind: Kind) -> Option<Spec> {
-        match kind {
-            Kind::Identity => Some(Spec::Identity(Identity)),
-            Kind::Relu => Some(Spec::Relu(Relu)),
-            Kind::Sigmoid => Some(Spec::Sigmoid(Sigmoid)),
-            Kind::SoftmaxWithLoss => Some(Spec::SoftmaxWithLoss(SoftmaxWithLoss)),
-            _ => None,
-        }
-    }
-
     pub fn slots(&self) -> Vec<Slot> {
         with_spec!(self, l => l.slots())
     }
@@ -180,9 +162,15 @@ impl Spec {
         with_spec!(self, l => l.is_loss())
     }
 
+    /// The seed of the layer's generator, if it draws random numbers (and
+    /// so owns one).
+    pub fn seed(&self) -> Option<u64> {
+        with_spec!(self, l => l.seed())
+    }
+
     /// Whether the layer draws random numbers (and so owns a generator).
     pub fn draws(&self) -> bool {
-        matches!(self, Spec::Dropout(_))
+        self.seed().is_some()
     }
 }
 

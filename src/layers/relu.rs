@@ -170,6 +170,10 @@ impl Layer for Relu {
         "ReLU: y = x where x > 0, else +0; dx = dout where x > 0, else +0. Keeps the mask x <= 0 as a bitset.";
     type Kept<F: Float> = Mask;
 
+    fn unconfigured() -> Option<Relu> {
+        Some(Relu)
+    }
+
     fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
         Ok(x.to_vec())
     }

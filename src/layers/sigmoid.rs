@@ -65,6 +65,10 @@ impl Layer for Sigmoid {
         "Sigmoid: y = 1 / (1 + exp(-x)); dx = dout * (1 - y) * y. Keeps y.";
     type Kept<F: Float> = ArcArray<F, IxDyn>;
 
+    fn unconfigured() -> Option<Sigmoid> {
+        Some(Sigmoid)
+    }
+
     fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
         Ok(x.to_vec())
     }

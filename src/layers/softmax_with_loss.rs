@@ -51,6 +51,10 @@ impl Layer for SoftmaxWithLoss {
     const DESCRIPTION: &'static str = "SoftmaxWithLoss: y = softmax(x) row by row, loss = mean cross-entropy -Σ log(y[t] + 1e-7) / N against t (INT64 class ids (N,) or probabilities (N, C)); y answered is the loss []; dx = (y - onehot(t)) * dout / N, dout = 1 when absent. Keeps y and t.";
     type Kept<F: Float> = Kept<F>;
 
+    fn unconfigured() -> Option<SoftmaxWithLoss> {
+        Some(SoftmaxWithLoss)
+    }
+
     fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>, String> {
         match x {
             [n, c] if *n >= 1 && *c >= 1 => Ok(vec![]),

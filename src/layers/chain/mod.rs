@@ -294,10 +294,7 @@ impl Chain {
             .map(|member| MemberState {
                 values: Vec::new(),
                 grads: None,
-                rng: match member.spec {
-                    Spec::Dropout(d) => Some(Rng::from_seed(d.seed)),
-                    _ => None,
-                },
+                rng: member.spec.seed().map(Rng::from_seed),
             })
             .collect();
         let dtype = self.dtype.unwrap_or(DType::F32);
