@@ -3,38 +3,42 @@
 //!
 //! # Layout
 //!
+//! The core computes layers and keeps their state; it names no wire format
+//! (`tests/architecture.rs` checks it). `docs/architecture.md` has the map
+//! and the path of a call.
+//!
+//! - [`layers`]: the [`layers::Layer`] trait (`layers/layer.rs`), the
+//!   registry of kinds (`layers/registry.rs`), one file per kind, the
+//!   kernels they share (`layers/kernels/`), and `layers/chain/`, a layer
+//!   instance's math over validated tensors (plan, forward, backward).
+//! - [`optimizers`]: SGD, Momentum, AdaGrad, Adam as pure elementwise math.
+//! - [`dtype`], [`tensor`], [`error`]: element types, validated tensors and
+//!   the domain error, at the bottom.
+//! - [`spec`]: layer and optimizer specifications (serde) and their
+//!   validation.
+//! - [`session`]: the session store, limits, kept-state budgets, expiry,
+//!   optimizers, the layers they own and their queue of steps.
+//! - [`engine`]: the one executor both protocols call: Forward and Backward
+//!   on a layer instance, stateless Forwards, values, where work runs.
+//! - [`training`]: Step and TrainStep on that path, all or nothing.
+//! - [`checkpoint`]: a session as a safetensors file (export) and back (import).
+//!
+//! At the edges:
+//!
 //! - [`pb`]: the code generated from `proto/layerd/v1/layerd.proto` and, in
 //!   [`pb::inference`], from Triton's `proto/inference/`, fenced in.
-//! - [`layers`]: the math, one file per kind (`relu.rs`, `sigmoid.rs`,
-//!   `identity.rs`, `affine.rs`, `convolution.rs`, `pooling.rs`,
-//!   `batch_norm.rs`, `dropout.rs`, `softmax_with_loss.rs`, with `linalg.rs`,
-//!   `rng.rs` and `init.rs`) behind the [`layers::Layer`] trait; pure ndarray;
-//!   `chain.rs` runs a layer instance's members (a `sequential`);
-//!   `elementwise.rs` runs the stateless elementwise kinds over raw bytes at
-//!   any address (KServe's stateless models, in one pass from the frames).
-//! - [`optimizers`]: SGD, Momentum, AdaGrad, Adam as pure elementwise math.
-//! - [`dtype`]: element types (the wire dtype enum, the element trait), at the
-//!   bottom: it depends on nothing but errors and the generated code.
-//! - [`tensor`]: the only place wire tensors become arrays and back.
-//! - [`session`]: the session store, limits, kept-state accounting, expiry,
-//!   optimizers and the layers they own.
-//! - [`engine`]: the compute path both protocols share: Forward and Backward
-//!   on a layer instance, timeout, tracing and metrics per call, where
-//!   computations run, in-order stream answering.
-//! - [`training`]: Step and TrainStep on that path, all or nothing;
-//!   `training::queue` runs an optimizer's large TrainSteps back to back.
-//! - [`checkpoint`]: a session as a safetensors file (export) and back (import).
-//! - [`persist`]: `--state-dir`: sessions written at the drain (and
-//!   periodically) and read back at start.
-//! - [`service`]: the gRPC handlers of the layer service (thin).
+//! - [`api`]: the native `layerd.v1` handlers and codec.
 //! - [`kserve`]: the KServe v2 / Triton inference protocol over the same
-//!   sessions: models, sequence parameters, statistics; `kserve::wire` reads
-//!   and writes ModelInfer's tensors between HTTP/2 frames and their buffers
-//!   without tonic's codec copies.
+//!   sessions: models, sequence parameters, statistics, shared memory, its
+//!   codec, and `kserve::wire`, which moves ModelInfer's raw contents
+//!   between HTTP/2 frames and their buffers without tonic's codec copies.
+//! - [`rpc`]: what both protocols share around a call: spans, deadlines,
+//!   metrics, headers, stream answering, errors as statuses.
 //! - [`auth`]: bearer tokens and the principal each session belongs to.
-//! - [`error`]: the error enum and its one mapping to `tonic::Status`.
 //! - [`overload`]: the process-wide call limit (load shedding) and the
 //!   connection cap.
+//! - [`persist`]: `--state-dir`: sessions written at the drain (and
+//!   periodically) and read back at start.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.

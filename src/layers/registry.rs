@@ -3,7 +3,7 @@
 //! and the dispatch from them to each kind's [`Layer`] (`with_spec!`, and
 //! `with_float!` from a dtype to its element type).
 //!
-//! Every kind is registered once, in the [`kinds!`] invocation below: its
+//! Every kind is registered once, in the `kinds!` invocation below: its
 //! [`Kind`] and [`Spec`] variant and its `impl Layer`, in name order. All
 //! else a kind says of itself (name, description, slots, whether it takes a
 //! config, draws random numbers or is a loss) comes from its `impl Layer`.
@@ -33,7 +33,7 @@ macro_rules! kinds {
             $($after,)*
         }
 
-        /// One configured layer (a member of a [`super::Chain`]): its kind
+        /// One configured layer (a member of a [`crate::layers::Chain`]): its kind
         /// and validated hyperparameters.
         #[derive(Debug, Clone, PartialEq)]
         pub enum Spec {

@@ -1,4 +1,4 @@
-//! A chain's Forward, once planned ([`super::plan`]): the members in order
+//! A chain's Forward, once planned (`plan.rs`): the members in order
 //! (and the half-precision hook of a lone member).
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, CowArray, Ix2, IxDyn};

@@ -13,8 +13,8 @@
 //! `b`); a sequential's as `<member>.<name>` (`fc1.W`), as in a PyTorch
 //! state_dict.
 //!
-//! Files: this one holds the chain, its slots and values; [`plan`] checks a
-//! Forward before it runs, [`forward`] runs it, [`backward`] checks and runs
+//! Files: this one holds the chain, its slots and values; `plan.rs` checks a
+//! Forward before it runs, `forward.rs` runs it, `backward.rs` checks and runs
 //! Backward.
 
 mod backward;

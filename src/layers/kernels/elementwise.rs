@@ -19,7 +19,7 @@
 //! element's compute dtype: half types are widened to float32 and rounded
 //! back to nearest even, as a half tensor's Forward does (ReLU masks their
 //! 16-bit elements as they are, as its Forward does). The answer is bit for
-//! bit the one [`super::Chain`] gives the whole tensor without keeping
+//! bit the one [`crate::layers::Chain`] gives the whole tensor without keeping
 //! anything (tested below on every dtype, special values and arbitrary cuts
 //! of the input; the `kserve_request` fuzz target checks it too).
 
