@@ -57,11 +57,28 @@ fn member(name: &str, kind: &str, config: Option<Config>) -> pb::LayerSpec {
 }
 
 fn init(seed: u64) -> Option<pb::Init> {
+    init_with(pb::init::Method::He, 0.0, seed)
+}
+
+fn init_with(method: pb::init::Method, std: f64, seed: u64) -> Option<pb::Init> {
     Some(pb::Init {
-        method: pb::init::Method::He as i32,
-        std: 0.0,
+        method: method as i32,
+        std,
         seed,
     })
+}
+
+/// An affine member `name` of `inputs` → `outputs` features.
+fn affine(name: &str, inputs: u64, outputs: u64, init: Option<pb::Init>) -> pb::LayerSpec {
+    member(
+        name,
+        "affine",
+        Some(Config::Affine(pb::AffineConfig {
+            in_features: inputs,
+            out_features: outputs,
+            init,
+        })),
+    )
 }
 
 fn sequential(dtype: pb::DType, members: Vec<pb::LayerSpec>) -> pb::CreateLayerRequest {
@@ -127,15 +144,7 @@ fn cases() -> Vec<Case> {
                     pad: 0,
                 })),
             ),
-            member(
-                "fc1",
-                "affine",
-                Some(Config::Affine(pb::AffineConfig {
-                    in_features: 18,
-                    out_features: 5,
-                    init: init(12),
-                })),
-            ),
+            affine("fc1", 18, 5, init(12)),
             member(
                 "drop",
                 "dropout",
@@ -144,48 +153,16 @@ fn cases() -> Vec<Case> {
                     seed: 13,
                 })),
             ),
-            member(
-                "fc2",
-                "affine",
-                Some(Config::Affine(pb::AffineConfig {
-                    in_features: 5,
-                    out_features: 3,
-                    init: init(14),
-                })),
-            ),
+            affine("fc2", 5, 3, init(14)),
             member("loss", "softmax_with_loss", None),
         ],
     );
     let mlp = sequential(
         pb::DType::DtypeFloat64,
         vec![
-            member(
-                "fc1",
-                "affine",
-                Some(Config::Affine(pb::AffineConfig {
-                    in_features: 6,
-                    out_features: 8,
-                    init: Some(pb::Init {
-                        method: pb::init::Method::Xavier as i32,
-                        std: 0.0,
-                        seed: 21,
-                    }),
-                })),
-            ),
+            affine("fc1", 6, 8, init_with(pb::init::Method::Xavier, 0.0, 21)),
             member("act", "sigmoid", None),
-            member(
-                "fc2",
-                "affine",
-                Some(Config::Affine(pb::AffineConfig {
-                    in_features: 8,
-                    out_features: 4,
-                    init: Some(pb::Init {
-                        method: pb::init::Method::Normal as i32,
-                        std: 0.05,
-                        seed: 22,
-                    }),
-                })),
-            ),
+            affine("fc2", 8, 4, init_with(pb::init::Method::Normal, 0.05, 22)),
             member("loss", "softmax_with_loss", None),
         ],
     );
