@@ -418,7 +418,7 @@ pub async fn restore(session: &Session, checkpoint: Checkpoint) -> Result<(), Er
             .await?;
         let optimizer = session.optimizer(&imported.id)?;
         let mut steps = optimizer.steps.lock().await;
-        optimizer.set_count(&mut steps, imported.steps);
+        optimizer.set_count(&mut steps, imported.steps, None);
         for (layer_id, layer) in &optimizer.layers {
             let mut state = layer.state.lock().await;
             state.optimizer = Some(OptimizerState {

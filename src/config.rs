@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
 
+use crate::durable::Durability;
 use crate::session::Limits;
 
 /// How log lines are written to stderr.
@@ -183,6 +184,29 @@ pub struct Config {
     #[arg(long, env = "LAYERD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// This replica's name, as DescribeSession and the logs give it (default: the host name,
+    /// which is the pod's name in Kubernetes).
+    #[arg(long, env = "LAYERD_REPLICA_ID", value_name = "ID")]
+    pub replica_id: Option<String>,
+
+    /// Keep every session in a shared Redis store (`redis://[:PASSWORD@]HOST:PORT[/DB]`), so that
+    /// any replica can serve any session: a call for a session another replica holds takes it
+    /// over, and a replica's death or a rollout loses no session. Off by default.
+    #[arg(
+        long,
+        env = "LAYERD_SESSION_STORE",
+        value_name = "URL",
+        conflicts_with = "state_dir"
+    )]
+    pub session_store: Option<String>,
+
+    /// With --session-store: `sync` answers a call that changed parameters or optimizer state
+    /// only once the store has the new state (a crash loses no answered step); `async` answers
+    /// at once and writes the newest state behind (a crash may lose the last steps; clients
+    /// resume from DescribeSession's counts).
+    #[arg(long, env = "LAYERD_DURABILITY", value_enum, default_value_t = Durability::Sync, requires = "session_store")]
+    pub durability: Durability,
+
     /// Keep sessions that hold parameters across restarts: the shutdown drain writes each to this
     /// directory (created if missing), and the next start reads them back with their ids, owners
     /// and remaining idle time. Off by default.
@@ -240,6 +264,13 @@ fn parse_frame_size(text: &str) -> Result<ByteSize, String> {
 }
 
 impl Config {
+    /// `--replica-id`, or the host name.
+    pub fn replica_id(&self) -> String {
+        self.replica_id
+            .clone()
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
     /// The built-in defaults (plus any `LAYERD_*` variables, as for the
     /// binary), listening on an ephemeral loopback port: for tests and embedding.
     pub fn defaults() -> Config {

@@ -69,10 +69,11 @@ pub enum Error {
         param: String,
     },
 
-    /// A Step or TrainStep ordered by `x-layerd-after-steps` found its
-    /// optimizer past the count it was to follow.
+    /// A Step or TrainStep numbered by `expected_step` (or
+    /// `x-layerd-after-steps`) found its optimizer past the count it was to
+    /// follow, and is not a retry of the update that moved it there.
     #[error(
-        "x-layerd-after-steps: this call was to follow update {expected} of optimizer {optimizer_id:?}, which has applied {got}"
+        "expected_step: this call was to follow update {expected} of optimizer {optimizer_id:?}, which has applied {got} (and the last update was not this request)"
     )]
     StepOutOfOrder {
         optimizer_id: String,

@@ -39,6 +39,8 @@
 //!   connection cap.
 //! - [`persist`]: `--state-dir`: sessions written at the drain (and
 //!   periodically) and read back at start.
+//! - [`durable`]: `--session-store`: sessions kept in Redis, held by one
+//!   replica at a time (leases, epochs, fencing), taken over by any other.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`config`]: flags and `LAYERD_*` variables (clap).
 //! - [`server`]: assembles services, HTTP/2 guards, health, reflection, shutdown.
@@ -57,6 +59,7 @@ pub mod client;
 pub mod config;
 pub mod drain;
 pub mod dtype;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod kserve;

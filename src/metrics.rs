@@ -50,6 +50,14 @@ const CALLS_SHED: &str = "layerd_calls_shed_total";
 const CONNECTIONS_OPEN: &str = "layerd_connections_open";
 const CONNECTIONS_REFUSED: &str = "layerd_connections_refused_total";
 const SHM_REGIONS: &str = "layerd_shm_regions";
+const STORE_UP: &str = "layerd_store_up";
+const STORE_WRITES: &str = "layerd_store_writes_total";
+const STORE_WRITE_DURATION: &str = "layerd_store_write_duration_seconds";
+const STORE_WRITTEN_BYTES: &str = "layerd_store_written_bytes_total";
+const STORE_ERRORS: &str = "layerd_store_errors_total";
+const STORE_FENCED: &str = "layerd_store_fenced_writes_total";
+const STORE_HANDOVERS: &str = "layerd_store_handovers_total";
+const STORE_SESSIONS_HELD: &str = "layerd_store_sessions_held";
 
 /// Call duration buckets: 50 µs to 30 s, covering 1 Ki calls to 64 MiB ones.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -86,6 +94,12 @@ pub fn recorder() -> Result<PrometheusHandle, String> {
     }
     let installed = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(CALL_DURATION.into()), &DURATION_BUCKETS)
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(STORE_WRITE_DURATION.into()),
+                &DURATION_BUCKETS,
+            )
+        })
         .and_then(|builder| builder.install_recorder())
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     describe();
@@ -134,6 +148,37 @@ fn describe() {
     describe_gauge!(
         SHM_REGIONS,
         "System shared-memory regions registered (--allow-client-shm), all clients"
+    );
+    describe_gauge!(
+        STORE_UP,
+        "1 while the session store (--session-store) answers the heartbeat, else 0"
+    );
+    describe_counter!(STORE_WRITES, "Session states written to the session store");
+    describe_histogram!(
+        STORE_WRITE_DURATION,
+        Unit::Seconds,
+        "Time the session store took to acknowledge a write"
+    );
+    describe_counter!(
+        STORE_WRITTEN_BYTES,
+        Unit::Bytes,
+        "Bytes of session state written to the session store"
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        "Session store commands that failed (store unreachable or erroring)"
+    );
+    describe_counter!(
+        STORE_FENCED,
+        "Writes the session store refused because another replica holds the session"
+    );
+    describe_counter!(
+        STORE_HANDOVERS,
+        "Sessions moved between replicas: in (handed over by a live holder), out (handed over to another), takeover (from a dead holder's stored state)"
+    );
+    describe_gauge!(
+        STORE_SESSIONS_HELD,
+        "Sessions this replica holds in the session store"
     );
 }
 
@@ -253,4 +298,36 @@ pub fn connection_refused() {
 /// Shared-memory regions registered now.
 pub fn shm_regions(count: usize) {
     gauge!(SHM_REGIONS).set(count as f64);
+}
+
+/// Whether the session store answered the last heartbeat.
+pub fn store_up(up: bool) {
+    gauge!(STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A session state written to the session store.
+pub fn store_write(elapsed: Duration, bytes: usize) {
+    counter!(STORE_WRITES).increment(1);
+    counter!(STORE_WRITTEN_BYTES).increment(bytes as u64);
+    histogram!(STORE_WRITE_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// A session store command that failed.
+pub fn store_error() {
+    counter!(STORE_ERRORS).increment(1);
+}
+
+/// A write refused by fencing.
+pub fn store_fenced() {
+    counter!(STORE_FENCED).increment(1);
+}
+
+/// A session moved: `direction` is "in", "out" or "takeover".
+pub fn store_handover(direction: &'static str) {
+    counter!(STORE_HANDOVERS, "direction" => direction).increment(1);
+}
+
+/// Sessions this replica holds in the session store now.
+pub fn store_sessions_held(count: usize) {
+    gauge!(STORE_SESSIONS_HELD).set(count as f64);
 }

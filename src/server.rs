@@ -20,6 +20,7 @@ use crate::api::LayerService;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::drain::EndWatchesLayer;
+use crate::durable::Durable;
 use crate::kserve::{arrival::ArrivalLayer, wire::DirectInfer, InferenceService};
 use crate::overload::{cap_connections, ShedLayer};
 use crate::pb::{
@@ -80,6 +81,18 @@ pub async fn run(
         }
         None => None,
     };
+    let durable = match &config.session_store {
+        Some(url) => Some(
+            Durable::connect(
+                url,
+                config.replica_id(),
+                config.durability,
+                store_guard.store(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let inference = InferenceService::new(store_guard.store(), &config);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -114,6 +127,8 @@ pub async fn run(
                     store_guard.store(),
                     config.request_timeout,
                     config.max_message_bytes.as_u64(),
+                    config.replica_id(),
+                    durable.clone(),
                 )),
                 config
             ),
@@ -172,6 +187,13 @@ pub async fn run(
             tracing::warn!(grace = ?config.shutdown_grace, "calls still in flight after the grace period: cutting them off");
             server.abort();
         }
+    }
+    if let Some(durable) = &durable {
+        let count = durable.hand_over_all().await;
+        tracing::info!(
+            sessions = count,
+            "sessions written to the session store and released"
+        );
     }
     if let Some((dir, periodic)) = snapshots {
         drop(periodic);

@@ -160,6 +160,19 @@ impl Tensor {
         (&self.data[..]).into()
     }
 
+    /// The bytes it holds.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Feeds its dtypes, shape and bytes to `hasher` (a request's
+    /// fingerprint, to recognise a retry).
+    pub fn fingerprint(&self, hasher: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        (self.stored, self.wire, &self.shape).hash(hasher);
+        hasher.write(&self.data);
+    }
+
     /// The dtype its elements are computed in.
     pub fn dtype(&self) -> DType {
         self.stored.compute()
@@ -215,6 +228,22 @@ pub enum Target {
 }
 
 impl Target {
+    /// Feeds it to `hasher`, as [`Tensor::fingerprint`].
+    pub fn fingerprint(&self, hasher: &mut impl std::hash::Hasher) {
+        match self {
+            Target::Classes(ids) => {
+                hasher.write_u8(0);
+                for id in ids.iter() {
+                    hasher.write_i64(*id);
+                }
+            }
+            Target::Probabilities(p) => {
+                hasher.write_u8(1);
+                p.fingerprint(hasher);
+            }
+        }
+    }
+
     /// Whether the target is class ids.
     pub fn is_classes(&self) -> bool {
         matches!(self, Target::Classes(_))

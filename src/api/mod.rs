@@ -3,6 +3,7 @@
 //! types and back; layer and optimizer specifications to the core's).
 
 pub mod codec;
+mod describe;
 pub mod service;
 pub mod spec;
 

@@ -13,6 +13,7 @@ use crate::api::codec::to_proto_map;
 use crate::api::spec;
 use crate::auth::Caller;
 use crate::checkpoint;
+use crate::durable::Durable;
 use crate::engine::{backward_on, forward_on, set_values, values_of, ForwardOptions, Phases};
 use crate::layers::Kind;
 use crate::metrics;
@@ -30,15 +31,59 @@ pub struct LayerService {
     store: Store,
     request_timeout: Duration,
     max_message_bytes: u64,
+    /// This replica's name (`--replica-id`).
+    replica_id: String,
+    /// The shared session store (`--session-store`), if any.
+    durable: Option<Durable>,
 }
 
 impl LayerService {
-    pub fn new(store: Store, request_timeout: Duration, max_message_bytes: u64) -> LayerService {
+    pub fn new(
+        store: Store,
+        request_timeout: Duration,
+        max_message_bytes: u64,
+        replica_id: String,
+        durable: Option<Durable>,
+    ) -> LayerService {
         LayerService {
             store,
             request_timeout,
             max_message_bytes,
+            replica_id,
+            durable,
         }
+    }
+
+    /// The caller's session `session_id`: with a session store, taken over
+    /// first if another replica holds it.
+    async fn find(&self, caller: &Caller, session_id: &str) -> Result<Arc<Session>, CallError> {
+        match &self.durable {
+            Some(durable) => durable.session(&caller.principal, session_id).await,
+            None => Ok(self.store.session(&caller.principal, session_id)?),
+        }
+    }
+
+    /// After a call changed `session` (layers, parameters, optimizers): with
+    /// a session store, written as `--durability` says.
+    async fn changed(&self, caller: &Caller, session: &Session) -> Result<(), CallError> {
+        match &self.durable {
+            Some(durable) => durable.persist(&caller.principal, session).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A session just made here (CreateSession, ImportSession): with a
+    /// session store, registered there; closed again if that fails.
+    async fn created(&self, caller: &Caller, session_id: &str) -> Result<(), CallError> {
+        let Some(durable) = &self.durable else {
+            return Ok(());
+        };
+        let session = self.store.session(&caller.principal, session_id)?;
+        let registered = durable.create(&caller.principal, &session).await;
+        if registered.is_err() {
+            let _ = self.store.close(&caller.principal, session_id);
+        }
+        registered
     }
 
     /// The preamble every unary handler shares: the call's span (its method,
@@ -66,15 +111,19 @@ impl LayerService {
 
     /// Checks a request's routing header and session id, then finds the
     /// caller's session.
-    fn session_of(&self, caller: &Caller, session_id: &str) -> Result<Arc<Session>, CallError> {
+    async fn session_of(
+        &self,
+        caller: &Caller,
+        session_id: &str,
+    ) -> Result<Arc<Session>, CallError> {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
-        Ok(self.store.session(&caller.principal, session_id)?)
+        self.find(caller, session_id).await
     }
 
     /// Checks a request's routing header and ids, then finds its session and
     /// layer instance (the request's tensors are validated before this).
-    fn target(
+    async fn target(
         &self,
         caller: &Caller,
         session_id: &str,
@@ -83,7 +132,7 @@ impl LayerService {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("layer_id", layer_id)?;
-        let session = self.store.session(&caller.principal, session_id)?;
+        let session = self.find(caller, session_id).await?;
         let layer = session.layer(layer_id)?;
         let kind = layer.chain.kind().name();
         Span::current().record("kind", kind);
@@ -93,7 +142,7 @@ impl LayerService {
 
     /// Checks a request's routing header and ids, then finds the session and
     /// its optimizer.
-    fn optimizer_of(
+    async fn optimizer_of(
         &self,
         caller: &Caller,
         session_id: &str,
@@ -102,7 +151,7 @@ impl LayerService {
         check_routing(&caller.metadata, session_id)?;
         check_id("session_id", session_id)?;
         check_id("optimizer_id", optimizer_id)?;
-        let session = self.store.session(&caller.principal, session_id)?;
+        let session = self.find(caller, session_id).await?;
         let optimizer = session.optimizer(optimizer_id)?;
         Ok((session, optimizer))
     }
@@ -115,7 +164,9 @@ impl LayerService {
         let x = Tensor::from_proto(request.x, "x")?;
         let t = Target::from_proto(request.t, "t")?;
         Span::current().record("elements", x.len());
-        let (session, layer) = self.target(caller, &request.session_id, &request.layer_id)?;
+        let (session, layer) = self
+            .target(caller, &request.session_id, &request.layer_id)
+            .await?;
         let options = ForwardOptions {
             t,
             eval: request.eval,
@@ -138,7 +189,9 @@ impl LayerService {
             dout => Some(Tensor::from_proto(dout, "dout")?),
         };
         Span::current().record("elements", dout.as_ref().map_or(0, Tensor::len));
-        let (_session, layer) = self.target(caller, &request.session_id, &request.layer_id)?;
+        let (_session, layer) = self
+            .target(caller, &request.session_id, &request.layer_id)
+            .await?;
         let answer = backward_on(
             &layer,
             &request.layer_id,
@@ -209,6 +262,7 @@ macro_rules! names {
 names! {
     CreateSessionRequest: none,
     CloseSessionRequest: none,
+    DescribeSessionRequest: none,
     CreateLayerRequest: layer_id,
     ForwardRequest: layer_id,
     BackwardRequest: layer_id,
@@ -235,6 +289,7 @@ impl layer_service_server::LayerService for LayerService {
                 message.idle_timeout_seconds,
             )?;
             Span::current().record("session", session_id.as_str());
+            self.created(&caller, &session_id).await?;
             Ok(pb::CreateSessionResponse {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,
@@ -248,10 +303,31 @@ impl layer_service_server::LayerService for LayerService {
         request: Request<pb::CloseSessionRequest>,
     ) -> ServiceResult<pb::CloseSessionResponse> {
         self.unary("CloseSession", request, |caller, message| async move {
+            if let Some(durable) = &self.durable {
+                // Taken over first if another replica holds it.
+                self.session_of(&caller, &message.session_id).await?;
+                if durable
+                    .close(&caller.principal, &message.session_id)
+                    .await?
+                {
+                    return Ok(pb::CloseSessionResponse {});
+                }
+            }
             check_routing(&caller.metadata, &message.session_id)?;
             check_id("session_id", &message.session_id)?;
             self.store.close(&caller.principal, &message.session_id)?;
             Ok(pb::CloseSessionResponse {})
+        })
+        .await
+    }
+
+    async fn describe_session(
+        &self,
+        request: Request<pb::DescribeSessionRequest>,
+    ) -> ServiceResult<pb::DescribeSessionResponse> {
+        self.unary("DescribeSession", request, |caller, message| async move {
+            let session = self.session_of(&caller, &message.session_id).await?;
+            Ok(super::describe::describe(&session, &self.replica_id))
         })
         .await
     }
@@ -268,9 +344,9 @@ impl layer_service_server::LayerService for LayerService {
             let kind = layer.chain.kind().name();
             Span::current().record("kind", kind);
             metrics::note_kind(kind);
-            self.store
-                .session(&caller.principal, &message.session_id)?
-                .create_layer(&message.layer_id, layer)?;
+            let session = self.find(&caller, &message.session_id).await?;
+            session.create_layer(&message.layer_id, layer)?;
+            self.changed(&caller, &session).await?;
             Ok(pb::CreateLayerResponse {})
         })
         .await
@@ -331,7 +407,9 @@ impl layer_service_server::LayerService for LayerService {
         request: Request<pb::GetParamsRequest>,
     ) -> ServiceResult<pb::GetParamsResponse> {
         self.unary("GetParams", request, |caller, message| async move {
-            let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            let (_, layer) = self
+                .target(&caller, &message.session_id, &message.layer_id)
+                .await?;
             let values = values_of(&layer, message.include_grads).await;
             Ok(pb::GetParamsResponse {
                 params: to_proto_map(values.params),
@@ -355,8 +433,11 @@ impl layer_service_server::LayerService for LayerService {
                     Ok((name, tensor.into_computed()))
                 })
                 .collect::<Result<_, CallError>>()?;
-            let (_, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            let (session, layer) = self
+                .target(&caller, &message.session_id, &message.layer_id)
+                .await?;
             set_values(&layer, values).await?;
+            self.changed(&caller, &session).await?;
             Ok(pb::SetParamsResponse {})
         })
         .await
@@ -368,9 +449,11 @@ impl layer_service_server::LayerService for LayerService {
     ) -> ServiceResult<pb::CreateOptimizerResponse> {
         self.unary("CreateOptimizer", request, |caller, message| async move {
             let algorithm = spec::algorithm(&message)?;
-            self.session_of(&caller, &message.session_id)?
+            let session = self.session_of(&caller, &message.session_id).await?;
+            session
                 .create_optimizer(&message.optimizer_id, algorithm, &message.layer_ids)
                 .await?;
+            self.changed(&caller, &session).await?;
             Ok(pb::CreateOptimizerResponse {})
         })
         .await
@@ -378,10 +461,12 @@ impl layer_service_server::LayerService for LayerService {
 
     async fn step(&self, request: Request<pb::StepRequest>) -> ServiceResult<pb::StepResponse> {
         self.unary("Step", request, |caller, message| async move {
-            let after = after_steps(&caller.metadata)?;
-            let (_, optimizer) =
-                self.optimizer_of(&caller, &message.session_id, &message.optimizer_id)?;
+            let after = after_steps(&caller.metadata, message.expected_step)?;
+            let (session, optimizer) = self
+                .optimizer_of(&caller, &message.session_id, &message.optimizer_id)
+                .await?;
             let steps = step_on(&optimizer, after).await?;
+            self.changed(&caller, &session).await?;
             Ok(pb::StepResponse { steps })
         })
         .await
@@ -392,7 +477,7 @@ impl layer_service_server::LayerService for LayerService {
         request: Request<pb::ExportSessionRequest>,
     ) -> ServiceResult<pb::ExportSessionResponse> {
         self.unary("ExportSession", request, |caller, message| async move {
-            let session = self.session_of(&caller, &message.session_id)?;
+            let session = self.session_of(&caller, &message.session_id).await?;
             let file = checkpoint::export(&session).await?;
             Ok(pb::ExportSessionResponse { safetensors: file })
         })
@@ -407,13 +492,14 @@ impl layer_service_server::LayerService for LayerService {
             check_routing(&caller.metadata, &message.session_id)?;
             // Everything is checked before the session exists.
             let checkpoint = checkpoint::parse(&message.safetensors)?;
-            let owner = caller.principal;
+            let owner = caller.principal.clone();
             let (session_id, granted) =
                 self.store
                     .create(&owner, &message.session_id, message.idle_timeout_seconds)?;
             Span::current().record("session", session_id.as_str());
             let session = self.store.session(&owner, &session_id)?;
             checkpoint::restore_new(&self.store, &owner, &session, checkpoint).await?;
+            self.created(&caller, &session_id).await?;
             Ok(pb::ImportSessionResponse {
                 session_id,
                 idle_timeout_seconds: granted.as_secs() as u32,
@@ -427,7 +513,7 @@ impl layer_service_server::LayerService for LayerService {
         request: Request<pb::TrainStepRequest>,
     ) -> ServiceResult<pb::TrainStepResponse> {
         self.unary("TrainStep", request, |caller, message| async move {
-            let after = after_steps(&caller.metadata)?;
+            let after = after_steps(&caller.metadata, message.expected_step)?;
             let x = Tensor::from_proto(message.x, "x")?;
             let t = Target::from_proto(message.t, "t")?.ok_or_else(|| {
                 CallError::invalid(
@@ -438,7 +524,9 @@ impl layer_service_server::LayerService for LayerService {
                 )
             })?;
             Span::current().record("elements", x.len());
-            let (session, layer) = self.target(&caller, &message.session_id, &message.layer_id)?;
+            let (session, layer) = self
+                .target(&caller, &message.session_id, &message.layer_id)
+                .await?;
             drop(layer);
             check_id("optimizer_id", &message.optimizer_id)?;
             let optimizer = session.optimizer(&message.optimizer_id)?;
@@ -456,6 +544,7 @@ impl layer_service_server::LayerService for LayerService {
                 after,
             )
             .await?;
+            self.changed(&caller, &session).await?;
             Ok(pb::TrainStepResponse {
                 loss: answer.loss,
                 dx: answer.dx.map(Tensor::into_proto),

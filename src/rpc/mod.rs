@@ -31,20 +31,31 @@ pub const SESSION_HEADER: &str = "x-session-id";
 /// without waiting for the answers of the earlier ones.
 pub const AFTER_STEPS_HEADER: &str = "x-layerd-after-steps";
 
-/// The call's `x-layerd-after-steps`, if it carries one.
-pub fn after_steps(metadata: &MetadataMap) -> Result<Option<u64>, Error> {
+/// The number of the step a Step or TrainStep is to run after: its
+/// `expected_step` field or its `x-layerd-after-steps` header (both must
+/// agree when both are given), if it carries one.
+pub fn after_steps(metadata: &MetadataMap, field: Option<u64>) -> Result<Option<u64>, Error> {
     let Some(value) = metadata.get(AFTER_STEPS_HEADER) else {
-        return Ok(None);
+        return Ok(field);
     };
     let text = String::from_utf8_lossy(value.as_bytes());
-    text.parse::<u64>().map(Some).map_err(|_| {
+    let header = text.parse::<u64>().map_err(|_| {
         Error::invalid(
             AFTER_STEPS_HEADER,
             "the optimizer's update count this call follows, a decimal integer ≥ 0",
             format!("{text:?}"),
             "INVALID_HEADER",
         )
-    })
+    })?;
+    match field {
+        Some(field) if field != header => Err(Error::invalid(
+            "expected_step",
+            format!("the same count as the {AFTER_STEPS_HEADER} header ({header}), or unset"),
+            field.to_string(),
+            "INVALID_HEADER",
+        )),
+        _ => Ok(Some(header)),
+    }
 }
 
 /// A span for one RPC; `kind`, `elements` and `code` are filled in as known.

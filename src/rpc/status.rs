@@ -71,6 +71,27 @@ pub enum CallError {
     #[error("shared-memory region {region:?} cannot be used: {detail}")]
     RegionUnusable { region: String, detail: String },
 
+    /// The session store (`--session-store`) did not answer: nothing was
+    /// committed there; the call may be retried.
+    #[error("the session store is unavailable ({detail}); retry")]
+    StoreUnavailable { detail: String },
+
+    /// Another replica holds the session now (this one's write was fenced,
+    /// or it is handing the session over, or its live holder did not hand
+    /// it over in time): the call did not take effect here; retry.
+    #[error(
+        "session {session_id:?} is held by another replica{}; the call did not take effect, retry",
+        holder_named(holder)
+    )]
+    SessionMoved { session_id: String, holder: String },
+
+    /// What the session store holds for the session is not a session of
+    /// layerd's (truncated, foreign, another owner's): the session is lost.
+    #[error(
+        "session {session_id:?} is lost: its stored state is invalid ({detail}); create it again"
+    )]
+    SessionLost { session_id: String, detail: String },
+
     /// The server runs without `--allow-client-shm`.
     #[error("system shared memory is disabled on this server: start it with --allow-client-shm to register and use regions")]
     SharedMemoryDisabled,
@@ -101,7 +122,10 @@ impl CallError {
             | CallError::RegionUnusable { .. }
             | CallError::SharedMemoryDisabled => Code::FailedPrecondition,
             CallError::Unauthenticated { .. } => Code::Unauthenticated,
-            CallError::Overloaded { .. } => Code::Unavailable,
+            CallError::Overloaded { .. }
+            | CallError::StoreUnavailable { .. }
+            | CallError::SessionMoved { .. } => Code::Unavailable,
+            CallError::SessionLost { .. } => Code::DataLoss,
             CallError::Timeout(_) => Code::DeadlineExceeded,
         }
     }
@@ -119,6 +143,9 @@ impl CallError {
             CallError::RegionExists { .. } => "REGION_EXISTS",
             CallError::RegionUnusable { .. } => "REGION_UNUSABLE",
             CallError::SharedMemoryDisabled => "SHARED_MEMORY_DISABLED",
+            CallError::StoreUnavailable { .. } => "STORE_UNAVAILABLE",
+            CallError::SessionMoved { .. } => "SESSION_MOVED",
+            CallError::SessionLost { .. } => "SESSION_LOST",
         }
     }
 
@@ -142,9 +169,23 @@ impl CallError {
                 vec![("region", region)]
             }
             CallError::SharedMemoryDisabled => vec![("flag", "--allow-client-shm")],
+            CallError::StoreUnavailable { .. } => vec![("flag", "--session-store")],
+            CallError::SessionMoved { session_id, holder } => {
+                vec![("session_id", session_id), ("holder", holder)]
+            }
+            CallError::SessionLost { session_id, .. } => vec![("session_id", session_id)],
             CallError::Unauthenticated { .. } | CallError::Timeout(_) => vec![],
         };
         pairs.into_iter().map(|(k, v)| (k, v.to_string())).collect()
+    }
+}
+
+/// ` (replica "name")`, or nothing when the holder is not known.
+fn holder_named(holder: &str) -> String {
+    if holder.is_empty() {
+        String::new()
+    } else {
+        format!(" (replica {holder:?})")
     }
 }
 

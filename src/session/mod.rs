@@ -32,7 +32,7 @@ use std::{
 use budget::Budget;
 pub use budget::{Charge, KeptEntry};
 pub use ids::check_id;
-pub use optimizer::{Optimizer, OptimizerState, Steps};
+pub use optimizer::{Applied, Optimizer, OptimizerState, Progress, Steps, TrainAnswer, Turn};
 pub use store::{CloseOnDrop, Store, StoreGuard};
 
 use crate::error::Error;

@@ -14,6 +14,12 @@
 //!   `progress` shows N, then checks the count again under the lock; a large
 //!   TrainStep waits in the optimizer's `queue` for its runner
 //!   ([`super::queue`]), which every change of the count wakes;
+//! - exactly once: the last numbered update is kept with its answer
+//!   ([`Applied`]) until the next commit; a call numbered N that finds the
+//!   count at N + 1 and that update to be the same request (its fingerprint)
+//!   is a retry whose first answer was lost: it gets that answer again and
+//!   applies nothing. The count and the last update are published together
+//!   ([`Progress`]), so a reader never sees one without the other;
 //! - the state's bytes are charged to the session's budgets when the
 //!   optimizer is created, before the zeros are allocated, and released with
 //!   the optimizer.
@@ -35,9 +41,10 @@ pub struct Optimizer {
     pub layers: Vec<(String, Arc<LayerInstance>)>,
     /// Updates applied so far; locked for the whole of a Step or TrainStep.
     pub steps: tokio::sync::Mutex<Steps>,
-    /// The count as of the last commit, for calls waiting for their turn
-    /// (set only through [`Optimizer::set_count`], under `steps`' lock).
-    progress: tokio::sync::watch::Sender<u64>,
+    /// The count and the last numbered update as of the last commit, for
+    /// calls waiting for their turn and retries (set only through
+    /// [`Optimizer::set_count`], under `steps`' lock).
+    progress: tokio::sync::watch::Sender<Progress>,
     /// TrainSteps waiting for their turn.
     pub(crate) queue: StepQueue,
     /// The bytes of its state.
@@ -53,6 +60,60 @@ pub struct Steps {
     pub live: bool,
 }
 
+/// An optimizer's committed progress.
+#[derive(Clone, Default)]
+pub struct Progress {
+    /// Updates applied.
+    pub count: u64,
+    /// The last update, if it was numbered.
+    pub last: Option<Arc<Applied>>,
+    /// Restored from a store and not stepped since: the count may be behind
+    /// what clients saw (steps lost with a crashed replica), so a call
+    /// numbered ahead of it fails at once instead of waiting for updates
+    /// that will not come.
+    pub resumed: bool,
+}
+
+/// A numbered update that was applied, and what it answered.
+pub struct Applied {
+    /// The count it ran after (its `expected_step`).
+    pub after: u64,
+    /// The request's fingerprint: a retry is the same request again.
+    pub request: u64,
+    /// A TrainStep's answer (None: a Step, whose answer is the count).
+    pub answer: Option<TrainAnswer>,
+    /// The answer's bytes, charged to the session's kept budgets.
+    pub held: Option<Charge>,
+}
+
+/// What a TrainStep answers.
+#[derive(Clone)]
+pub struct TrainAnswer {
+    pub loss: f64,
+    pub dx: Option<Tensor>,
+    pub scores: Option<Tensor>,
+    pub steps: u64,
+}
+
+impl TrainAnswer {
+    /// The bytes its tensors hold.
+    pub fn bytes(&self) -> u64 {
+        [&self.dx, &self.scores]
+            .into_iter()
+            .flatten()
+            .map(|t| t.byte_len() as u64)
+            .sum()
+    }
+}
+
+/// Whose turn it is when a call gets hold of the step count.
+pub enum Turn<'a> {
+    /// The call's: it runs as the next update.
+    Run(tokio::sync::MutexGuard<'a, Steps>),
+    /// The call is a retry of the last update, which was applied.
+    Replay(Arc<Applied>),
+}
+
 /// An owned layer's optimizer state: which optimizer, and per member, per
 /// parameter, one tensor per [`Algorithm::state_names`] (parameter-shaped).
 #[derive(Clone)]
@@ -63,39 +124,89 @@ pub struct OptimizerState {
 
 impl Optimizer {
     /// Locks the step count for an update; with `after` (the call's
-    /// `x-layerd-after-steps`), first waits until `after` updates are
-    /// applied, and fails if more are: the call was to be update `after + 1`.
-    /// The wait ends with the call (its deadline, or the client cancelling).
-    pub async fn lock_steps(
-        &self,
-        after: Option<u64>,
-    ) -> Result<tokio::sync::MutexGuard<'_, Steps>, Error> {
+    /// `expected_step` or `x-layerd-after-steps`), first waits until `after`
+    /// updates are applied, then answers [`Turn::Replay`] if the call is a
+    /// retry of the last one (`request`: its fingerprint), and fails if more
+    /// updates are applied: the call was to be update `after + 1`. The wait
+    /// ends with the call (its deadline, or the client cancelling).
+    pub async fn lock_steps(&self, after: Option<u64>, request: u64) -> Result<Turn<'_>, Error> {
         if let Some(after) = after {
+            self.check_not_lost(after)?;
             let mut progress = self.progress.subscribe();
             // The sender lives as long as `self`, so this cannot fail.
-            let _ = progress.wait_for(|&count| count >= after).await;
+            let _ = progress.wait_for(|p| p.count >= after).await;
         }
         let steps = self.steps.lock().await;
         match after {
-            Some(expected) if steps.count != expected => Err(Error::StepOutOfOrder {
-                optimizer_id: self.id.clone(),
-                expected,
-                got: steps.count,
-            }),
-            _ => Ok(steps),
+            Some(expected) if steps.count != expected => match self.replay(expected, request) {
+                Some(applied) => Ok(Turn::Replay(applied)),
+                None => Err(self.out_of_order(expected, steps.count)),
+            },
+            _ => Ok(Turn::Run(steps)),
         }
     }
 
-    /// Commits a new step count and wakes the calls waiting for it.
-    pub fn set_count(self: &Arc<Self>, steps: &mut Steps, count: u64) {
+    /// The last update if it was the call numbered `after` with fingerprint
+    /// `request` and nothing was applied since.
+    pub fn replay(&self, after: u64, request: u64) -> Option<Arc<Applied>> {
+        let progress = self.progress.borrow();
+        let last = progress.last.as_ref()?;
+        (progress.count == after + 1 && last.after == after && last.request == request)
+            .then(|| last.clone())
+    }
+
+    /// Fails a call numbered `after` ahead of the count of an optimizer just
+    /// restored from a store: the updates it follows were lost.
+    pub fn check_not_lost(&self, after: u64) -> Result<(), Error> {
+        let progress = self.progress.borrow();
+        if progress.resumed && after > progress.count {
+            return Err(self.out_of_order(after, progress.count));
+        }
+        Ok(())
+    }
+
+    /// Marks the optimizer as restored from a store ([`Progress::resumed`]).
+    pub fn mark_resumed(&self) {
+        self.progress
+            .send_modify(|progress| progress.resumed = true);
+    }
+
+    /// STEP_OUT_OF_ORDER for a call numbered `expected` at count `got`.
+    pub fn out_of_order(&self, expected: u64, got: u64) -> Error {
+        Error::StepOutOfOrder {
+            optimizer_id: self.id.clone(),
+            expected,
+            got,
+        }
+    }
+
+    /// Commits a new step count and the update that made it (`last`: if the
+    /// call was numbered), and wakes the calls waiting for it.
+    pub fn set_count(self: &Arc<Self>, steps: &mut Steps, count: u64, last: Option<Applied>) {
         steps.count = count;
-        self.progress.send_replace(count);
+        self.progress.send_replace(Progress {
+            count,
+            last: last.map(Arc::new),
+            resumed: false,
+        });
         queue::kick(self, count);
     }
 
     /// The count as of the last commit (read without the lock).
     pub fn committed_count(&self) -> u64 {
-        *self.progress.borrow()
+        self.progress.borrow().count
+    }
+
+    /// The last update, if it was numbered (read without the lock).
+    pub fn last_applied(&self) -> Option<Arc<Applied>> {
+        self.progress.borrow().last.clone()
+    }
+
+    /// Puts back the last numbered update of a session restored from a
+    /// store, under the step lock (`_steps`), its count unchanged.
+    pub fn restore_last(&self, _steps: &Steps, last: Arc<Applied>) {
+        self.progress
+            .send_modify(|progress| progress.last = Some(last));
     }
 
     /// Locks every layer it owns, in id order (the order that keeps two
@@ -151,7 +262,7 @@ impl Session {
                 count: 0,
                 live: false,
             }),
-            progress: tokio::sync::watch::Sender::new(0),
+            progress: tokio::sync::watch::Sender::new(Progress::default()),
             queue: StepQueue::default(),
             _held: held,
         });

@@ -19,8 +19,9 @@
 //! - a numbered call (`x-layerd-after-steps: N`) runs only when the count is
 //!   N; it fails with STEP_OUT_OF_ORDER, changing nothing, as soon as the
 //!   count is past N (at submission, or when the count moves past it while
-//!   it waits); unnumbered calls run in arrival order when no numbered call
-//!   is due;
+//!   it waits) — unless it is a retry of the update just applied
+//!   ([`Optimizer::replay`]), which gets that update's answer again;
+//!   unnumbered calls run in arrival order when no numbered call is due;
 //! - whoever moves the count ([`Optimizer::set_count`]: a Step, an import,
 //!   the runner) wakes the queue ([`kick`]), so a call whose turn came is
 //!   never left waiting without a runner;
@@ -34,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::{oneshot, MutexGuard as StateGuard};
 use tracing::Span;
 
-use super::{InstanceState, Optimizer, Steps};
+use super::{Applied, InstanceState, Optimizer, Steps};
 use crate::error::Error;
 
 /// A step to apply as its optimizer's next update.
@@ -52,6 +53,9 @@ pub trait StepCall: Send + 'static {
         states: &mut [StateGuard<'_, InstanceState>],
         abandoned: &dyn Fn() -> bool,
     ) -> Result<Self::Answer, Error>;
+
+    /// The answer of an earlier attempt of this call, applied as `applied`.
+    fn replayed(applied: &Applied) -> Self::Answer;
 }
 
 /// What the runner does with a job.
@@ -64,6 +68,8 @@ enum Outcome<'a, 'b> {
     },
     /// Answer this error without running it.
     Fail(Error),
+    /// Answer as this earlier attempt did, without running it.
+    Replay(Arc<Applied>),
 }
 
 /// An optimizer's waiting TrainSteps.
@@ -93,14 +99,23 @@ enum Slot {
 /// A queued call with its answer's channel, its type erased.
 struct Job {
     settle: Box<dyn for<'a, 'b> FnOnce(Outcome<'a, 'b>) + Send>,
+    /// The request's fingerprint, to recognise a retry.
+    request: u64,
     span: Span,
 }
 
 impl Job {
-    fn new<C: StepCall>(call: C, answer: oneshot::Sender<Result<C::Answer, Error>>) -> Job {
+    fn new<C: StepCall>(
+        call: C,
+        request: u64,
+        answer: oneshot::Sender<Result<C::Answer, Error>>,
+    ) -> Job {
         let settle = move |outcome: Outcome<'_, '_>| match outcome {
             Outcome::Fail(error) => {
                 let _ = answer.send(Err(error));
+            }
+            Outcome::Replay(applied) => {
+                let _ = answer.send(Ok(C::replayed(&applied)));
             }
             Outcome::Run {
                 optimizer,
@@ -116,6 +131,7 @@ impl Job {
         };
         Job {
             settle: Box::new(settle),
+            request,
             span: Span::current(),
         }
     }
@@ -165,22 +181,30 @@ impl Pending {
     }
 }
 
-/// Queues `call` on `optimizer` and waits for its answer.
+/// Queues `call` (`request`: its fingerprint) on `optimizer` and waits for
+/// its answer.
 pub async fn submit<C: StepCall>(
     optimizer: &Arc<Optimizer>,
     after: Option<u64>,
+    request: u64,
     call: C,
 ) -> Result<C::Answer, Error> {
     let (answer, answered) = oneshot::channel();
-    let job = Job::new(call, answer);
+    let job = Job::new(call, request, answer);
     let slot = {
         let mut pending = optimizer.queue.lock();
         let count = optimizer.committed_count();
         let arrival = pending.arrivals;
         pending.arrivals += 1;
+        if let Some(after) = after {
+            optimizer.check_not_lost(after)?;
+        }
         let slot = match after {
             Some(after) if after < count => {
-                return Err(out_of_order(optimizer, after, count));
+                return match optimizer.replay(after, request) {
+                    Some(applied) => Ok(C::replayed(&applied)),
+                    None => Err(optimizer.out_of_order(after, count)),
+                };
             }
             Some(after) => {
                 pending.numbered.insert((after, arrival), job);
@@ -246,9 +270,13 @@ fn run(optimizer: &Arc<Optimizer>) {
             (stale, job)
         };
         for ((after, _), job) in stale {
-            (job.settle)(Outcome::Fail(out_of_order(optimizer, after, steps.count)));
+            let outcome = match optimizer.replay(after, job.request) {
+                Some(applied) => Outcome::Replay(applied),
+                None => Outcome::Fail(optimizer.out_of_order(after, steps.count)),
+            };
+            (job.settle)(outcome);
         }
-        let Some(Job { settle, span }) = job else {
+        let Some(Job { settle, span, .. }) = job else {
             return;
         };
         span.in_scope(|| {
@@ -272,13 +300,5 @@ impl Drop for Stopped<'_> {
         if std::thread::panicking() {
             self.0.queue.lock().running = false;
         }
-    }
-}
-
-fn out_of_order(optimizer: &Optimizer, expected: u64, got: u64) -> Error {
-    Error::StepOutOfOrder {
-        optimizer_id: optimizer.id.clone(),
-        expected,
-        got,
     }
 }

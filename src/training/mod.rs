@@ -25,24 +25,18 @@ use crate::layers::chain::ForwardPlan;
 use crate::layers::{with_float, Chain, Float, MemberState};
 use crate::optimizers::Algorithm;
 use crate::session::queue::{self, StepCall};
+pub use crate::session::TrainAnswer;
 use crate::session::{
-    InstanceState, KeptEntry, LayerInstance, Optimizer, OptimizerState, Session, Steps,
+    Applied, InstanceState, KeptEntry, LayerInstance, Optimizer, OptimizerState, Session, Steps,
+    Turn,
 };
 use crate::tensor::{Target, Tensor};
 
 /// Per member: its parameter gradients (None: no parameters, or none yet).
 type Grads = Vec<Option<Vec<Tensor>>>;
 
-/// What a TrainStep answers.
-pub struct TrainAnswer {
-    pub loss: f64,
-    pub dx: Option<Tensor>,
-    pub scores: Option<Tensor>,
-    pub steps: u64,
-}
-
 /// What TrainStep is asked for besides x and t.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Hash)]
 pub struct TrainOptions {
     pub return_dx: bool,
     pub return_scores: bool,
@@ -50,9 +44,13 @@ pub struct TrainOptions {
 
 /// One update of every parameter `optimizer` owns from the gradients stored
 /// by the last Backward of each layer; answers the updates applied so far.
-/// `after`: run only as update `after + 1` ([`Optimizer::lock_steps`]).
+/// `after`: run only as update `after + 1` ([`Optimizer::lock_steps`]); a
+/// retry of the Step that was that update answers its count again.
 pub async fn step_on(optimizer: &Arc<Optimizer>, after: Option<u64>) -> Result<u64, Error> {
-    let mut steps = optimizer.lock_steps(after).await?;
+    let mut steps = match optimizer.lock_steps(after, STEP_REQUEST).await? {
+        Turn::Run(steps) => steps,
+        Turn::Replay(applied) => return Ok(applied.after + 1),
+    };
     check_live(optimizer, steps.live)?;
     let mut states = optimizer.lock_layers().await;
     let work = stored_updates(optimizer, &states, None)?;
@@ -68,16 +66,27 @@ pub async fn step_on(optimizer: &Arc<Optimizer>, after: Option<u64>) -> Result<u
         state.members = members;
         state.optimizer = Some(optimizer_state);
     }
-    optimizer.set_count(&mut steps, t);
+    let last = after.map(|after| Applied {
+        after,
+        request: STEP_REQUEST,
+        answer: None,
+        held: None,
+    });
+    optimizer.set_count(&mut steps, t, last);
     Ok(t)
 }
+
+/// A Step's fingerprint: every Step of an optimizer is the same request.
+const STEP_REQUEST: u64 = 0;
 
 /// Forward (keeping, training mode) of `x` with target `t` through
 /// `layer_id`, Backward from its loss, and one update by `optimizer` of every
 /// parameter it owns: `layer_id`'s from the new gradients, any other layer's
 /// from its stored ones. The call is checked here; then a small one runs here
 /// and a large one is queued for its optimizer's runner ([`queue`]).
-/// `after`: run only as update `after + 1`.
+/// `after`: run only as update `after + 1`; a retry of the same request
+/// after it was applied answers the first attempt's answer and applies
+/// nothing.
 pub async fn train_step_on(
     session: &Arc<Session>,
     optimizer: &Arc<Optimizer>,
@@ -111,8 +120,11 @@ pub async fn train_step_on(
             .filter(|(i, _)| *i != trained)
             .map(|(_, (_, layer))| update_elements(&layer.chain))
             .sum::<usize>();
+    let request = after.map_or(0, |_| fingerprint(layer_id, &x, &t, options));
     let call = TrainCall {
         session: session.clone(),
+        after,
+        request,
         trained,
         x,
         t,
@@ -122,16 +134,34 @@ pub async fn train_step_on(
     };
     if is_small(elements) {
         // Computed inline, like any small call: no thread to wake.
-        let mut steps = optimizer.lock_steps(after).await?;
+        let mut steps = match optimizer.lock_steps(after, request).await? {
+            Turn::Run(steps) => steps,
+            Turn::Replay(applied) => return Ok(TrainCall::replayed(&applied)),
+        };
         let mut states = optimizer.lock_layers().await;
         return call.run(optimizer, &mut steps, &mut states, &|| false);
     }
-    queue::submit(optimizer, after, call).await
+    queue::submit(optimizer, after, request, call).await
+}
+
+/// A TrainStep's fingerprint: what it trains, on what, and what it answers;
+/// odd, so never a Step's.
+fn fingerprint(layer_id: &str, x: &Tensor, t: &Target, options: TrainOptions) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    (layer_id, options).hash(&mut hasher);
+    x.fingerprint(&mut hasher);
+    t.fingerprint(&mut hasher);
+    hasher.finish() | 1
 }
 
 /// A checked TrainStep waiting for its turn.
 struct TrainCall {
     session: Arc<Session>,
+    /// The count it is to run after, if numbered.
+    after: Option<u64>,
+    /// Its fingerprint (numbered calls only).
+    request: u64,
     /// Which of the optimizer's layers it trains.
     trained: usize,
     x: Tensor,
@@ -154,6 +184,8 @@ impl StepCall for TrainCall {
     ) -> Result<TrainAnswer, Error> {
         let TrainCall {
             session,
+            after,
+            request,
             trained,
             x,
             t,
@@ -204,14 +236,32 @@ impl StepCall for TrainCall {
             state.members = members;
             state.optimizer = Some(optimizer_state);
         }
-        states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
-        optimizer.set_count(steps, step);
-        Ok(TrainAnswer {
+        let answer = TrainAnswer {
             loss,
             dx,
             scores,
             steps: step,
-        })
+        };
+        // A numbered step keeps its answer for a retry (sharing its bytes).
+        let last = match after {
+            Some(after) => Some(Applied {
+                after,
+                request,
+                answer: Some(answer.clone()),
+                held: Some(session.reserve(answer.bytes())?),
+            }),
+            None => None,
+        };
+        states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+        optimizer.set_count(steps, step, last);
+        Ok(answer)
+    }
+
+    fn replayed(applied: &Applied) -> TrainAnswer {
+        applied
+            .answer
+            .clone()
+            .expect("a TrainStep's fingerprint is never a Step's")
     }
 }
 

@@ -37,15 +37,16 @@ class Proxy:
     """nginx or haproxy running deploy/'s configuration, pointed at `backends`."""
 
     @staticmethod
-    def start_or_skip(kind, backends):
+    def start_or_skip(kind, backends, hashing=True):
         """The proxy; where it is not installed, skips the test (fails with
         LAYERD_REQUIRE_PROXIES=1)."""
         import pytest
         if not Path(PROXIES[kind]).exists() and os.environ.get("LAYERD_REQUIRE_PROXIES") != "1":
             pytest.skip(f"{kind} not installed (apt install nginx-light haproxy)")
-        return Proxy(kind, backends)
+        return Proxy(kind, backends, hashing)
 
-    def __init__(self, kind, backends):
+    def __init__(self, kind, backends, hashing=True):
+        """`hashing` False (nginx only) drops the hash on x-session-id: calls go round-robin."""
         binary = PROXIES[kind]
         if not Path(binary).exists():
             raise RuntimeError(f"{binary} not installed (apt install nginx-light haproxy)")
@@ -57,6 +58,9 @@ class Proxy:
         text = text.replace("listen 8080 http2", f"listen 127.0.0.1:{self.port} http2")
         text = text.replace("bind :8081", f"bind 127.0.0.1:{self.port}")
         text = text.replace("/tmp/nginx", str(self.dir / "nginx"))
+        if not hashing:
+            assert kind == "nginx"
+            text = text.replace("hash $http_x_session_id consistent;", "")
         config = self.dir / source.name
         config.write_text(text)
         self.log = self.dir / "proxy.log"

@@ -19,7 +19,7 @@ def test_reflection_describes_the_service_without_the_proto(server):
         pool = DescriptorPool(database)
         service = pool.FindServiceByName("layerd.v1.LayerService")
         assert [m.name for m in service.methods] == [
-            "CreateSession", "CloseSession", "CreateLayer", "Forward", "Backward", "Run", "ListLayerKinds",
+            "CreateSession", "CloseSession", "DescribeSession", "CreateLayer", "Forward", "Backward", "Run", "ListLayerKinds",
             "GetParams", "SetParams", "CreateOptimizer", "Step", "TrainStep", "ExportSession", "ImportSession"]
         tensor = pool.FindMessageTypeByName("layerd.v1.Tensor")
         assert [(f.name, f.number) for f in tensor.fields] == [("dtype", 1), ("shape", 2), ("data", 3)]

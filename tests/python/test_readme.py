@@ -140,6 +140,37 @@ def test_the_tls_section_runs(pki):
         assert server.stop() == 0
 
 
+def test_the_session_store_section_runs():
+    """Two replicas on one Redis as the README starts them; the Python block, with the first
+    replica SIGKILLed where its comment says, goes on on the second."""
+    from redis_store import Redis
+    redis = Redis.start_or_skip()
+    lines = [line.split() for line in block("session-store-shell").strip().splitlines()]
+    replicas = []
+    try:
+        ports = [free_port(), free_port()]
+        for line, port in zip(lines, ports):
+            assert line[0] == "layerd"
+            args = [a.replace("redis://127.0.0.1:6379", redis.url) for a in line[1:]]
+            addr = args.pop(args.index("--addr") + 1)
+            args.remove("--addr")
+            replicas.append(Server(*args, addr=addr.replace(addr.rsplit(":", 1)[1], str(port))))
+        code = block("session-store-python").replace("50051", str(ports[0])).replace("50052", str(ports[1]))
+        first, rest = code.split("# ... the replica r0 is killed here ...")
+        kill = f"import os, signal; os.kill({replicas[0].proc.pid}, signal.SIGKILL)\n"
+        done = run_script(first + kill + rest)
+        assert done.returncode == 0, done.stderr
+        loss0, (steps, loss1, where) = float(done.stdout.split()[0]), done.stdout.split()[1:]
+        assert (steps, where) == ("1", "r1") and float(loss1) < loss0
+        assert replicas[0].proc.wait(timeout=10) == -9
+        assert redis.session_keys() == []
+    finally:
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.proc.kill()
+        redis.stop()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

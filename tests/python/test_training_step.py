@@ -9,7 +9,8 @@
 - A TrainStep that times out, is cancelled or fails leaves parameters, buffers, gradients,
   optimizer state, kept state and the step count as they were.
 - Numbered TrainSteps apply in their order, sent in any order, also on a server with one async
-  worker thread (--worker-threads 1).
+  worker thread (--worker-threads 1); a different request with a number already applied fails
+  (a retry of the same request: test_exactly_once.py).
 """
 import json
 import time
@@ -379,9 +380,13 @@ def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stu
     assert stub.TrainStep(request, metadata=((AFTER, "0"),)).steps == 1
     assert stub.TrainStep(request, metadata=((AFTER, "1"),)).steps == 2
     before = params_of(pb2, stub, sid, "net", include_grads=True)
-    # Step 2 again (a client's view gone stale): refused, with what was expected and found.
+    # Another step 2 (a client's view gone stale): refused, with what was expected and found.
+    # (The same request again is a retry, answered as the first time: test_exactly_once.py.)
+    other = type(request)()
+    other.CopyFrom(request)
+    other.return_scores = True
     with pytest.raises(grpc.RpcError) as caught:
-        stub.TrainStep(request, metadata=((AFTER, "1"),))
+        stub.TrainStep(other, metadata=((AFTER, "1"),))
     assert code_and_reason(caught.value) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_OUT_OF_ORDER")
     assert "follow update 1" in caught.value.details() and "has applied 2" in caught.value.details()
     from grpc_status import rpc_status
@@ -415,14 +420,17 @@ def test_a_numbered_step_the_optimizer_is_past_fails_and_changes_nothing(pb, stu
 @WIDTHS
 def test_a_waiting_numbered_step_runs_when_another_call_moves_the_count_and_fails_when_passed(pb, stub, inputs):
     """A numbered TrainStep waits until the count is its number, whichever call moves the count
-    (here a Step, which never queues); of two with the same number, one is applied and the other,
-    still waiting then, fails with STEP_OUT_OF_ORDER."""
+    (here a Step, which never queues); of two different requests with the same number, one is
+    applied and the other, still waiting then, fails with STEP_OUT_OF_ORDER."""
     pb2, _ = pb
     sid, request = sgd_session(pb2, stub, inputs)
     assert stub.TrainStep(request).steps == 1  # gradients for the Step below
+    other = type(request)()
+    other.CopyFrom(request)
+    other.return_dx = True
     first = stub.TrainStep.future(request, metadata=((AFTER, "2"),))
     time.sleep(0.2)
-    second = stub.TrainStep.future(request, metadata=((AFTER, "2"),))
+    second = stub.TrainStep.future(other, metadata=((AFTER, "2"),))
     time.sleep(0.2)
     assert not first.done() and not second.done()
     assert stub.Step(pb2.StepRequest(session_id=sid, optimizer_id="opt")).steps == 2

@@ -202,6 +202,7 @@ def test_checkpoints_save_load_and_train_on(client, tmp_path):
         with layerd.load(client, tmp_path / "net.safetensors") as resumed:
             again = resumed.get_layer("net")
             resumed_opt = resumed.get_optimizer("adam")
+            assert (resumed_opt.algorithm, resumed_opt.steps) == ("adam", 3)  # as the server has it
             assert [again.train_step(x, t, resumed_opt) for _ in range(3)] == straight
             assert resumed_opt.steps == 6
             for name, value in net.params().items():

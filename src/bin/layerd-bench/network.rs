@@ -423,6 +423,7 @@ pub async fn run(args: &RunArgs, network: Network) -> Result<Measured, SetupErro
                         t: Some(workload.t.clone()),
                         return_dx: false,
                         return_scores: false,
+                        expected_step: None,
                     };
                     let answer = client
                         .train_step(workload::routed(&args, &session_id, request))

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import itertools
 import os
-import random
 import secrets
 import time
 from typing import Iterable, Optional, Sequence, Tuple, Union
@@ -14,7 +12,8 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import grpc
 import numpy as np
 
-from .errors import LayerdError, from_rpc_error
+from .errors import LayerdError, NotFound, from_rpc_error
+from .retry import Retry
 from .tensors import _DTYPES, _FLOATS, Array, _serialized, from_tensor, to_tensor  # noqa: F401 (re-exported)
 from .v1 import layerd_pb2 as pb
 from .v1 import layerd_pb2_grpc
@@ -90,32 +89,6 @@ def _typed_errors(method):
             raise from_rpc_error(error) from None
 
     return wrapper
-
-
-@dataclasses.dataclass(frozen=True)
-class Retry:
-    """How unary calls are retried: on UNAVAILABLE only — the server shed the call
-    (reason OVERLOADED), is shutting down or restarting, or cannot be reached — with
-    capped exponential backoff and jitter: after failed attempt n the client waits a
-    random time between half and all of min(max_backoff, initial_backoff * multiplier**(n-1)).
-    The defaults wait 0.2 s, 0.4 s, 0.8 s, 1.6 s, 3.2 s (each halved at random), about
-    3 to 6 s in all: long enough to ride out a replica restart or a load balancer moving
-    a session's range, short enough to report a server that is gone.
-
-    Every other code is raised at once: retrying the same request cannot change
-    INVALID_ARGUMENT, NOT_FOUND (recreate the session), FAILED_PRECONDITION,
-    RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED. `Retry(attempts=1)` turns retries off.
-    Run streams are never retried.
-    """
-    attempts: int = 6
-    initial_backoff: float = 0.2
-    max_backoff: float = 5.0
-    multiplier: float = 2.0
-
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 def _pem(value, name):
@@ -195,8 +168,9 @@ class Client:
         """Calls a unary RPC under the retry policy. `done_before`: the reason that,
         answered to a retried attempt, means an earlier attempt took effect (its
         answer lost in transit): the call then returns None instead of raising.
-        A call that is not idempotent (Step, TrainStep: a repeat would update the
-        parameters twice) is retried only when the server shed it before it ran."""
+        A call that is not idempotent (an unnumbered Step or TrainStep: a repeat would
+        update the parameters twice) is retried only when the server shed it before it
+        ran; a numbered one (`expected_step`) is, as a repeat applies nothing twice."""
         attempt = 1
         while True:
             try:
@@ -228,6 +202,12 @@ class Client:
         session_id = session_id or secrets.token_hex(16)
         return Session(self, session_id, idle_timeout, checkpoint=checkpoint)
 
+    def attach(self, session_id: str) -> "Session":
+        """A handle on a session that exists already (opened by another process, or before a
+        restart of this one): get its layers and optimizers with Session.get_layer and
+        Session.get_optimizer. Raises NotFound if there is none of that id."""
+        return Session(self, session_id, 0, attach=True)
+
     def kinds(self) -> dict:
         """{name: description} of the layer kinds the server offers."""
         answer = self._unary(self._stub.ListLayerKinds, pb.ListLayerKindsRequest(), self._auth)
@@ -246,12 +226,16 @@ class Client:
 class Session:
     """A server session: layer instances and what they keep between Forward and Backward."""
 
-    def __init__(self, client: Client, session_id: str, idle_timeout: int, checkpoint: Optional[bytes] = None):
+    def __init__(self, client: Client, session_id: str, idle_timeout: int, checkpoint: Optional[bytes] = None,
+                 attach: bool = False):
         self._client = client
         self._stub = client._stub
         self.id = session_id
         self._metadata = ((SESSION_HEADER, session_id),) + client._auth
         self._count = 0
+        if attach:
+            self.idle_timeout = self.describe()["idle_timeout"]
+            return
         # The id is this client's own (128 random bits): SESSION_EXISTS on a retry
         # means the first attempt created it.
         if checkpoint is None:
@@ -353,8 +337,32 @@ class Session:
         return Layer(self, layer_id, kind)
 
     def get_optimizer(self, optimizer_id: str, algorithm: str = "") -> "Optimizer":
-        """A handle on an optimizer the session already has (an imported session's)."""
-        return Optimizer(self, optimizer_id, algorithm)
+        """A handle on an optimizer the session already has (an imported session's, or one
+        to resume), with its algorithm and step count as the server has them now
+        (DescribeSession). Raises NotFound (OPTIMIZER_NOT_FOUND) if it has none of that id."""
+        found = self.describe()["optimizers"].get(optimizer_id)
+        if found is None:
+            raise NotFound(grpc.StatusCode.NOT_FOUND,
+                           f"session {self.id!r} has no optimizer {optimizer_id!r}",
+                           "OPTIMIZER_NOT_FOUND", {"session_id": self.id, "optimizer_id": optimizer_id})
+        return Optimizer(self, optimizer_id, found["algorithm"], steps=found["steps"])
+
+    def describe(self) -> dict:
+        """What the session holds (DescribeSession): {"layers": {id: {"kind", "dtype",
+        "optimizer"}}, "optimizers": {id: {"algorithm", "steps", "layers"}}, "held_bytes",
+        "replica_id", "idle_timeout"}. "steps" is where a resuming client goes on from; dtype
+        is a numpy dtype, or None for a kind without parameters."""
+        answer = self._call(self._stub.DescribeSession, pb.DescribeSessionRequest(session_id=self.id))
+        dtypes = {code: dtype for dtype, code in _DTYPES.items()}
+        return {
+            "layers": {l.layer_id: {"kind": l.kind, "dtype": dtypes.get(l.dtype), "optimizer": l.optimizer_id or None}
+                       for l in answer.layers},
+            "optimizers": {o.optimizer_id: {"algorithm": o.algorithm, "steps": o.steps, "layers": list(o.layer_ids)}
+                           for o in answer.optimizers},
+            "held_bytes": answer.held_bytes,
+            "replica_id": answer.replica_id,
+            "idle_timeout": answer.idle_timeout_seconds,
+        }
 
     def export(self) -> bytes:
         """The session as a safetensors checkpoint: every parameter, buffer and optimizer
@@ -460,17 +468,22 @@ class Layer:
         alone), Backward from the loss, and an update of every parameter `optimizer` owns.
         All or nothing. Answers the loss (a float, computed before the update); with
         return_dx, (loss, dx) — dloss/dx, for a client that trains the layers below
-        (split learning); with return_scores, the scores (the loss layer's input) follow."""
+        (split learning); with return_scores, the scores (the loss layer's input) follow.
+
+        Numbered with `expected_step` = optimizer.steps (when known) and applied exactly once,
+        as Optimizer.step: a retry after a lost answer gets the first answer bit for bit."""
         s = self.session
-        request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
-        return self._train_step_answer(s._call(s._client._train_step, request, idempotent=False), optimizer)
+        after = optimizer.steps
+        request = self._train_step_request(x, t, optimizer, return_dx, return_scores, after)
+        answer = s._call(s._client._train_step, request, idempotent=after is not None)
+        return self._train_step_answer(answer, optimizer)
 
     def train_steps(self, batches: Iterable, optimizer: "Optimizer", *, depth: int = 3,
                     return_dx: bool = False, return_scores: bool = False):
         """train_step for each (x, t) of `batches`, pipelined: up to `depth` TrainSteps in
         flight, so the server computes one step while the next is encoded and sent. Yields
         what train_step answers, in order. The parameters are exactly those of the same steps
-        one after another: each call carries `x-layerd-after-steps`, numbered from
+        one after another: each call carries its `expected_step`, numbered from
         `optimizer.steps`, and the server runs them in that order (if another client has
         stepped the optimizer since, the first raises FailedPrecondition STEP_OUT_OF_ORDER).
         Not retried. On an error the later calls are cancelled, then it is raised; the steps
@@ -479,7 +492,7 @@ class Layer:
             raise ValueError(f"depth must be at least 1; got {depth}")
         s = self.session
         pending = collections.deque()
-        batches, after, failed = iter(batches), optimizer.steps, False
+        batches, after, failed = iter(batches), optimizer.steps or 0, False
 
         def result(future):
             try:
@@ -490,9 +503,9 @@ class Layer:
         try:
             while True:
                 for x, t in itertools.islice(batches, depth - len(pending)):
-                    request = self._train_step_request(x, t, optimizer, return_dx, return_scores)
-                    metadata = s._metadata + ((AFTER_STEPS_HEADER, str(after)),)
-                    pending.append(s._client._train_step.future(request, metadata=metadata, timeout=s._client.timeout))
+                    request = self._train_step_request(x, t, optimizer, return_dx, return_scores, after)
+                    pending.append(s._client._train_step.future(request, metadata=s._metadata,
+                                                                timeout=s._client.timeout))
                     after += 1
                 if not pending:
                     return
@@ -511,10 +524,10 @@ class Layer:
                     except LayerdError:
                         failed = True
 
-    def _train_step_request(self, x, t, optimizer, return_dx, return_scores) -> bytes:
+    def _train_step_request(self, x, t, optimizer, return_dx, return_scores, after) -> bytes:
         return _serialized(pb.TrainStepRequest(session_id=self.session.id, layer_id=self.id,
                                                optimizer_id=optimizer.id, return_dx=return_dx,
-                                               return_scores=return_scores), x=x, t=t)
+                                               return_scores=return_scores, expected_step=after), x=x, t=t)
 
     def _train_step_answer(self, answer, optimizer):
         """The loss, with dx and the scores after it when they were asked for."""
@@ -530,19 +543,26 @@ class Layer:
 class Optimizer:
     """A server-side optimizer of a session (Session.optimizer)."""
 
-    def __init__(self, session: Session, optimizer_id: str, algorithm: str):
+    def __init__(self, session: Session, optimizer_id: str, algorithm: str, steps: Optional[int] = 0):
         self.session = session
         self.id = optimizer_id
         self.algorithm = algorithm
-        #: Updates applied so far, as of this client's last Step or TrainStep with it.
-        self.steps = 0
+        #: Updates applied so far, as of this client's last Step or TrainStep with it: the next
+        #: step's expected_step (None: unknown, and the next step goes unnumbered).
+        self.steps = steps
 
     def step(self) -> int:
         """One update of every parameter it owns from its stored gradient (the last
-        Backward's); answers the number of updates applied so far."""
+        Backward's); answers the number of updates applied so far.
+
+        Sent with `expected_step` = `steps` (when known), so it is applied exactly once: it is
+        retried on UNAVAILABLE like any call, and a retry of a step that was applied (its
+        answer lost with a connection or a replica) answers the same count and applies
+        nothing. If another client stepped the optimizer since, it raises FailedPrecondition
+        STEP_OUT_OF_ORDER (`error.metadata["got"]` is the count now)."""
         s = self.session
-        self.steps = s._call(s._stub.Step, pb.StepRequest(session_id=s.id, optimizer_id=self.id),
-                             idempotent=False).steps
+        request = pb.StepRequest(session_id=s.id, optimizer_id=self.id, expected_step=self.steps)
+        self.steps = s._call(s._stub.Step, request, idempotent=self.steps is not None).steps
         return self.steps
 
     def __repr__(self):

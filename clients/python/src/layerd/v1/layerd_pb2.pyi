@@ -58,6 +58,52 @@ class CloseSessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DescribeSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DescribeSessionResponse(_message.Message):
+    __slots__ = ("session_id", "idle_timeout_seconds", "layers", "optimizers", "held_bytes", "replica_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    idle_timeout_seconds: int
+    layers: _containers.RepeatedCompositeFieldContainer[LayerSummary]
+    optimizers: _containers.RepeatedCompositeFieldContainer[OptimizerSummary]
+    held_bytes: int
+    replica_id: str
+    def __init__(self, session_id: _Optional[str] = ..., idle_timeout_seconds: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., optimizers: _Optional[_Iterable[_Union[OptimizerSummary, _Mapping]]] = ..., held_bytes: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
+
+class LayerSummary(_message.Message):
+    __slots__ = ("layer_id", "kind", "dtype", "optimizer_id")
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    layer_id: str
+    kind: str
+    dtype: DType
+    optimizer_id: str
+    def __init__(self, layer_id: _Optional[str] = ..., kind: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
+
+class OptimizerSummary(_message.Message):
+    __slots__ = ("optimizer_id", "algorithm", "steps", "layer_ids")
+    OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    optimizer_id: str
+    algorithm: str
+    steps: int
+    layer_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, optimizer_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., steps: _Optional[int] = ..., layer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CreateLayerRequest(_message.Message):
     __slots__ = ("session_id", "layer_id", "kind", "config", "params", "dtype")
     class ParamsEntry(_message.Message):
@@ -402,12 +448,14 @@ class CreateOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "optimizer_id")
+    __slots__ = ("session_id", "optimizer_id", "expected_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     optimizer_id: str
-    def __init__(self, session_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, session_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("steps",)
@@ -416,7 +464,7 @@ class StepResponse(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("session_id", "layer_id", "optimizer_id", "x", "t", "return_dx", "return_scores")
+    __slots__ = ("session_id", "layer_id", "optimizer_id", "x", "t", "return_dx", "return_scores", "expected_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -424,6 +472,7 @@ class TrainStepRequest(_message.Message):
     T_FIELD_NUMBER: _ClassVar[int]
     RETURN_DX_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_id: str
     optimizer_id: str
@@ -431,7 +480,8 @@ class TrainStepRequest(_message.Message):
     t: Tensor
     return_dx: bool
     return_scores: bool
-    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., return_dx: _Optional[bool] = ..., return_scores: _Optional[bool] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, session_id: _Optional[str] = ..., layer_id: _Optional[str] = ..., optimizer_id: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., return_dx: _Optional[bool] = ..., return_scores: _Optional[bool] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("loss", "dx", "scores", "steps")

@@ -45,6 +45,11 @@ class LayerServiceStub:
                 request_serializer=layerd_dot_v1_dot_layerd__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=layerd_dot_v1_dot_layerd__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.DescribeSession = channel.unary_unary(
+                '/layerd.v1.LayerService/DescribeSession',
+                request_serializer=layerd_dot_v1_dot_layerd__pb2.DescribeSessionRequest.SerializeToString,
+                response_deserializer=layerd_dot_v1_dot_layerd__pb2.DescribeSessionResponse.FromString,
+                _registered_method=True)
         self.CreateLayer = channel.unary_unary(
                 '/layerd.v1.LayerService/CreateLayer',
                 request_serializer=layerd_dot_v1_dot_layerd__pb2.CreateLayerRequest.SerializeToString,
@@ -120,6 +125,14 @@ class LayerServiceServicer:
 
     def CloseSession(self, request, context):
         """Closes a session and frees everything it kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeSession(self, request, context):
+        """What a session holds: its layers, its optimizers with their step counts (where a
+        resuming client goes on from), the bytes charged to it, and the replica serving it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,6 +246,11 @@ def add_LayerServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=layerd_dot_v1_dot_layerd__pb2.CloseSessionRequest.FromString,
                     response_serializer=layerd_dot_v1_dot_layerd__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'DescribeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeSession,
+                    request_deserializer=layerd_dot_v1_dot_layerd__pb2.DescribeSessionRequest.FromString,
+                    response_serializer=layerd_dot_v1_dot_layerd__pb2.DescribeSessionResponse.SerializeToString,
             ),
             'CreateLayer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateLayer,
@@ -350,6 +368,33 @@ class LayerService:
             '/layerd.v1.LayerService/CloseSession',
             layerd_dot_v1_dot_layerd__pb2.CloseSessionRequest.SerializeToString,
             layerd_dot_v1_dot_layerd__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerd.v1.LayerService/DescribeSession',
+            layerd_dot_v1_dot_layerd__pb2.DescribeSessionRequest.SerializeToString,
+            layerd_dot_v1_dot_layerd__pb2.DescribeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,526 @@
+//! `--session-store redis://…`: sessions kept in Redis, so that any replica
+//! can serve any session and none is lost with the replica holding it.
+//!
+//! A replica holds the sessions it serves in its own [`Store`], as without
+//! a session store; the shared store has each session's last committed state
+//! (its checkpoint, [`crate::checkpoint`]) and who holds it ([`scripts`] for
+//! the keys). A call for a session this replica does not hold takes it over
+//! ([`Durable::session`]): if its holder is alive (its heartbeat,
+//! [`replica`]) it is asked to write the session and let go, else the last
+//! stored state is taken as it is.
+//!
+//! Invariants:
+//! - one holder at a time: a take-over increments the session's epoch
+//!   atomically, conditional on the epoch it read, so of two replicas racing
+//!   for a session one wins and the other reads again;
+//! - fencing: every write and delete is conditional on the epoch and holder
+//!   the writer took the session with; a replica whose write is refused has
+//!   lost the session: it drops its copy at once and answers SESSION_MOVED
+//!   (UNAVAILABLE: the call did not take effect, retry), so stale state can
+//!   never overwrite newer state;
+//! - `--durability sync`: a call that changes parameters or optimizer state
+//!   answers only after the store has the new state; `async`: the newest
+//!   state is written behind, at most one write in flight per session;
+//! - what is read from the store is validated as ImportSession validates a
+//!   file (owner, id, checkpoint, answers): a bad value answers DATA_LOSS
+//!   `SESSION_LOST`, never a crash, and never serves a session to another
+//!   principal than its owner.
+
+mod answers;
+mod replica;
+pub mod scripts;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::Duration,
+};
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use tokio::time::Instant;
+
+use crate::auth::Principal;
+use crate::checkpoint;
+use crate::error::Error;
+use crate::metrics;
+use crate::rpc::status::CallError;
+use crate::session::{Session, Store};
+use scripts::{session_key, CREATE, DELETE, TAKE, TOUCH, WRITE};
+
+/// When a call that changed a session answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// After the store has the new state.
+    Sync,
+    /// At once; the state is written behind.
+    Async,
+}
+
+/// How long a call waits for a live holder to hand a session over.
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// A handle on the shared session store (cheap to clone).
+#[derive(Clone)]
+pub struct Durable {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: ConnectionManager,
+    client: redis::Client,
+    replica: String,
+    durability: Durability,
+    store: Store,
+    /// The sessions this replica holds, by key.
+    held: Mutex<HashMap<String, Arc<Held>>>,
+    /// Keys being taken over by a call of this replica (one at a time per key).
+    taking: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A session this replica holds.
+struct Held {
+    key: String,
+    owner: Principal,
+    id: String,
+    epoch: u64,
+    idle: Duration,
+    session: Weak<Session>,
+    /// One write at a time, so a later write always carries later state.
+    writer: tokio::sync::Mutex<()>,
+    /// Async mode: state committed since the last write began.
+    dirty: AtomicBool,
+    /// Async mode: a writer task is at work.
+    writing: AtomicBool,
+    /// Handing over: calls no longer start on it here.
+    leaving: AtomicBool,
+    /// When its idle expiry in the store was last moved on.
+    touched: Mutex<Instant>,
+}
+
+impl Durable {
+    /// Connects to `url` (checked with a PING) and starts the heartbeat and
+    /// the handover listener of replica `replica`.
+    pub async fn connect(
+        url: &str,
+        replica: String,
+        durability: Durability,
+        store: Store,
+    ) -> Result<Durable, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("--session-store: {e}"))?;
+        let mut connection = ConnectionManager::new(client.clone())
+            .await
+            .map_err(|e| format!("--session-store: cannot connect: {e}"))?;
+        let _: String = connection
+            .ping()
+            .await
+            .map_err(|e| format!("--session-store: {e}"))?;
+        let durable = Durable {
+            inner: Arc::new(Inner {
+                connection,
+                client,
+                replica,
+                durability,
+                store,
+                held: Mutex::new(HashMap::new()),
+                taking: tokio::sync::Mutex::new(HashMap::new()),
+            }),
+        };
+        replica::start(&durable).await?;
+        Ok(durable)
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.inner.connection.clone()
+    }
+
+    fn held(&self, key: &str) -> Option<Arc<Held>> {
+        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(key).cloned()
+    }
+
+    fn hold(&self, held: Held) {
+        let mut map = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(held.key.clone(), Arc::new(held));
+        metrics::store_sessions_held(map.len());
+    }
+
+    /// Forgets `held` and drops this replica's copy of the session.
+    fn let_go(&self, held: &Held) {
+        {
+            let mut map = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&held.key).is_some_and(|h| h.epoch == held.epoch) {
+                map.remove(&held.key);
+            }
+            metrics::store_sessions_held(map.len());
+        }
+        let _ = self.inner.store.close(&held.owner, &held.id);
+    }
+
+    /// Registers a session just created here (CreateSession, ImportSession):
+    /// stores it at epoch 1, held by this replica. SESSION_EXISTS if the
+    /// store has a session of that id already (the caller closes its copy).
+    pub async fn create(&self, owner: &Principal, session: &Arc<Session>) -> Result<(), CallError> {
+        let key = session_key(owner, session.id());
+        let state = checkpoint::export(session).await?;
+        let idle = session.idle_timeout();
+        let started = Instant::now();
+        let created: i64 = CREATE
+            .key(&key)
+            .arg(&self.inner.replica)
+            .arg(owner.name())
+            .arg(session.id())
+            .arg(idle.as_secs())
+            .arg(state.as_slice())
+            .arg(ttl_ms(idle))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        metrics::store_write(started.elapsed(), state.len());
+        if created == 0 {
+            return Err(Error::SessionExists {
+                session_id: session.id().to_string(),
+            }
+            .into());
+        }
+        self.hold(Held::new(key, owner, session, 1));
+        Ok(())
+    }
+
+    /// The caller's session: this replica's copy if it holds it, else taken
+    /// over from its holder or from the store. SESSION_NOT_FOUND if neither
+    /// has it.
+    pub async fn session(&self, owner: &Principal, id: &str) -> Result<Arc<Session>, CallError> {
+        let key = session_key(owner, id);
+        match self.inner.store.session(owner, id) {
+            Ok(session) => match self.held(&key) {
+                Some(held) if held.leaving.load(Ordering::Acquire) => Err(moved(id, "")),
+                Some(held) => {
+                    self.touch(&held);
+                    Ok(session)
+                }
+                // Not one of the store's: a KServe sequence's session.
+                None => Ok(session),
+            },
+            Err(Error::SessionNotFound { .. }) => self.take_over(owner, id, &key).await,
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// After a call changed `session` (parameters, optimizer state, layers):
+    /// sync mode writes it now; async mode has it written behind.
+    pub async fn persist(&self, owner: &Principal, session: &Session) -> Result<(), CallError> {
+        let Some(held) = self.held(&session_key(owner, session.id())) else {
+            return Ok(());
+        };
+        match self.inner.durability {
+            Durability::Sync => self.write(&held, false).await,
+            Durability::Async => {
+                held.dirty.store(true, Ordering::Release);
+                if !held.writing.swap(true, Ordering::AcqRel) {
+                    let durable = self.clone();
+                    tokio::spawn(async move { durable.write_behind(held).await });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Async mode: writes until nothing newer was committed.
+    async fn write_behind(&self, held: Arc<Held>) {
+        loop {
+            held.dirty.store(false, Ordering::Release);
+            if let Err(error) = self.write(&held, false).await {
+                tracing::warn!(session = %held.id, %error, "writing the session behind failed");
+            }
+            held.writing.store(false, Ordering::Release);
+            // A commit after the flag was cleared sees `writing` false and
+            // starts its own writer; one before it left `dirty` set.
+            if !held.dirty.load(Ordering::Acquire) || held.writing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
+
+    /// Writes the session's current state, fenced; `release` lets go of it.
+    async fn write(&self, held: &Held, release: bool) -> Result<(), CallError> {
+        let _writing = held.writer.lock().await;
+        let Some(session) = held.session.upgrade() else {
+            return Ok(());
+        };
+        let state = checkpoint::export(&session).await?;
+        let answers = answers::encode(&session).await;
+        let started = Instant::now();
+        let written: i64 = WRITE
+            .key(&held.key)
+            .arg(held.epoch)
+            .arg(&self.inner.replica)
+            .arg(state.as_slice())
+            .arg(answers.as_slice())
+            .arg(ttl_ms(held.idle))
+            .arg(if release { "1" } else { "0" })
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        metrics::store_write(started.elapsed(), state.len() + answers.len());
+        if written == 0 {
+            metrics::store_fenced();
+            tracing::warn!(session = %held.id, epoch = held.epoch, "write fenced: another replica holds the session now");
+            self.let_go(held);
+            return Err(moved(&held.id, ""));
+        }
+        *held.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// Moves the session's expiry in the store on, at most every quarter of
+    /// its idle timeout (calls that change nothing write nothing).
+    fn touch(&self, held: &Arc<Held>) {
+        {
+            let mut touched = held.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if touched.elapsed() < held.idle / 4 {
+                return;
+            }
+            *touched = Instant::now();
+        }
+        let (durable, held) = (self.clone(), held.clone());
+        tokio::spawn(async move {
+            let touched: Result<i64, _> = TOUCH
+                .key(&held.key)
+                .arg(held.epoch)
+                .arg(&durable.inner.replica)
+                .arg(ttl_ms(held.idle))
+                .invoke_async(&mut durable.connection())
+                .await;
+            if let Ok(0) = touched {
+                metrics::store_fenced();
+                durable.let_go(&held);
+            }
+        });
+    }
+
+    /// Deletes the session from the store and closes this replica's copy
+    /// (CloseSession), fenced; false if it is not one this replica holds.
+    pub async fn close(&self, owner: &Principal, id: &str) -> Result<bool, CallError> {
+        let Some(held) = self.held(&session_key(owner, id)) else {
+            return Ok(false);
+        };
+        let _writing = held.writer.lock().await;
+        let deleted: i64 = DELETE
+            .key(&held.key)
+            .arg(held.epoch)
+            .arg(&self.inner.replica)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        self.let_go(&held);
+        if deleted == 0 {
+            metrics::store_fenced();
+            return Err(moved(id, ""));
+        }
+        Ok(true)
+    }
+
+    /// Writes and lets go of the session `key` (a handover asked for by
+    /// another replica, or the drain): calls in flight on it finish first
+    /// (the write waits for their locks), later ones answer SESSION_MOVED.
+    pub async fn hand_over(&self, key: &str) -> Result<(), CallError> {
+        let Some(held) = self.held(key) else {
+            return Ok(());
+        };
+        held.leaving.store(true, Ordering::Release);
+        let written = self.write(&held, true).await;
+        self.let_go(&held);
+        if written.is_ok() {
+            metrics::store_handover("out");
+        }
+        written
+    }
+
+    /// Hands over every session this replica holds (the drain on SIGTERM).
+    pub async fn hand_over_all(&self) -> usize {
+        let keys: Vec<String> = {
+            let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.keys().cloned().collect()
+        };
+        let mut written = 0;
+        for key in keys {
+            match self.hand_over(&key).await {
+                Ok(()) => written += 1,
+                Err(error) => tracing::error!(%key, %error, "cannot hand the session over"),
+            }
+        }
+        written
+    }
+
+    /// Takes session `id` over: asks a live holder to let go (waiting up to
+    /// [`HANDOVER_WAIT`]), then takes it at the next epoch and builds this
+    /// replica's copy from the stored state.
+    async fn take_over(
+        &self,
+        owner: &Principal,
+        id: &str,
+        key: &str,
+    ) -> Result<Arc<Session>, CallError> {
+        let lock = {
+            let mut taking = self.inner.taking.lock().await;
+            taking.entry(key.to_string()).or_default().clone()
+        };
+        let taken = {
+            let _one_at_a_time = lock.lock().await;
+            self.take_over_locked(owner, id, key).await
+        };
+        let mut taking = self.inner.taking.lock().await;
+        if Arc::strong_count(&lock) == 2 {
+            taking.remove(key);
+        }
+        taken
+    }
+
+    async fn take_over_locked(
+        &self,
+        owner: &Principal,
+        id: &str,
+        key: &str,
+    ) -> Result<Arc<Session>, CallError> {
+        // Another call of this replica may have taken it meanwhile.
+        if let Ok(session) = self.inner.store.session(owner, id) {
+            return Ok(session);
+        }
+        let mut connection = self.connection();
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        let mut asked = false;
+        loop {
+            let (epoch, holder): (Option<String>, Option<String>) = connection
+                .hmget(key, &["epoch", "holder"])
+                .await
+                .map_err(unavailable)?;
+            let Some(epoch) = epoch else {
+                return Err(Error::SessionNotFound {
+                    session_id: id.to_string(),
+                }
+                .into());
+            };
+            let holder = holder.unwrap_or_default();
+            let alive = !holder.is_empty()
+                && holder != self.inner.replica
+                && replica::alive(&mut connection, &holder).await?;
+            if alive {
+                if Instant::now() >= deadline {
+                    return Err(moved(id, &holder));
+                }
+                if !asked {
+                    replica::ask_to_hand_over(&mut connection, &holder, key).await?;
+                    asked = true;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let taken: Vec<Vec<u8>> = TAKE
+                .key(key)
+                .arg(&epoch)
+                .arg(&self.inner.replica)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            if taken.is_empty() {
+                continue; // another replica took it first: read again
+            }
+            let session = self.restore(owner, id, key, taken).await?;
+            // Released (handed over, or by a drain), or taken from a dead holder.
+            let released = holder.is_empty();
+            metrics::store_handover(if released { "in" } else { "takeover" });
+            tracing::info!(session = %id, from = %holder, released, "session taken over");
+            return Ok(session);
+        }
+    }
+
+    /// Builds this replica's copy of a session from what [`TAKE`] answered
+    /// (`[epoch, owner, id, idle, state, answers]`), validating all of it.
+    async fn restore(
+        &self,
+        owner: &Principal,
+        id: &str,
+        key: &str,
+        taken: Vec<Vec<u8>>,
+    ) -> Result<Arc<Session>, CallError> {
+        let lost = |detail: String| CallError::SessionLost {
+            session_id: id.to_string(),
+            detail,
+        };
+        let [epoch, stored_owner, stored_id, idle, state, stored_answers]: [Vec<u8>; 6] = taken
+            .try_into()
+            .map_err(|got: Vec<_>| lost(format!("expected 6 fields, got {}", got.len())))?;
+        let text = |field: &str, bytes: &[u8]| {
+            String::from_utf8(bytes.to_vec()).map_err(|_| lost(format!("{field}: not UTF-8")))
+        };
+        let epoch: u64 = text("epoch", &epoch)?
+            .parse()
+            .map_err(|_| lost("epoch: not a count".into()))?;
+        if text("owner", &stored_owner)? != owner.name() || text("id", &stored_id)? != id {
+            return Err(lost(format!(
+                "the stored owner and id do not match the key {key:?}"
+            )));
+        }
+        let idle: u32 = text("idle", &idle)?
+            .parse()
+            .map_err(|_| lost("idle: not a number of seconds".into()))?;
+        let checkpoint = checkpoint::parse(&state).map_err(|e| lost(format!("state: {e}")))?;
+        let answers =
+            answers::decode(&stored_answers).map_err(|e| lost(format!("answers: {e}")))?;
+        let store = &self.inner.store;
+        let idle_timeout = Duration::from_secs(idle.into());
+        let session = store.reopen(owner, id, idle, idle_timeout)?;
+        checkpoint::restore_new(store, owner, &session, checkpoint).await?;
+        answers::restore(&session, answers).await.map_err(|e| {
+            let _ = store.close(owner, id);
+            lost(format!("answers: {e}"))
+        })?;
+        self.hold(Held::new(key.to_string(), owner, &session, epoch));
+        Ok(session)
+    }
+}
+
+impl Held {
+    fn new(key: String, owner: &Principal, session: &Arc<Session>, epoch: u64) -> Held {
+        Held {
+            key,
+            owner: owner.clone(),
+            id: session.id().to_string(),
+            epoch,
+            idle: session.idle_timeout(),
+            session: Arc::downgrade(session),
+            writer: tokio::sync::Mutex::new(()),
+            dirty: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            touched: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// The store's expiry of a session: its idle timeout.
+fn ttl_ms(idle: Duration) -> u64 {
+    (idle.as_millis() as u64).max(1)
+}
+
+fn unavailable(error: redis::RedisError) -> CallError {
+    metrics::store_error();
+    CallError::StoreUnavailable {
+        detail: error.to_string(),
+    }
+}
+
+fn moved(id: &str, holder: &str) -> CallError {
+    CallError::SessionMoved {
+        session_id: id.to_string(),
+        holder: holder.to_string(),
+    }
+}
