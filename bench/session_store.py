@@ -9,7 +9,7 @@ Cases (clients: layerd-bench, which checks every answer; and a plain grpcio clie
 layerd package's generated stubs for churn and handovers):
 - ReLU Forward+Backward on 1 Ki float32 elements, concurrency 16, on held sessions;
 - session churn: create, add a layer, Forward, Backward, close (4 threads);
-- TrainStep of the MLP of `bench/train.py` (layerd-bench --network mlp);
+- TrainStep of the MLP and of the convnet of `bench/train.py` (layerd-bench --network);
 - graceful handover of an MLP session with Adam (about 1 MB): calls alternating between two
   replicas, each one a handover; p50 / p99 of the call;
 - take-over after SIGKILL of the holder: time from the kill to the first successful call on
@@ -97,7 +97,7 @@ def bench_rate(bench: str, addr: str, case: list, duration: str) -> float:
                        check=True, stdout=subprocess.DEVNULL)
         report = json.loads(Path(out.name).read_text())
     runs = report["runs"] if isinstance(report, dict) else report
-    assert runs[0].get("errors", 0) == 0 and runs[0].get("mismatches", 0) == 0, runs[0]
+    assert not runs[0].get("errors") and not runs[0].get("mismatches"), runs[0]
     return runs[0]["calls_per_s"]
 
 
@@ -171,13 +171,16 @@ def handovers(a: Layerd, b: Layerd, count: int) -> list:
     return latencies
 
 
+KILLS = iter(range(1_000_000))
+
+
 def takeover_after_kill(binary: str, redis: Redis) -> float:
     """Seconds from SIGKILL of the holder to the first successful call on another replica."""
     a = Layerd(binary, "--session-store", redis.url, "--replica-id", "kill-a")
     b = Layerd(binary, "--session-store", redis.url, "--replica-id", "kill-b")
     try:
         with grpc.insecure_channel(a.addr) as ca, grpc.insecure_channel(b.addr) as cb:
-            sid = f"kill-{os.getpid()}"
+            sid = f"kill-{os.getpid()}-{next(KILLS)}"
             mlp_session(layerd_pb2_grpc.LayerServiceStub(ca), sid)
             stub = layerd_pb2_grpc.LayerServiceStub(cb)
             a.proc.send_signal(signal.SIGKILL)
@@ -205,8 +208,9 @@ def memory_ratio(binary: str, redis: Redis) -> tuple:
             mlp_session(stub, sid)
             exported = len(stub.ExportSession(pb.ExportSessionRequest(session_id=sid),
                                               metadata=(("x-session-id", sid),)).safetensors)
-            key = next(k for k in redis.cli("--scan", "--pattern", "layerd:session:*").splitlines() if sid in k)
-            return int(redis.cli("MEMORY", "USAGE", key, "SAMPLES", "0")), exported
+            keys = [k for k in redis.cli("--scan", "--pattern", "layerd:*").splitlines() if k.endswith(f":{sid}}}")]
+            assert len(keys) == 3, keys  # the session's hash, state and answers
+            return sum(int(redis.cli("MEMORY", "USAGE", k, "SAMPLES", "0")) for k in keys), exported
     finally:
         r.stop()
 
@@ -217,6 +221,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", default="4s")
     parser.add_argument("--handovers", type=int, default=200)
+    parser.add_argument("--only", nargs="*", help="run only the cases whose names start with these words "
+                                                  "(and skip handovers, kills and memory)")
     args = parser.parse_args()
     bench = str(Path(args.layerd).with_name("layerd-bench"))
     seconds = float(args.duration.rstrip("s"))
@@ -234,12 +240,16 @@ def main() -> None:
         "session churn, 4 threads (sessions/s)": lambda addr: churn_rate(addr, seconds),
         "MLP TrainStep (steps/s)": lambda addr: bench_rate(bench, addr, ["--mode", "train-step", "--network", "mlp"],
                                                             args.duration),
+        "convnet TrainStep (steps/s)": lambda addr: bench_rate(
+            bench, addr, ["--mode", "train-step", "--network", "convnet"], args.duration),
     }
     try:
         print(f"CPU: {cpu_model()}; Redis on loopback; medians of {args.rounds} alternating rounds of "
               f"{args.duration}\n")
         print("| case | store off | sync | async | sync / off | async / off |\n|---|---:|---:|---:|---:|---:|")
         for name, run in cases.items():
+            if args.only and not any(name.startswith(word) for word in args.only):
+                continue
             got = {side: [] for side in sides}
             for round_ in range(args.rounds):
                 order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
@@ -248,6 +258,8 @@ def main() -> None:
             med = {side: statistics.median(v) for side, v in got.items()}
             print(f"| {name} | {med['off']:.1f} | {med['sync']:.1f} | {med['async']:.1f} | "
                   f"{med['sync'] / med['off']:.2f} | {med['async'] / med['off']:.2f} |", flush=True)
+        if args.only:
+            return
         latencies = sorted(handovers(sides["sync"], sides["async"], args.handovers))
         p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
         print(f"\nGraceful handover of an MLP session with Adam, {args.handovers} calls alternating between two "

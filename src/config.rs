@@ -189,9 +189,10 @@ pub struct Config {
     #[arg(long, env = "LAYERD_REPLICA_ID", value_name = "ID")]
     pub replica_id: Option<String>,
 
-    /// Keep every session in a shared Redis store (`redis://[:PASSWORD@]HOST:PORT[/DB]`), so that
-    /// any replica can serve any session: a call for a session another replica holds takes it
-    /// over, and a replica's death or a rollout loses no session. Off by default.
+    /// Keep every session in a shared Redis store (`redis://[:PASSWORD@]HOST:PORT[/DB]`, or
+    /// `redis-cluster://[:PASSWORD@]HOST:PORT,HOST:PORT,...` for a Redis Cluster), so that any
+    /// replica can serve any session: a call for a session another replica holds takes it over,
+    /// and a replica's death or a rollout loses no session. Off by default.
     #[arg(
         long,
         env = "LAYERD_SESSION_STORE",

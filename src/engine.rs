@@ -79,6 +79,7 @@ pub async fn forward_on(
     commit_forward(&mut state.members, out.updates);
     if let (Some(kept), Some(charge)) = (out.kept, charge) {
         state.kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+        state.kept_lost = false;
     }
     phases.compute = computing.elapsed();
     Ok(out.y)
@@ -193,8 +194,13 @@ pub async fn backward_on(
     let mut state = layer.state.lock().await;
     let computing = Instant::now();
     phases.queue = computing - queued;
-    let entry = state.kept.clone().ok_or_else(|| Error::NothingKept {
-        layer_id: layer_id.to_string(),
+    let entry = state.kept.clone().ok_or_else(|| {
+        let layer_id = layer_id.to_string();
+        if state.kept_lost {
+            Error::KeptStateLost { layer_id }
+        } else {
+            Error::NothingKept { layer_id }
+        }
     })?;
     let chain = layer.chain.clone();
     chain.check_dout(&entry.kept, dout.as_ref())?;
@@ -254,6 +260,7 @@ pub async fn set_values(
     let mut state = layer.state.lock().await;
     state.members = layer.chain.with_values(&state.members, values);
     state.kept = None;
+    state.kept_lost = false;
     Ok(())
 }
 

@@ -86,6 +86,14 @@ pub enum Error {
     )]
     NothingKept { layer_id: String },
 
+    /// Backward on a layer whose session moved to this replica (from a
+    /// session store) after its last keeping Forward: kept state does not
+    /// move with a session.
+    #[error(
+        "layer {layer_id:?} has nothing kept on this replica: its session moved here from another replica after the last Forward, and kept state does not move; call Forward again, then Backward"
+    )]
+    KeptStateLost { layer_id: String },
+
     /// A configured limit would be exceeded; `flag` is the option that sets it.
     #[error("limit {flag} = {limit} exceeded: {detail}")]
     LimitExceeded {
@@ -128,6 +136,7 @@ impl Error {
             Error::StepOutOfOrder { .. } => "STEP_OUT_OF_ORDER",
             Error::InvalidArgument { reason, .. } => reason,
             Error::NothingKept { .. } => "NOTHING_KEPT",
+            Error::KeptStateLost { .. } => "KEPT_STATE_LOST",
             Error::LimitExceeded { .. } => "LIMIT_EXCEEDED",
             Error::Internal(_) => "INTERNAL",
         }
@@ -185,7 +194,9 @@ impl Error {
                 ]
             }
             Error::InvalidArgument { field, .. } => vec![("field", field)],
-            Error::NothingKept { layer_id } => vec![("layer_id", layer_id)],
+            Error::NothingKept { layer_id } | Error::KeptStateLost { layer_id } => {
+                vec![("layer_id", layer_id)]
+            }
             Error::LimitExceeded { flag, limit, .. } => vec![("limit", flag), ("value", limit)],
             Error::Internal(_) => vec![],
         };

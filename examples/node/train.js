@@ -6,8 +6,14 @@
 // float32, trained by the server's Adam with one TrainStep per step. The script prints the loss
 // and exits 1 unless it falls below TARGET_LOSS.
 //
+// Each TrainStep carries its number (`expected_step`), so it is applied exactly once however
+// often it is sent: the loop retries UNAVAILABLE (a replica restarting or lost, a session moving
+// between replicas of a --session-store deployment) with backoff, and a retry of a step the
+// server already applied gets that step's answer again. Behind a load balancer in front of
+// replicas sharing a session store, training so survives the death of the replica it was on.
+//
 //   cd examples/node && npm ci
-//   node train.js [--addr 127.0.0.1:50051] [--steps 300]
+//   node train.js [--addr 127.0.0.1:50051] [--steps 300] [--every 50]
 'use strict';
 
 const path = require('path');
@@ -67,6 +73,21 @@ function blobs(n, rng) {
   return { x, t };
 }
 
+// Unary calls retried on UNAVAILABLE, waiting between half and all of 0.2 s, 0.4 s, ... (at most
+// 5 s) each time: safe for every call here (a numbered TrainStep included, see above) but
+// CreateSession, whose retry may find the session created (ALREADY_EXISTS: then it was).
+async function retried(call, method, request, attempts = 10) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await call(method, request);
+    } catch (error) {
+      if (error.code !== grpc.status.UNAVAILABLE || attempt >= attempts) throw error;
+      const ceiling = Math.min(5000, 200 * 2 ** (attempt - 1));
+      await new Promise((resolve) => setTimeout(resolve, ceiling * (0.5 + Math.random() / 2)));
+    }
+  }
+}
+
 // Promisified unary calls that carry the session id for a session-routing load balancer.
 function caller(client, sessionId) {
   const metadata = new grpc.Metadata();
@@ -79,6 +100,7 @@ function caller(client, sessionId) {
 async function main() {
   const addr = option('addr', '127.0.0.1:50051');
   const steps = Number(option('steps', '300'));
+  const every = Number(option('every', '50'));
   const proto = path.join(__dirname, '..', '..', 'proto', 'layerd', 'v1', 'layerd.proto');
   const definition = protoLoader.loadSync(proto, { keepCase: true, enums: String, longs: String, defaults: true });
   const { LayerService } = grpc.loadPackageDefinition(definition).layerd.v1;
@@ -111,11 +133,13 @@ async function main() {
   const t = int64Tensor(data.t);
   let loss = Infinity;
   for (let step = 0; step < steps; step++) {
-    const answer = await call('TrainStep', { session_id: sessionId, layer_id: 'net', optimizer_id: 'adam', x, t });
+    const answer = await retried(call, 'TrainStep', {
+      session_id: sessionId, layer_id: 'net', optimizer_id: 'adam', x, t, expected_step: String(step),
+    });
     loss = answer.loss;
-    if (step % 50 === 0 || step === steps - 1) console.log(`step ${String(step).padStart(4)}  loss ${loss.toFixed(6)}`);
+    if (step % every === 0 || step === steps - 1) console.log(`step ${String(step).padStart(4)}  loss ${loss}`);
   }
-  const scores = fromFloat32((await call('Forward', {
+  const scores = fromFloat32((await retried(call, 'Forward', {
     session_id: sessionId, layer_id: 'net', x, eval: true, no_grad: true,
   })).y);
   let correct = 0;
@@ -124,7 +148,7 @@ async function main() {
     if (row.indexOf(Math.max(...row)) === c) correct++;
   });
   console.log(`training accuracy ${(correct / data.t.length).toFixed(4)}`);
-  await call('CloseSession', { session_id: sessionId });
+  await retried(call, 'CloseSession', { session_id: sessionId });
   client.close();
   if (!(loss < TARGET_LOSS)) {
     console.error(`loss ${loss} did not fall below ${TARGET_LOSS}`);

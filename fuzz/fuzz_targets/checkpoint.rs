@@ -1,5 +1,8 @@
 //! Fuzzes ImportSession's file: arbitrary bytes through the checkpoint
 //! parser, and what parses, restored into a session and exported again.
+//! The same bytes go through the session store's other value, the last
+//! numbered answers (`durable::answers::decode`), which must refuse them or
+//! decode them without panicking.
 //!
 //! Invariants: nothing panics; every refusal is INVALID_ARGUMENT (a bad file
 //! is the client's error); a file that parses restores within generous
@@ -16,6 +19,7 @@ use layerd::session::{Limits, Store};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    let _ = layerd::durable::answers::decode(data);
     let checkpoint = match parse(data) {
         Ok(checkpoint) => checkpoint,
         Err(error) => {

@@ -192,3 +192,76 @@ pub async fn restore(session: &Session, stored: Stored) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(metadata: Option<&str>, tensors: &[(&str, &[u8])]) -> Vec<u8> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, bytes)| {
+                let view =
+                    safetensors::tensor::TensorView::new(Dtype::U8, vec![bytes.len()], bytes)
+                        .unwrap();
+                (name.to_string(), view)
+            })
+            .collect();
+        let metadata = metadata.map(|m| HashMap::from([(METADATA_KEY.to_string(), m.to_string())]));
+        safetensors::serialize(views, metadata).unwrap()
+    }
+
+    #[test]
+    fn a_value_decodes_to_its_answers() {
+        let dx = 1.5f32.to_le_bytes();
+        let value = file(
+            Some(
+                r#"{"opt":{"after":4,"request":7,"answer":{"loss_bits":4607182418800017408,"steps":5,"dx":{"dtype":"DTYPE_FLOAT32","shape":[1]},"scores":null}}}"#,
+            ),
+            &[("opt.dx", &dx)],
+        );
+        let Stored(stored) = decode(&value).unwrap();
+        let (id, applied) = &stored[0];
+        assert_eq!((id.as_str(), applied.after, applied.request), ("opt", 4, 7));
+        let answer = applied.answer.as_ref().unwrap();
+        assert_eq!((answer.loss, answer.steps), (1.0, 5));
+        assert_eq!(answer.dx.as_ref().unwrap().wire_bytes().as_ref(), &dx);
+        assert!(decode(&[]).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_what_is_wrong() {
+        let dx = 1.5f32.to_le_bytes();
+        let good = r#"{"opt":{"after":4,"request":7,"answer":{"loss_bits":0,"steps":5,"dx":{"dtype":"DTYPE_FLOAT32","shape":[1]},"scores":null}}}"#;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"garbage".to_vec(), "not safetensors"),
+            (
+                file(Some(good), &[("opt.dx", &dx)])[..20].to_vec(),
+                "not safetensors",
+            ),
+            (file(None, &[]), "no layerd.answers"),
+            (file(Some("{"), &[]), "layerd.answers"),
+            (file(Some(good), &[]), "opt.dx: missing"),
+            (file(Some(good), &[("opt.dx", &dx[..3])]), "opt.dx"),
+            (
+                file(Some(&good.replace("FLOAT32", "INT8")), &[("opt.dx", &dx)]),
+                "unknown dtype",
+            ),
+            (
+                file(
+                    Some(&good.replace("\"steps\":5", "\"steps\":9")),
+                    &[("opt.dx", &dx)],
+                ),
+                "after + 1",
+            ),
+            (
+                file(Some(good), &[("opt.dx", &dx), ("other", &dx)]),
+                "left over",
+            ),
+        ];
+        for (value, words) in cases {
+            let error = decode(&value).err().expect("refused");
+            assert!(error.contains(words), "{error:?} lacks {words:?}");
+        }
+    }
+}

@@ -26,7 +26,8 @@
 //!   `SESSION_LOST`, never a crash, and never serves a session to another
 //!   principal than its owner.
 
-mod answers;
+pub mod answers;
+mod connection;
 mod replica;
 pub mod scripts;
 
@@ -39,8 +40,7 @@ use std::{
     time::Duration,
 };
 
-use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, SetExpiry, SetOptions};
 use tokio::time::Instant;
 
 use crate::auth::Principal;
@@ -49,7 +49,8 @@ use crate::error::Error;
 use crate::metrics;
 use crate::rpc::status::CallError;
 use crate::session::{Session, Store};
-use scripts::{session_key, CREATE, DELETE, TAKE, TOUCH, WRITE};
+use connection::Connection;
+use scripts::{session_key, Keys, COMMIT, CREATE, DELETE, TAKE, TOUCH};
 
 /// When a call that changed a session answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -63,6 +64,10 @@ pub enum Durability {
 /// How long a call waits for a live holder to hand a session over.
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
+/// `--durability async`: the least time between two writes of a session,
+/// so the steps a crash can lose are those of about this long.
+pub const ASYNC_WRITE_SPACING: Duration = Duration::from_millis(20);
+
 /// A handle on the shared session store (cheap to clone).
 #[derive(Clone)]
 pub struct Durable {
@@ -70,7 +75,7 @@ pub struct Durable {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    connection: Connection,
     client: redis::Client,
     replica: String,
     durability: Durability,
@@ -83,7 +88,7 @@ struct Inner {
 
 /// A session this replica holds.
 struct Held {
-    key: String,
+    keys: Keys,
     owner: Principal,
     id: String,
     epoch: u64,
@@ -110,10 +115,7 @@ impl Durable {
         durability: Durability,
         store: Store,
     ) -> Result<Durable, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("--session-store: {e}"))?;
-        let mut connection = ConnectionManager::new(client.clone())
-            .await
-            .map_err(|e| format!("--session-store: cannot connect: {e}"))?;
+        let (mut connection, client) = connection::connect(url).await?;
         let _: String = connection
             .ping()
             .await
@@ -137,7 +139,7 @@ impl Durable {
         &self.inner.replica
     }
 
-    fn connection(&self) -> ConnectionManager {
+    fn connection(&self) -> Connection {
         self.inner.connection.clone()
     }
 
@@ -148,32 +150,45 @@ impl Durable {
 
     fn hold(&self, held: Held) {
         let mut map = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(held.key.clone(), Arc::new(held));
+        map.insert(held.keys.session.clone(), Arc::new(held));
         metrics::store_sessions_held(map.len());
     }
 
-    /// Forgets `held` and drops this replica's copy of the session.
+    /// Forgets `held` and drops this replica's copy of the session (unless
+    /// the session was taken back since, as a new copy).
     fn let_go(&self, held: &Held) {
         {
             let mut map = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&held.key).is_some_and(|h| h.epoch == held.epoch) {
-                map.remove(&held.key);
+            if map
+                .get(&held.keys.session)
+                .is_some_and(|h| h.epoch == held.epoch)
+            {
+                map.remove(&held.keys.session);
             }
             metrics::store_sessions_held(map.len());
         }
-        let _ = self.inner.store.close(&held.owner, &held.id);
+        let store = &self.inner.store;
+        let same = match (store.session(&held.owner, &held.id), held.session.upgrade()) {
+            (Ok(current), Some(ours)) => Arc::ptr_eq(&current, &ours),
+            _ => false,
+        };
+        if same {
+            let _ = store.close(&held.owner, &held.id);
+        }
     }
 
     /// Registers a session just created here (CreateSession, ImportSession):
     /// stores it at epoch 1, held by this replica. SESSION_EXISTS if the
     /// store has a session of that id already (the caller closes its copy).
     pub async fn create(&self, owner: &Principal, session: &Arc<Session>) -> Result<(), CallError> {
-        let key = session_key(owner, session.id());
+        let keys = Keys::of(owner, session.id());
         let state = checkpoint::export(session).await?;
         let idle = session.idle_timeout();
         let started = Instant::now();
         let created: i64 = CREATE
-            .key(&key)
+            .key(&keys.session)
+            .key(&keys.state)
+            .key(&keys.answers)
             .arg(&self.inner.replica)
             .arg(owner.name())
             .arg(session.id())
@@ -190,7 +205,7 @@ impl Durable {
             }
             .into());
         }
-        self.hold(Held::new(key, owner, session, 1));
+        self.hold(Held::new(keys, owner, session, 1));
         Ok(())
     }
 
@@ -198,9 +213,8 @@ impl Durable {
     /// over from its holder or from the store. SESSION_NOT_FOUND if neither
     /// has it.
     pub async fn session(&self, owner: &Principal, id: &str) -> Result<Arc<Session>, CallError> {
-        let key = session_key(owner, id);
         match self.inner.store.session(owner, id) {
-            Ok(session) => match self.held(&key) {
+            Ok(session) => match self.held(&session_key(owner, id)) {
                 Some(held) if held.leaving.load(Ordering::Acquire) => Err(moved(id, "")),
                 Some(held) => {
                     self.touch(&held);
@@ -209,7 +223,9 @@ impl Durable {
                 // Not one of the store's: a KServe sequence's session.
                 None => Ok(session),
             },
-            Err(Error::SessionNotFound { .. }) => self.take_over(owner, id, &key).await,
+            Err(Error::SessionNotFound { .. }) => {
+                self.take_over(owner, id, Keys::of(owner, id)).await
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -233,13 +249,17 @@ impl Durable {
         }
     }
 
-    /// Async mode: writes until nothing newer was committed.
+    /// Async mode: writes until nothing newer was committed, at most one
+    /// write per [`ASYNC_WRITE_SPACING`].
     async fn write_behind(&self, held: Arc<Held>) {
         loop {
             held.dirty.store(false, Ordering::Release);
             if let Err(error) = self.write(&held, false).await {
                 tracing::warn!(session = %held.id, %error, "writing the session behind failed");
             }
+            // Commits meanwhile only set `dirty`: a session training at a
+            // step per millisecond is written once per spacing, not per step.
+            tokio::time::sleep(ASYNC_WRITE_SPACING).await;
             held.writing.store(false, Ordering::Release);
             // A commit after the flag was cleared sees `writing` false and
             // starts its own writer; one before it left `dirty` set.
@@ -258,18 +278,36 @@ impl Durable {
         let state = checkpoint::export(&session).await?;
         let answers = answers::encode(&session).await;
         let started = Instant::now();
-        let written: i64 = WRITE
-            .key(&held.key)
+        let mut connection = self.connection();
+        let staging = held.keys.staging(&self.inner.replica);
+        let ttl = ttl_ms(held.idle);
+        let () = connection
+            .set_options(
+                &staging,
+                state.as_slice(),
+                SetOptions::default().with_expiration(SetExpiry::PX(scripts::STAGING_TTL_MS)),
+            )
+            .await
+            .map_err(unavailable)?;
+        let written: i64 = COMMIT
+            .key(&held.keys.session)
+            .key(&held.keys.state)
+            .key(&held.keys.answers)
+            .key(&staging)
             .arg(held.epoch)
             .arg(&self.inner.replica)
-            .arg(state.as_slice())
             .arg(answers.as_slice())
-            .arg(ttl_ms(held.idle))
+            .arg(ttl)
             .arg(if release { "1" } else { "0" })
-            .invoke_async(&mut self.connection())
+            .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
         metrics::store_write(started.elapsed(), state.len() + answers.len());
+        if written < 0 {
+            return Err(CallError::StoreUnavailable {
+                detail: "the staged state expired before its commit".into(),
+            });
+        }
         if written == 0 {
             metrics::store_fenced();
             tracing::warn!(session = %held.id, epoch = held.epoch, "write fenced: another replica holds the session now");
@@ -293,7 +331,9 @@ impl Durable {
         let (durable, held) = (self.clone(), held.clone());
         tokio::spawn(async move {
             let touched: Result<i64, _> = TOUCH
-                .key(&held.key)
+                .key(&held.keys.session)
+                .key(&held.keys.state)
+                .key(&held.keys.answers)
                 .arg(held.epoch)
                 .arg(&durable.inner.replica)
                 .arg(ttl_ms(held.idle))
@@ -314,7 +354,9 @@ impl Durable {
         };
         let _writing = held.writer.lock().await;
         let deleted: i64 = DELETE
-            .key(&held.key)
+            .key(&held.keys.session)
+            .key(&held.keys.state)
+            .key(&held.keys.answers)
             .arg(held.epoch)
             .arg(&self.inner.replica)
             .invoke_async(&mut self.connection())
@@ -367,19 +409,20 @@ impl Durable {
         &self,
         owner: &Principal,
         id: &str,
-        key: &str,
+        keys: Keys,
     ) -> Result<Arc<Session>, CallError> {
         let lock = {
             let mut taking = self.inner.taking.lock().await;
-            taking.entry(key.to_string()).or_default().clone()
+            taking.entry(keys.session.clone()).or_default().clone()
         };
+        let session_key = keys.session.clone();
         let taken = {
             let _one_at_a_time = lock.lock().await;
-            self.take_over_locked(owner, id, key).await
+            self.take_over_locked(owner, id, keys).await
         };
         let mut taking = self.inner.taking.lock().await;
         if Arc::strong_count(&lock) == 2 {
-            taking.remove(key);
+            taking.remove(&session_key);
         }
         taken
     }
@@ -388,7 +431,7 @@ impl Durable {
         &self,
         owner: &Principal,
         id: &str,
-        key: &str,
+        keys: Keys,
     ) -> Result<Arc<Session>, CallError> {
         // Another call of this replica may have taken it meanwhile.
         if let Ok(session) = self.inner.store.session(owner, id) {
@@ -399,7 +442,7 @@ impl Durable {
         let mut asked = false;
         loop {
             let (epoch, holder): (Option<String>, Option<String>) = connection
-                .hmget(key, &["epoch", "holder"])
+                .hmget(&keys.session, &["epoch", "holder"])
                 .await
                 .map_err(unavailable)?;
             let Some(epoch) = epoch else {
@@ -417,14 +460,16 @@ impl Durable {
                     return Err(moved(id, &holder));
                 }
                 if !asked {
-                    replica::ask_to_hand_over(&mut connection, &holder, key).await?;
+                    replica::ask_to_hand_over(&mut connection, &holder, &keys.session).await?;
                     asked = true;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
             let taken: Vec<Vec<u8>> = TAKE
-                .key(key)
+                .key(&keys.session)
+                .key(&keys.state)
+                .key(&keys.answers)
                 .arg(&epoch)
                 .arg(&self.inner.replica)
                 .invoke_async(&mut connection)
@@ -433,7 +478,7 @@ impl Durable {
             if taken.is_empty() {
                 continue; // another replica took it first: read again
             }
-            let session = self.restore(owner, id, key, taken).await?;
+            let session = self.restore(owner, id, keys, taken).await?;
             // Released (handed over, or by a drain), or taken from a dead holder.
             let released = holder.is_empty();
             metrics::store_handover(if released { "in" } else { "takeover" });
@@ -448,7 +493,7 @@ impl Durable {
         &self,
         owner: &Principal,
         id: &str,
-        key: &str,
+        keys: Keys,
         taken: Vec<Vec<u8>>,
     ) -> Result<Arc<Session>, CallError> {
         let lost = |detail: String| CallError::SessionLost {
@@ -466,7 +511,8 @@ impl Durable {
             .map_err(|_| lost("epoch: not a count".into()))?;
         if text("owner", &stored_owner)? != owner.name() || text("id", &stored_id)? != id {
             return Err(lost(format!(
-                "the stored owner and id do not match the key {key:?}"
+                "the stored owner and id do not match the key {:?}",
+                keys.session
             )));
         }
         let idle: u32 = text("idle", &idle)?
@@ -479,19 +525,22 @@ impl Durable {
         let idle_timeout = Duration::from_secs(idle.into());
         let session = store.reopen(owner, id, idle, idle_timeout)?;
         checkpoint::restore_new(store, owner, &session, checkpoint).await?;
+        for (_, layer) in session.layers_by_id() {
+            layer.state.lock().await.kept_lost = true;
+        }
         answers::restore(&session, answers).await.map_err(|e| {
             let _ = store.close(owner, id);
             lost(format!("answers: {e}"))
         })?;
-        self.hold(Held::new(key.to_string(), owner, &session, epoch));
+        self.hold(Held::new(keys, owner, &session, epoch));
         Ok(session)
     }
 }
 
 impl Held {
-    fn new(key: String, owner: &Principal, session: &Arc<Session>, epoch: u64) -> Held {
+    fn new(keys: Keys, owner: &Principal, session: &Arc<Session>, epoch: u64) -> Held {
         Held {
-            key,
+            keys,
             owner: owner.clone(),
             id: session.id().to_string(),
             epoch,

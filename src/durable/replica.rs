@@ -12,12 +12,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, SetExpiry, SetOptions};
 use tokio_stream::StreamExt;
 
 use super::scripts::{handover_channel, heartbeat_key};
-use super::{unavailable, Durable};
+use super::{unavailable, Connection, Durable};
 use crate::metrics;
 use crate::rpc::status::CallError;
 use crate::session::Session;
@@ -90,10 +89,7 @@ async fn beat(durable: &Durable) -> redis::RedisResult<()> {
 }
 
 /// Whether `replica`'s heartbeat is current.
-pub(super) async fn alive(
-    connection: &mut ConnectionManager,
-    replica: &str,
-) -> Result<bool, CallError> {
+pub(super) async fn alive(connection: &mut Connection, replica: &str) -> Result<bool, CallError> {
     connection
         .exists(heartbeat_key(replica))
         .await
@@ -102,7 +98,7 @@ pub(super) async fn alive(
 
 /// Asks `holder` to write session `key` and let go of it.
 pub(super) async fn ask_to_hand_over(
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     holder: &str,
     key: &str,
 ) -> Result<(), CallError> {

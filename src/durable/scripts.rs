@@ -1,17 +1,25 @@
 //! The store's keys and the Lua scripts that change them atomically.
 //!
-//! A session is one Redis hash, `layerd:session:{<owner in hex>:<id>}` (the
-//! braces are a Redis Cluster hash tag: one key, one slot), with the fields
-//! `epoch` (a decimal count of take-overs), `holder` (the holding replica's
-//! id, `""` once released), `owner`, `id`, `idle` (seconds), `state` (the
-//! checkpoint) and `answers` (the last numbered step of each optimizer). Its
-//! TTL is the session's idle timeout. A replica's heartbeat is
+//! A session has three keys, all hash-tagged `{<owner in hex>:<id>}` (a
+//! Redis Cluster hash tag: one slot for all of them):
+//! - `layerd:session:{…}`, a hash: `epoch` (a decimal count of take-overs),
+//!   `holder` (the holding replica's id, `""` once released), `owner`, `id`
+//!   and `idle` (seconds);
+//! - `layerd:state:{…}`: the session's checkpoint, a plain string;
+//! - `layerd:answers:{…}`: the last numbered step of each optimizer.
+//!
+//! All three expire after the session's idle timeout. A write sends the new
+//! checkpoint with a plain SET to a staging key of the writer
+//! (`layerd:staging:{…}:<replica>`) and, in the same pipeline, [`COMMIT`]
+//! renames it over the state if the writer still holds the session: the
+//! bytes move once, outside Lua. A replica's heartbeat is
 //! `layerd:replica:<id>`, with a short TTL; a replica hears handover requests
 //! on the channel `layerd:handover:<id>`.
 //!
-//! Every script that writes is conditional: `create` on the key not
-//! existing, `write` and `delete` on the epoch and holder the writer took the
-//! session with (fencing), `take` on the epoch the taker read.
+//! Every script that writes is conditional: [`CREATE`] on the session not
+//! existing, [`COMMIT`], [`TOUCH`] and [`DELETE`] on the epoch and holder the
+//! writer took the session with (fencing), [`TAKE`] on the epoch the taker
+//! read.
 
 use std::sync::LazyLock;
 
@@ -19,10 +27,50 @@ use redis::Script;
 
 use crate::auth::Principal;
 
-/// The session's hash.
+/// A session's keys.
+pub struct Keys {
+    /// The hash of who holds it.
+    pub session: String,
+    pub state: String,
+    pub answers: String,
+    tag: String,
+}
+
+impl Keys {
+    pub fn of(owner: &Principal, id: &str) -> Keys {
+        let tag = tag(owner, id);
+        Keys {
+            session: format!("layerd:session:{tag}"),
+            state: format!("layerd:state:{tag}"),
+            answers: format!("layerd:answers:{tag}"),
+            tag,
+        }
+    }
+
+    /// The key `replica` stages a new state under before [`COMMIT`].
+    pub fn staging(&self, replica: &str) -> String {
+        format!("layerd:staging:{}:{replica}", self.tag)
+    }
+}
+
+/// The hash tag of `owner`'s session `id`: `{<owner in hex>:<id>}`.
+fn tag(owner: &Principal, id: &str) -> String {
+    use std::fmt::Write;
+    let name = owner.name();
+    let mut tag = String::with_capacity(name.len() * 2 + id.len() + 3);
+    tag.push('{');
+    for byte in name.bytes() {
+        let _ = write!(tag, "{byte:02x}");
+    }
+    tag.push(':');
+    tag.push_str(id);
+    tag.push('}');
+    tag
+}
+
+/// The key of `owner`'s session `id`'s hash ([`Keys::session`]), alone.
 pub fn session_key(owner: &Principal, id: &str) -> String {
-    let owner: String = owner.name().bytes().map(|b| format!("{b:02x}")).collect();
-    format!("layerd:session:{{{owner}:{id}}}")
+    format!("layerd:session:{}", tag(owner, id))
 }
 
 /// A replica's heartbeat.
@@ -35,66 +83,82 @@ pub fn handover_channel(replica: &str) -> String {
     format!("layerd:handover:{replica}")
 }
 
-/// KEYS: the session. ARGV: holder, owner, id, idle seconds, state, TTL in ms.
-/// Creates the session at epoch 1 held by ARGV[1]; 0 if it exists.
+/// KEYS: session, state, answers. ARGV: holder, owner, id, idle seconds,
+/// state, TTL in ms. Creates the session at epoch 1 held by ARGV[1]; 0 if it
+/// exists.
 pub static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'epoch', '1', 'holder', ARGV[1], 'owner', ARGV[2], 'id', ARGV[3],
-           'idle', ARGV[4], 'state', ARGV[5], 'answers', '')
+           'idle', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[6])
+redis.call('SET', KEYS[3], '', 'PX', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1
 ",
     )
 });
 
-/// KEYS: the session. ARGV: epoch, holder, state, answers, TTL in ms,
-/// release (1: the holder lets go). Writes only if (epoch, holder) still
-/// hold; answers 1 if written, 0 if fenced.
-pub static WRITE: LazyLock<Script> = LazyLock::new(|| {
+/// How long a staged state waits for its [`COMMIT`] (a write takes
+/// milliseconds; a replica that died between the two leaves it to expire).
+pub const STAGING_TTL_MS: u64 = 10_000;
+
+/// KEYS: session, state, answers, staging. ARGV: epoch, holder, answers, TTL
+/// in ms, release (1: the holder lets go). If (epoch, holder) still hold,
+/// moves the staged state over the state and answers 1; else drops the
+/// staged state and answers 0 (fenced); -1 if the staged state is gone
+/// (expired before its commit: nothing written).
+pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
-if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'answers', ARGV[4])
-if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'holder', '') end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
+  redis.call('DEL', KEYS[4])
+  return 0
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
+redis.call('RENAME', KEYS[4], KEYS[2])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'holder', '') end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 ",
     )
 });
 
-/// KEYS: the session. ARGV: epoch, holder, TTL in ms. Moves the idle expiry
-/// on if (epoch, holder) still hold; 1 or 0 as [`WRITE`].
+/// KEYS: session, state, answers. ARGV: epoch, holder, TTL in ms. Moves the
+/// idle expiry on if (epoch, holder) still hold; 1 or 0 as [`COMMIT`].
 pub static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return 1
 ",
     )
 });
 
-/// KEYS: the session. ARGV: epoch, holder. Deletes it if (epoch, holder)
-/// still hold; 1 or 0 as [`WRITE`].
+/// KEYS: session, state, answers. ARGV: epoch, holder. Deletes the session
+/// if (epoch, holder) still hold; 1 or 0 as [`COMMIT`].
 pub static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 ",
     )
 });
 
-/// KEYS: the session. ARGV: the epoch read, the taker. If the epoch is still
-/// the one read, increments it and makes the taker the holder; answers
-/// {new epoch, owner, id, idle, state, answers}, or an empty list if another
-/// replica got there first (or the session is gone).
+/// KEYS: session, state, answers. ARGV: the epoch read, the taker. If the
+/// epoch is still the one read, increments it and makes the taker the
+/// holder; answers {new epoch, owner, id, idle, state, answers} (a missing
+/// value as an empty string), or an empty list if another replica got there
+/// first (or the session is gone).
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -102,8 +166,10 @@ local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if epoch ~= ARGV[1] then return {} end
 local next = tostring(tonumber(epoch) + 1)
 redis.call('HSET', KEYS[1], 'epoch', next, 'holder', ARGV[2])
-local f = redis.call('HMGET', KEYS[1], 'owner', 'id', 'idle', 'state', 'answers')
-return {next, f[1], f[2], f[3], f[4], f[5]}
+local f = redis.call('HMGET', KEYS[1], 'owner', 'id', 'idle')
+local state = redis.call('GET', KEYS[2])
+local answers = redis.call('GET', KEYS[3])
+return {next, f[1] or '', f[2] or '', f[3] or '', state or '', answers or ''}
 ",
     )
 });
@@ -113,13 +179,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_hash_tag_the_owner_and_id() {
+    fn keys_share_one_hash_tag_of_owner_and_id() {
+        let keys = Keys::of(&Principal::named("a}{b"), "s1");
+        assert_eq!(keys.session, "layerd:session:{617d7b62:s1}");
+        assert_eq!(keys.state, "layerd:state:{617d7b62:s1}");
+        assert_eq!(keys.answers, "layerd:answers:{617d7b62:s1}");
+        assert_eq!(keys.staging("r0"), "layerd:staging:{617d7b62:s1}:r0");
         assert_eq!(
-            session_key(&Principal::named("a}{b"), "s1"),
-            "layerd:session:{617d7b62:s1}"
-        );
-        assert_eq!(
-            session_key(&Principal::default(), "s1"),
+            Keys::of(&Principal::default(), "s1").session,
             "layerd:session:{:s1}"
         );
     }

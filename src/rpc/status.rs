@@ -200,9 +200,10 @@ fn domain_code(error: &Error) -> Code {
         | Error::OptimizerExists { .. }
         | Error::ParamsOwned { .. } => Code::AlreadyExists,
         Error::InvalidArgument { .. } => Code::InvalidArgument,
-        Error::NothingKept { .. } | Error::NoGradients { .. } | Error::StepOutOfOrder { .. } => {
-            Code::FailedPrecondition
-        }
+        Error::NothingKept { .. }
+        | Error::KeptStateLost { .. }
+        | Error::NoGradients { .. }
+        | Error::StepOutOfOrder { .. } => Code::FailedPrecondition,
         Error::LimitExceeded { .. } => Code::ResourceExhausted,
         Error::Internal(_) => Code::Internal,
     }

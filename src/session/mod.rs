@@ -84,6 +84,11 @@ pub struct InstanceState {
     pub kept: Option<Arc<KeptEntry>>,
     /// The optimizer owning its parameters, and that optimizer's state for them.
     pub optimizer: Option<OptimizerState>,
+    /// The session moved to this replica (a session store) since the last
+    /// keeping Forward: kept state does not move, so a Backward now answers
+    /// KEPT_STATE_LOST rather than NOTHING_KEPT. Cleared by the next commit
+    /// of kept state, and by SetParams.
+    pub kept_lost: bool,
 }
 
 impl Session {
@@ -199,6 +204,7 @@ impl Session {
             state: tokio::sync::Mutex::new(InstanceState {
                 members,
                 kept: None,
+                kept_lost: false,
                 optimizer: None,
             }),
             _held: held,

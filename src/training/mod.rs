@@ -253,6 +253,7 @@ impl StepCall for TrainCall {
             None => None,
         };
         states[trained].kept = Some(Arc::new(KeptEntry::new(kept, charge)));
+        states[trained].kept_lost = false;
         optimizer.set_count(steps, step, last);
         Ok(answer)
     }

@@ -61,6 +61,12 @@ class Proxy:
         if not hashing:
             assert kind == "nginx"
             text = text.replace("hash $http_x_session_id consistent;", "")
+        if len(backends) > 3:  # more replicas than deploy/ lists: more lines like its last
+            assert kind == "nginx"
+            last = f"server {backends[2]} max_fails=1 fail_timeout=2s;"
+            assert last in text
+            more = "".join(f"\n        server {b} max_fails=1 fail_timeout=2s;" for b in backends[3:])
+            text = text.replace(last, last + more)
         config = self.dir / source.name
         config.write_text(text)
         self.log = self.dir / "proxy.log"

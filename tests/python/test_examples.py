@@ -101,3 +101,47 @@ def test_train_convnet_reaches_its_accuracy_across_a_checkpoint(server):
     assert losses[-1] < losses[0] / 10, losses
     assert correct / total >= 0.97, out
     print(f"\ntrain_convnet: 150 steps with a save/load at 75, test accuracy {correct / total:.4f}")
+
+
+def test_the_node_client_survives_the_death_of_its_replica(tmp_path):
+    """examples/node through nginx in front of three replicas sharing a Redis session store: the
+    replica holding the session is SIGKILLed mid-run; the script's numbered, retried TrainSteps
+    go on on another replica and print every loss bit for bit as an undisturbed run does."""
+    import os
+    import shutil
+    import signal
+    from cluster import Proxy
+    from redis_store import Redis, held, replica, wait_until
+    node_dir = REPO / "examples" / "node"
+    if not (shutil.which("node") and (node_dir / "node_modules").is_dir()):
+        if os.environ.get("LAYERD_REQUIRE_NODE"):
+            pytest.fail("node or examples/node/node_modules missing (cd examples/node && npm ci)")
+        pytest.skip("node or examples/node/node_modules missing (cd examples/node && npm ci)")
+    redis = Redis.start_or_skip()
+    replicas = [replica(redis, f"r{i}") for i in range(3)]
+    proxy = Proxy.start_or_skip("nginx", [r.addr for r in replicas])
+    try:
+        def run(addr, kill=False):
+            node = subprocess.Popen(["node", "train.js", "--addr", addr, "--steps", "300", "--every", "1"],
+                                    cwd=node_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            lines = []
+            for line in node.stdout:
+                lines.append(line)
+                if kill and line.startswith("step  100"):
+                    holder = next(r for r in replicas if held(r) == 1)
+                    holder.proc.send_signal(signal.SIGKILL)
+                    kill = False
+            assert node.wait(timeout=300) == 0, "".join(lines) + node.stderr.read()
+            return [line for line in lines if line.startswith("step")]
+
+        undisturbed = run(replicas[0].addr)
+        wait_until(lambda: all(held(r) == 0 for r in replicas), message="the first run's session to close")
+        disturbed = run(proxy.addr, kill=True)
+        assert len(disturbed) == 300 and disturbed == undisturbed
+        assert sum(1 for r in replicas if r.proc.poll() is None) == 2
+    finally:
+        proxy.stop()
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.proc.kill()
+        redis.stop()

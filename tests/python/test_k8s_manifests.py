@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from layerd_server import BINARY, REPO
+from layerd_server import BINARY, REPO, Server
 from test_memory_budget import budget_mib
 
 K8S = REPO / "deploy" / "k8s"
@@ -173,3 +173,58 @@ def test_the_stateful_overlay_is_the_deployment_with_a_state_directory():
     assert spec == deployment["spec"]
     help_text = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, check=True).stdout
     assert {"LAYERD_STATE_DIR", "LAYERD_SNAPSHOT_INTERVAL"} <= set(re.findall(r"env: (LAYERD_[A-Z_]+)", help_text))
+
+
+def test_the_redis_overlay_points_layerd_at_its_redis_with_the_secret():
+    """The patch names the base Deployment's container; its variables are layerd's flags; the
+    URL's host and port are the Redis Service's; both read the same Secret key; and layerd
+    started with those variables (the password expanded as Kubernetes does) serves sessions
+    through a real redis-server that requires that password."""
+    from redis_store import REDIS_CLI, Redis
+    overlay_dir = K8S / "overlays" / "redis"
+    base = by_kind(K8S / "base")
+    [patch] = documents(overlay_dir / "session-store.yaml")
+    assert ("Deployment", patch["metadata"]["name"]) in base
+    [container] = patch["spec"]["template"]["spec"]["containers"]
+    base_container = base[("Deployment", "layerd")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == base_container["name"]
+    env = {e["name"]: e for e in container["env"]}
+    help_text = subprocess.run([str(BINARY), "--help"], capture_output=True, text=True, check=True).stdout
+    flags = set(re.findall(r"env: (LAYERD_[A-Z_]+)", help_text))
+    assert {n for n in env if n.startswith("LAYERD_")} <= flags
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in documents(overlay_dir / "redis.yaml")}
+    service, redis_set = docs[("Service", "layerd-redis")], docs[("StatefulSet", "layerd-redis")]
+    url = env["LAYERD_SESSION_STORE"]["value"]
+    assert url == f"redis://:$(REDIS_PASSWORD)@{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    [redis_container] = redis_set["spec"]["template"]["spec"]["containers"]
+    redis_env = {e["name"]: e for e in redis_container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"] == redis_env["REDIS_PASSWORD"]["valueFrom"]
+    assert "--appendonly" in redis_container["args"] and "--requirepass" in redis_container["args"]
+    # The same settings against real processes: Redis with a password, layerd with the URL.
+    redis = Redis.start_or_skip()
+    try:
+        password = "s3cret-for-the-test"
+        redis.cli("CONFIG", "SET", "requirepass", password)
+        real_url = url.replace("$(REDIS_PASSWORD)", password).replace(
+            f"{service['metadata']['name']}:6379", f"127.0.0.1:{redis.port}")
+        server = Server("--session-store", real_url, "--durability", env["LAYERD_DURABILITY"]["value"])
+        try:
+            import grpc
+            from conftest import compile_proto
+            pb2, pb2_grpc = compile_proto()
+            with server.channel() as channel:
+                stub = pb2_grpc.LayerServiceStub(channel)
+                sid = stub.CreateSession(pb2.CreateSessionRequest()).session_id
+                assert stub.DescribeSession(pb2.DescribeSessionRequest(session_id=sid)).session_id == sid
+            keys = subprocess.run([REDIS_CLI, "-p", str(redis.port), "-a", password, "--no-auth-warning",
+                                   "--scan", "--pattern", "layerd:session:*"], capture_output=True, text=True,
+                                  check=True).stdout.split()
+            assert len(keys) == 1 and keys[0].endswith(f":{sid}}}")
+        finally:
+            server.stop()
+        # A wrong password: layerd does not start, and says why.
+        with pytest.raises(AssertionError, match="session-store"):
+            Server("--session-store", real_url.replace(password, "wrong"))
+    finally:
+        redis.stop()
+

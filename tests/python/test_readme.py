@@ -163,7 +163,7 @@ def test_the_session_store_section_runs():
         loss0, (steps, loss1, where) = float(done.stdout.split()[0]), done.stdout.split()[1:]
         assert (steps, where) == ("1", "r1") and float(loss1) < loss0
         assert replicas[0].proc.wait(timeout=10) == -9
-        assert redis.session_keys() == []
+        assert redis.stored_keys() == []
     finally:
         for r in replicas:
             if r.proc.poll() is None:

@@ -12,17 +12,19 @@ processes and the project's Python client.
 - Bad store contents (garbage state, another principal's key renamed): DATA_LOSS SESSION_LOST,
   no crash, nothing served to the wrong principal.
 """
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import layerd
-from cluster import Proxy
+from cluster import Proxy, free_port
 from layerd_server import Server
-from redis_store import Redis, held, replica, wait_until
+from redis_store import Redis, RedisCluster, held, replica, wait_until
 
 MEMBERS = [("fc1", "affine", {"in_features": 20, "out_features": 16, "seed": 1}), ("relu", "relu"),
            ("drop", "dropout", {"ratio": 0.2, "seed": 5}),
@@ -35,27 +37,48 @@ def batches(seed):
     return [(rng.standard_normal((16, 20)), rng.integers(0, 4, 16)) for _ in range(STEPS)]
 
 
+#: The Python client README's training loop that resumes after a crash in async mode.
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+RESUME_LOOP = re.search(r"```python\n(losses, k = .*?)```", README, re.S).group(1)
+
+
 def train(client, seed, pause=None, session_id=None, resumed=None):
     """Trains one MLP (float64, Adam) for STEPS steps; answers its losses and final params.
-    `pause(step)` runs before each step. A step refused with STEP_OUT_OF_ORDER (the session came
-    back behind, after a crash in async mode) resumes from the count the error gives, feeding
-    the batches from there; `resumed` collects how many steps each resumption went back."""
+    `pause(step)` runs before each step. With `resumed` (a list), the loop is the README's: a
+    step refused with STEP_OUT_OF_ORDER (the session came back behind, after a crash in async
+    mode) resumes from the count the error gives; `resumed` collects how far each went back."""
     data = batches(seed)
     with client.session(session_id=session_id) as s:
         net = s.sequential(MEMBERS, layer_id="net", dtype=np.float64)
         opt = s.optimizer("adam", lr=0.01, optimizer_id="adam")
-        losses, k = [None] * STEPS, 0
-        while k < STEPS:
-            if pause:
-                pause(k)
-            try:
-                losses[k] = net.train_step(*data[k], opt)
-                k += 1
-            except layerd.FailedPrecondition as error:
-                if error.reason != "STEP_OUT_OF_ORDER" or resumed is None:
-                    raise
-                resumed.append(k - int(error.metadata["got"]))
-                k = opt.steps = int(error.metadata["got"])
+        if resumed is None:
+            losses = []
+            for k, batch in enumerate(data):
+                if pause:
+                    pause(k)
+                losses.append(net.train_step(*batch, opt))
+        else:
+            class Batches(list):  # the README's loop, with the test's pause and its count of resumptions
+                def __getitem__(self, k):
+                    if pause:
+                        pause(k)
+                    return list.__getitem__(self, k)
+
+            class Opt:
+                def __init__(self, opt):
+                    object.__setattr__(self, "opt", opt)
+
+                def __getattr__(self, name):
+                    return getattr(self.opt, name)
+
+                def __setattr__(self, name, value):
+                    if name == "steps" and value <= self.opt.steps:  # a resumption, not a step
+                        resumed.append(self.opt.steps - value)
+                    setattr(self.opt, name, value)
+
+            namespace = {"batches": Batches(data), "net": net, "opt": Opt(opt), "layerd": layerd}
+            exec(RESUME_LOOP, namespace)
+            losses = namespace["losses"]
         assert opt.steps == STEPS
         return losses, net.params()
 
@@ -88,17 +111,32 @@ class Fleet:
     """Three replicas on one Redis behind nginx (deploy/nginx's configuration; `hashing` False
     takes its `hash` line out, so nginx spreads each client's calls round-robin)."""
 
-    def __init__(self, redis, hashing=True, flags=()):
+    def __init__(self, redis, hashing=True, flags=(), slots=3):
         self.redis, self.flags = redis, flags
         self.replicas = [replica(redis, f"r{i}", *flags) for i in range(3)]
-        self.addrs = [r.addr for r in self.replicas]
+        self.addrs = [r.addr for r in self.replicas] + [f"127.0.0.1:{free_port()}" for _ in range(slots - 3)]
         self.proxy = Proxy.start_or_skip("nginx", self.addrs, hashing=hashing)
+
+    def start(self, i):
+        """Starts replica i on its address (nginx lists it already)."""
+        assert i == len(self.replicas)
+        self.replicas.append(replica(self.redis, f"r{i}", *self.flags, addr=self.addrs[i]))
 
     def restart(self, i):
         """Stops replica i (SIGTERM: its drain hands its sessions over) and starts it again on
         the same address with the same replica id."""
         assert self.replicas[i].stop() == 0
         self.replicas[i] = replica(self.redis, f"r{i}", *self.flags, addr=self.addrs[i])
+
+    def kill_the_busiest(self):
+        """SIGKILLs the replica holding most sessions, with calls in flight; answers its index
+        and how many it held."""
+        counts = [held(r) for r in self.replicas]
+        victim = max(range(len(counts)), key=lambda i: counts[i])
+        time.sleep(0.05)
+        self.replicas[victim].proc.kill()
+        self.replicas[victim].proc.wait()
+        return victim, counts[victim]
 
     def stop(self):
         self.proxy.stop()
@@ -136,7 +174,7 @@ def train_through(fleet, reference, disrupt, clients=6, resumed=None):
     assert sorted(results) == list(range(clients))
     for seed, result in results.items():
         same(result, reference[seed])
-    assert fleet.redis.session_keys() == []  # closed sessions leave the store
+    assert fleet.redis.stored_keys() == []  # closed sessions leave the store, all their keys
     return outcome
 
 
@@ -152,16 +190,8 @@ def fleet(redis):
 
 
 def test_a_replica_killed_mid_run_loses_no_session_and_no_step(fleet, reference):
-    def kill_the_busiest(fleet):
-        counts = [held(r) for r in fleet.replicas]
-        victim = max(range(3), key=lambda i: counts[i])
-        assert counts[victim] >= 2, counts
-        time.sleep(0.05)  # calls in flight
-        fleet.replicas[victim].proc.kill()
-        fleet.replicas[victim].proc.wait()
-        return victim, counts[victim]
-
-    victim, count = train_through(fleet, reference, kill_the_busiest)
+    victim, count = train_through(fleet, reference, Fleet.kill_the_busiest)
+    assert count >= 2
     assert sum(handovers(r, "takeover") for i, r in enumerate(fleet.replicas) if i != victim) == count
 
 
@@ -169,14 +199,7 @@ def test_in_async_mode_clients_resume_from_the_stored_count_after_a_kill(redis, 
     fleet = Fleet(redis, flags=("--durability", "async"))
     resumed = []
     try:
-        def kill_the_busiest(fleet):
-            counts = [held(r) for r in fleet.replicas]
-            victim = max(range(3), key=lambda i: counts[i])
-            time.sleep(0.05)
-            fleet.replicas[victim].proc.kill()
-            fleet.replicas[victim].proc.wait()
-
-        train_through(fleet, reference, kill_the_busiest, resumed=resumed)
+        train_through(fleet, reference, Fleet.kill_the_busiest, resumed=resumed)
         assert all(back >= 0 for back in resumed), resumed  # never ahead of what was answered
     finally:
         fleet.stop()
@@ -188,6 +211,23 @@ def test_a_rolling_restart_loses_no_session_and_no_step(fleet, reference):
             fleet.restart(i)
 
     train_through(fleet, reference, roll)
+
+
+def test_scaling_three_to_five_to_two_loses_no_session_and_no_step(redis, reference):
+    fleet = Fleet(redis, slots=5)
+    try:
+        def scale(fleet):
+            fleet.start(3)
+            fleet.start(4)
+            time.sleep(2.5)  # nginx tries the new replicas again after fail_timeout (2 s)
+            for i in (0, 1, 4):
+                assert fleet.replicas[i].stop() == 0  # each drain hands its sessions over
+
+        train_through(fleet, reference, scale)
+        live = [r for r in fleet.replicas if r.proc.poll() is None]
+        assert len(live) == 2
+    finally:
+        fleet.stop()
 
 
 def test_restarting_redis_with_its_append_only_file_loses_nothing(reference):
@@ -218,6 +258,22 @@ def test_calls_spread_round_robin_over_the_replicas_still_train_bit_identically(
         fleet.stop()
 
 
+def test_a_redis_cluster_of_three_masters_keeps_every_session(reference):
+    cluster = RedisCluster.start_or_skip()
+    fleet = Fleet(cluster)
+    try:
+        def kill_and_count(fleet):
+            Fleet.kill_the_busiest(fleet)
+            # The sessions were spread over the masters by their hash tags.
+            return [len(n.session_keys()) for n in cluster.nodes]
+
+        spread = train_through(fleet, reference, kill_and_count)
+        assert sum(1 for count in spread if count) >= 2, spread
+    finally:
+        fleet.stop()
+        cluster.stop()
+
+
 def test_a_stopped_holder_is_fenced_and_the_store_never_goes_back(redis, reference):
     a, b = replica(redis, "a"), replica(redis, "b")
     try:
@@ -239,10 +295,14 @@ def test_a_stopped_holder_is_fenced_and_the_store_never_goes_back(redis, referen
             for x, t in data[5:10]:
                 net_b.train_step(x, t, opt_b)
             a.proc.send_signal(signal.SIGCONT)
-            # a still has its copy at step 5: its step commits nothing and says so.
-            with pytest.raises(layerd.Unavailable) as caught:
+            # a still has its copy at step 5. Either its step's write is fenced (SESSION_MOVED), or
+            # a learned first (b's handover request, waiting for it since the SIGSTOP, is fenced
+            # too) and took the session back at step 10 (STEP_OUT_OF_ORDER, got 10): in both cases
+            # nothing is committed and the answer says so.
+            with pytest.raises(layerd.LayerdError) as caught:
                 net.train_step(*data[5], opt)
-            assert caught.value.reason == "SESSION_MOVED"
+            assert (caught.value.reason == "SESSION_MOVED"
+                    or (caught.value.reason, caught.value.metadata.get("got")) == ("STEP_OUT_OF_ORDER", "10"))
             assert on_b_s.describe()["optimizers"]["adam"]["steps"] == 10
             # a asks b to hand it over, and goes on from step 10 as training without a store.
             opt.steps = 10
@@ -274,9 +334,10 @@ def test_bad_store_contents_are_a_clear_error_and_never_another_principals(redis
     keys = {k.split(":")[-1].rstrip("}"): k for k in redis.session_keys()}
     assert sorted(keys) == ["garbage", "renamed", "truncated"]
     assert all(redis.cli("HGET", k, "holder") == "" for k in keys.values())
-    redis.cli("HSET", keys["garbage"], "state", "not a checkpoint")
-    redis.cli("EVAL", "redis.call('HSET', KEYS[1], 'state', "
-                      "string.sub(redis.call('HGET', KEYS[1], 'state'), 1, 100))", "1", keys["truncated"])
+    state = lambda name: keys[name].replace("layerd:session:", "layerd:state:")  # noqa: E731
+    redis.cli("SET", state("garbage"), "not a checkpoint")
+    redis.cli("EVAL", "redis.call('SET', KEYS[1], string.sub(redis.call('GET', KEYS[1]), 1, 100))",
+              "1", state("truncated"))
     redis.cli("RENAME", keys["renamed"], keys["renamed"].replace("616c696365", "626f62"))  # alice -> bob
     second = replica(redis, "second", "--auth-tokens", str(tokens))
     try:
@@ -294,3 +355,51 @@ def test_bad_store_contents_are_a_clear_error_and_never_another_principals(redis
         assert second.proc.poll() is None
     finally:
         second.stop()
+
+
+def test_a_backward_after_the_session_moved_asks_for_the_forward_again(redis):
+    a, b = replica(redis, "a"), replica(redis, "b")
+    x = np.array([1.5, -2.0, 0.5], np.float32)
+    try:
+        with layerd.Client(a.addr) as on_a, layerd.Client(b.addr) as on_b:
+            s = on_a.session(session_id="kept")
+            s.layer("relu", layer_id="act").forward(x)
+            moved = on_b.attach("kept")  # a hands it over: kept state stays behind
+            act = moved.get_layer("act")
+            with pytest.raises(layerd.FailedPrecondition) as caught:
+                act.backward(np.ones(3, np.float32))
+            assert caught.value.reason == "KEPT_STATE_LOST"
+            act.forward(x)
+            assert act.backward(np.ones(3, np.float32)).tolist() == [1.0, 0.0, 1.0]
+            moved.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_retry_on_the_replica_that_took_the_session_over_gets_the_first_answer(redis):
+    """Exactly once across replicas: a numbered TrainStep answered on a (its answer, say, lost),
+    then the session taken over by b, then the same request sent to b: b answers the first
+    answer bit for bit (dx included) from what a stored, and applies nothing."""
+    a, b = replica(redis, "a"), replica(redis, "b")
+    data = batches(3)
+    try:
+        with layerd.Client(a.addr) as on_a, layerd.Client(b.addr) as on_b:
+            s = on_a.session(session_id="once")
+            net = s.sequential(MEMBERS, layer_id="net", dtype=np.float64)
+            opt = s.optimizer("adam", lr=0.01, optimizer_id="adam")
+            net.train_step(*data[0], opt)
+            first = net.train_step(*data[1], opt, return_dx=True)
+            moved = on_b.attach("once")  # a hands it over, answers included
+            net_b, opt_b = moved.get_layer("net"), moved.get_optimizer("adam")
+            params = net_b.params()
+            opt_b.steps = 1  # the retry: numbered as the first attempt was
+            again = net_b.train_step(*data[1], opt_b, return_dx=True)
+            assert again[0] == first[0] and np.array_equal(again[1], first[1])
+            assert opt_b.steps == 2 and moved.describe()["optimizers"]["adam"]["steps"] == 2
+            for name, value in net_b.params().items():
+                assert np.array_equal(value, params[name]), name
+            moved.close()
+    finally:
+        a.stop()
+        b.stop()
