@@ -114,8 +114,17 @@ pub async fn export(session: &Session) -> Result<Vec<u8>, Error> {
 /// besides the manifest (`--state-dir` records the session's id and owner).
 pub async fn export_with(
     session: &Session,
-    mut extra: HashMap<String, String>,
+    extra: HashMap<String, String>,
 ) -> Result<Vec<u8>, Error> {
+    Ok(export_counted(session, extra).await?.0)
+}
+
+/// [`export_with`], and each optimizer's step count in the file (the
+/// counts as of the export: it holds every optimizer's step lock).
+pub async fn export_counted(
+    session: &Session,
+    mut extra: HashMap<String, String>,
+) -> Result<(Vec<u8>, Vec<(String, u64)>), Error> {
     let optimizers = session.optimizers_by_id();
     let mut steps = Vec::with_capacity(optimizers.len());
     for optimizer in &optimizers {
@@ -179,11 +188,17 @@ pub async fn export_with(
     }
     drop(states);
     drop(steps);
+    let counts = manifest
+        .optimizers
+        .iter()
+        .map(|o| (o.id.clone(), o.steps))
+        .collect();
     let json = serde_json::to_string(&manifest)
         .map_err(|e| Error::Internal(format!("checkpoint manifest: {e}")))?;
     extra.insert(METADATA_KEY.to_string(), json);
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(extra))
-        .map_err(|e| Error::Internal(format!("writing the checkpoint: {e}")))
+    let file = safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(extra))
+        .map_err(|e| Error::Internal(format!("writing the checkpoint: {e}")))?;
+    Ok((file, counts))
 }
 
 /// A tensor as safetensors writes it.

@@ -4,8 +4,18 @@
 use crate::pb;
 use crate::session::Session;
 
-/// The summary of `session` as the replica `replica_id` holds it.
-pub fn describe(session: &Session, replica_id: &str) -> pb::DescribeSessionResponse {
+/// The summary of `session` as the replica `replica_id` holds it; `stored`:
+/// each optimizer's count in the session store, if there is one.
+pub fn describe(
+    session: &Session,
+    replica_id: &str,
+    stored: Option<Vec<(String, u64)>>,
+) -> pb::DescribeSessionResponse {
+    let stored_steps = |id: &str| {
+        stored
+            .as_ref()
+            .and_then(|s| s.iter().find(|(o, _)| o == id).map(|(_, n)| *n))
+    };
     let optimizers: Vec<pb::OptimizerSummary> = session
         .optimizers_by_id()
         .iter()
@@ -14,6 +24,7 @@ pub fn describe(session: &Session, replica_id: &str) -> pb::DescribeSessionRespo
             algorithm: optimizer.algorithm.name().to_string(),
             steps: optimizer.committed_count(),
             layer_ids: optimizer.layers.iter().map(|(id, _)| id.clone()).collect(),
+            stored_steps: stored_steps(&optimizer.id),
         })
         .collect();
     let owner = |layer_id: &str| {

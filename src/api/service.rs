@@ -327,7 +327,15 @@ impl layer_service_server::LayerService for LayerService {
     ) -> ServiceResult<pb::DescribeSessionResponse> {
         self.unary("DescribeSession", request, |caller, message| async move {
             let session = self.session_of(&caller, &message.session_id).await?;
-            Ok(super::describe::describe(&session, &self.replica_id))
+            let stored = self
+                .durable
+                .as_ref()
+                .and_then(|d| d.stored_steps(&caller.principal, &message.session_id));
+            Ok(super::describe::describe(
+                &session,
+                &self.replica_id,
+                stored,
+            ))
         })
         .await
     }

@@ -104,6 +104,9 @@ struct Held {
     leaving: AtomicBool,
     /// When its idle expiry in the store was last moved on.
     touched: Mutex<Instant>,
+    /// Each optimizer's step count as the store has it (as of the last
+    /// write, or the take-over).
+    stored: Mutex<Vec<(String, u64)>>,
 }
 
 impl Durable {
@@ -275,7 +278,7 @@ impl Durable {
         let Some(session) = held.session.upgrade() else {
             return Ok(());
         };
-        let state = checkpoint::export(&session).await?;
+        let (state, counts) = checkpoint::export_counted(&session, HashMap::new()).await?;
         let answers = answers::encode(&session).await;
         let started = Instant::now();
         let mut connection = self.connection();
@@ -315,7 +318,16 @@ impl Durable {
             return Err(moved(&held.id, ""));
         }
         *held.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *held.stored.lock().unwrap_or_else(|p| p.into_inner()) = counts;
         Ok(())
+    }
+
+    /// Each optimizer's step count as the store has it, if this replica
+    /// holds session `id` (DescribeSession).
+    pub fn stored_steps(&self, owner: &Principal, id: &str) -> Option<Vec<(String, u64)>> {
+        let held = self.held(&session_key(owner, id))?;
+        let stored = held.stored.lock().unwrap_or_else(|p| p.into_inner());
+        Some(stored.clone())
     }
 
     /// Moves the session's expiry in the store on, at most every quarter of
@@ -551,6 +563,13 @@ impl Held {
             writing: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             touched: Mutex::new(Instant::now()),
+            stored: Mutex::new(
+                session
+                    .optimizers_by_id()
+                    .iter()
+                    .map(|o| (o.id.clone(), o.committed_count()))
+                    .collect(),
+            ),
         }
     }
 }

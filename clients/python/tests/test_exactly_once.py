@@ -110,7 +110,8 @@ def test_describe_gives_layers_optimizers_counts_and_bytes(client):
         d = s.describe()
         assert d["layers"] == {"act": {"kind": "relu", "dtype": None, "optimizer": None},
                                "net": {"kind": "sequential", "dtype": np.dtype(np.float64), "optimizer": "mom"}}
-        assert d["optimizers"] == {"mom": {"algorithm": "momentum", "steps": 2, "layers": ["net"]}}
+        assert d["optimizers"] == {"mom": {"algorithm": "momentum", "steps": 2, "layers": ["net"],
+                                           "stored_steps": None}}  # no session store
         assert d["idle_timeout"] == 120 and d["replica_id"]
         # Parameters, gradients and momentum (3 copies of 20,083 float64) and the kept state.
         assert d["held_bytes"] > 3 * 20_083 * 8

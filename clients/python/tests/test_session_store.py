@@ -1,8 +1,8 @@
 """Sessions that outlive their replica (--session-store): real Redis, real nginx, real layerd
 processes and the project's Python client.
 
-- Three replicas behind nginx (deploy/nginx's configuration, hashing x-session-id), clients
-  training MLPs with Adam and dropout through it: with the replica holding most sessions
+- Three replicas behind nginx (deploy/nginx's configuration, hashing x-session-id), eight
+  clients training through it (MLPs and convnets with Adam, dropout and batch_norm): with the replica holding most sessions
   SIGKILLed mid-run, with a rolling restart of all three, with Redis (AOF on) restarted, and
   with nginx spreading calls round-robin (every call a handover): every client finishes, and
   every final parameter and loss is bit-identical to the same training on a server without a
@@ -29,12 +29,26 @@ from redis_store import Redis, RedisCluster, held, replica, wait_until
 MEMBERS = [("fc1", "affine", {"in_features": 20, "out_features": 16, "seed": 1}), ("relu", "relu"),
            ("drop", "dropout", {"ratio": 0.2, "seed": 5}),
            ("fc2", "affine", {"in_features": 16, "out_features": 4, "seed": 2}), ("loss", "softmax_with_loss")]
+#: A convnet with batch_norm (its running statistics are buffers the store must keep too).
+CONVNET = [("conv", "convolution", {"in_channels": 1, "out_channels": 4, "kernel_h": 3, "kernel_w": 3, "pad": 1,
+                                    "seed": 1}),
+           ("bn", "batch_norm", {"num_features": 4}), ("relu", "relu"),
+           ("pool", "pooling", {"pool_h": 2, "pool_w": 2, "stride": 2}),
+           ("drop", "dropout", {"ratio": 0.2, "seed": 5}),
+           ("fc", "affine", {"in_features": 4 * 4 * 4, "out_features": 4, "seed": 2}), ("loss", "softmax_with_loss")]
 STEPS = 60
+#: The clients of the fleet tests: even seeds train the MLP, odd ones the convnet.
+CLIENTS = 8
+
+
+def network(seed):
+    return CONVNET if seed % 2 else MEMBERS
 
 
 def batches(seed):
     rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((16, 20)), rng.integers(0, 4, 16)) for _ in range(STEPS)]
+    shape = (16, 1, 8, 8) if seed % 2 else (16, 20)
+    return [(rng.standard_normal(shape), rng.integers(0, 4, 16)) for _ in range(STEPS)]
 
 
 #: The Python client README's training loop that resumes after a crash in async mode.
@@ -43,13 +57,13 @@ RESUME_LOOP = re.search(r"```python\n(losses, k = .*?)```", README, re.S).group(
 
 
 def train(client, seed, pause=None, session_id=None, resumed=None):
-    """Trains one MLP (float64, Adam) for STEPS steps; answers its losses and final params.
+    """Trains one network (float64, Adam) for STEPS steps; answers its losses and final params.
     `pause(step)` runs before each step. With `resumed` (a list), the loop is the README's: a
     step refused with STEP_OUT_OF_ORDER (the session came back behind, after a crash in async
     mode) resumes from the count the error gives; `resumed` collects how far each went back."""
     data = batches(seed)
     with client.session(session_id=session_id) as s:
-        net = s.sequential(MEMBERS, layer_id="net", dtype=np.float64)
+        net = s.sequential(network(seed), layer_id="net", dtype=np.float64)
         opt = s.optimizer("adam", lr=0.01, optimizer_id="adam")
         if resumed is None:
             losses = []
@@ -80,7 +94,7 @@ def train(client, seed, pause=None, session_id=None, resumed=None):
             exec(RESUME_LOOP, namespace)
             losses = namespace["losses"]
         assert opt.steps == STEPS
-        return losses, net.params()
+        return losses, {**net.params(), **{f"buffer {k}": v for k, v in net.buffers().items()}}
 
 
 @pytest.fixture
@@ -96,7 +110,7 @@ def reference():
     server = Server()
     try:
         with layerd.Client(server.addr) as client:
-            yield {seed: train(client, seed) for seed in range(6)}
+            yield {seed: train(client, seed) for seed in range(CLIENTS)}
     finally:
         server.stop()
 
@@ -145,7 +159,7 @@ class Fleet:
                 r.proc.kill()
 
 
-def train_through(fleet, reference, disrupt, clients=6, resumed=None):
+def train_through(fleet, reference, disrupt, clients=CLIENTS, resumed=None):
     """`clients` trainings through the fleet's proxy; `disrupt(fleet)` runs once every client is
     past step 20, while they go on. Every client must finish bit-identical to `reference`."""
     results, errors = {}, []
@@ -304,6 +318,7 @@ def test_a_stopped_holder_is_fenced_and_the_store_never_goes_back(redis, referen
             assert (caught.value.reason == "SESSION_MOVED"
                     or (caught.value.reason, caught.value.metadata.get("got")) == ("STEP_OUT_OF_ORDER", "10"))
             assert on_b_s.describe()["optimizers"]["adam"]["steps"] == 10
+            assert on_b_s.describe()["optimizers"]["adam"]["stored_steps"] == 10  # sync: all stored
             # a asks b to hand it over, and goes on from step 10 as training without a store.
             opt.steps = 10
             for x, t in data[10:]:
@@ -312,7 +327,7 @@ def test_a_stopped_holder_is_fenced_and_the_store_never_goes_back(redis, referen
             for name, value in net.params().items():
                 assert np.array_equal(value, reference[0][1][name]), name
             assert a.metrics().get(("layerd_store_fenced_writes_total", ()), 0) >= 1
-            assert b.metrics().get(("layerd_store_handovers_total", (("direction", "out"),)), 0) == 1
+            assert b.metrics().get(("layerd_store_handovers_total", (("direction", "out"),)), 0) >= 1
             s.close()
     finally:
         for r in (a, b):
@@ -382,7 +397,7 @@ def test_a_retry_on_the_replica_that_took_the_session_over_gets_the_first_answer
     then the session taken over by b, then the same request sent to b: b answers the first
     answer bit for bit (dx included) from what a stored, and applies nothing."""
     a, b = replica(redis, "a"), replica(redis, "b")
-    data = batches(3)
+    data = batches(2)  # an MLP's (even seed)
     try:
         with layerd.Client(a.addr) as on_a, layerd.Client(b.addr) as on_b:
             s = on_a.session(session_id="once")

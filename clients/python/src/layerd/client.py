@@ -349,15 +349,17 @@ class Session:
 
     def describe(self) -> dict:
         """What the session holds (DescribeSession): {"layers": {id: {"kind", "dtype",
-        "optimizer"}}, "optimizers": {id: {"algorithm", "steps", "layers"}}, "held_bytes",
-        "replica_id", "idle_timeout"}. "steps" is where a resuming client goes on from; dtype
-        is a numpy dtype, or None for a kind without parameters."""
+        "optimizer"}}, "optimizers": {id: {"algorithm", "steps", "layers", "stored_steps"}},
+        "held_bytes", "replica_id", "idle_timeout"}. "steps" is where a resuming client goes on
+        from; "stored_steps" the count a session store has (None without one); dtype is a numpy
+        dtype, or None for a kind without parameters."""
         answer = self._call(self._stub.DescribeSession, pb.DescribeSessionRequest(session_id=self.id))
         dtypes = {code: dtype for dtype, code in _DTYPES.items()}
         return {
             "layers": {l.layer_id: {"kind": l.kind, "dtype": dtypes.get(l.dtype), "optimizer": l.optimizer_id or None}
                        for l in answer.layers},
-            "optimizers": {o.optimizer_id: {"algorithm": o.algorithm, "steps": o.steps, "layers": list(o.layer_ids)}
+            "optimizers": {o.optimizer_id: {"algorithm": o.algorithm, "steps": o.steps, "layers": list(o.layer_ids),
+                                            "stored_steps": o.stored_steps if o.HasField("stored_steps") else None}
                            for o in answer.optimizers},
             "held_bytes": answer.held_bytes,
             "replica_id": answer.replica_id,

@@ -93,16 +93,18 @@ class LayerSummary(_message.Message):
     def __init__(self, layer_id: _Optional[str] = ..., kind: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., optimizer_id: _Optional[str] = ...) -> None: ...
 
 class OptimizerSummary(_message.Message):
-    __slots__ = ("optimizer_id", "algorithm", "steps", "layer_ids")
+    __slots__ = ("optimizer_id", "algorithm", "steps", "layer_ids", "stored_steps")
     OPTIMIZER_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    STORED_STEPS_FIELD_NUMBER: _ClassVar[int]
     optimizer_id: str
     algorithm: str
     steps: int
     layer_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, optimizer_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., steps: _Optional[int] = ..., layer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stored_steps: int
+    def __init__(self, optimizer_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., steps: _Optional[int] = ..., layer_ids: _Optional[_Iterable[str]] = ..., stored_steps: _Optional[int] = ...) -> None: ...
 
 class CreateLayerRequest(_message.Message):
     __slots__ = ("session_id", "layer_id", "kind", "config", "params", "dtype")
