@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use bytesize::ByteSize;
 use clap::{Parser, ValueEnum};
 
-use crate::durable::Durability;
+use crate::durable::{Access, Durability};
 use crate::session::Limits;
 
 /// How log lines are written to stderr.
@@ -201,6 +201,26 @@ pub struct Config {
     )]
     pub session_store: Option<String>,
 
+    /// With --session-store: a file holding Redis's password (its first line; a Kubernetes
+    /// Secret mounted as a file, say), used instead of a password in the URL.
+    #[arg(
+        long,
+        env = "LAYERD_SESSION_STORE_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "session_store"
+    )]
+    pub session_store_password_file: Option<PathBuf>,
+
+    /// With a `rediss://` --session-store: PEM CA certificates the server's certificate must
+    /// chain to (default: the system's roots).
+    #[arg(
+        long,
+        env = "LAYERD_SESSION_STORE_CA",
+        value_name = "FILE",
+        requires = "session_store"
+    )]
+    pub session_store_ca: Option<PathBuf>,
+
     /// With --session-store: `sync` answers a call that changed parameters or optimizer state
     /// only once the store has the new state (a crash loses no answered step); `async` answers
     /// at once and writes the newest state behind (a crash may lose the last steps; clients
@@ -265,6 +285,34 @@ fn parse_frame_size(text: &str) -> Result<ByteSize, String> {
 }
 
 impl Config {
+    /// The password of `--session-store-password-file` (its first line) and
+    /// the CA certificates of `--session-store-ca`, read.
+    pub fn session_store_access(&self) -> Result<Access, String> {
+        let read = |path: &std::path::Path, flag: &str| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let password = match &self.session_store_password_file {
+            None => None,
+            Some(path) => {
+                let text = read(path, "--session-store-password-file")?;
+                let text = String::from_utf8_lossy(&text);
+                let password = text.lines().next().unwrap_or_default().to_string();
+                if password.is_empty() {
+                    return Err(format!(
+                        "--session-store-password-file {}: empty first line",
+                        path.display()
+                    ));
+                }
+                Some(password)
+            }
+        };
+        let ca = match &self.session_store_ca {
+            None => None,
+            Some(path) => Some(read(path, "--session-store-ca")?),
+        };
+        Ok(Access { password, ca })
+    }
+
     /// `--replica-id`, or the host name.
     pub fn replica_id(&self) -> String {
         self.replica_id

@@ -85,6 +85,7 @@ pub async fn run(
         Some(url) => Some(
             Durable::connect(
                 url,
+                &config.session_store_access()?,
                 config.replica_id(),
                 config.durability,
                 store_guard.store(),

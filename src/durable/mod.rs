@@ -49,6 +49,7 @@ use crate::error::Error;
 use crate::metrics;
 use crate::rpc::status::CallError;
 use crate::session::{Session, Store};
+pub use connection::Access;
 use connection::Connection;
 use scripts::{session_key, Keys, COMMIT, CREATE, DELETE, TAKE, TOUCH};
 
@@ -110,15 +111,16 @@ struct Held {
 }
 
 impl Durable {
-    /// Connects to `url` (checked with a PING) and starts the heartbeat and
-    /// the handover listener of replica `replica`.
+    /// Connects to `url` as `access` says (checked with a PING) and starts
+    /// the heartbeat and the handover listener of replica `replica`.
     pub async fn connect(
         url: &str,
+        access: &Access,
         replica: String,
         durability: Durability,
         store: Store,
     ) -> Result<Durable, String> {
-        let (mut connection, client) = connection::connect(url).await?;
+        let (mut connection, client) = connection::connect(url, access).await?;
         let _: String = connection
             .ping()
             .await

@@ -21,13 +21,14 @@ class Redis:
     """redis-server on 127.0.0.1:<port>; `aof` turns on the append-only file (fsync always)."""
 
     @staticmethod
-    def start_or_skip(aof=False):
+    def start_or_skip(aof=False, tls=None, password=None):
         if not Path(REDIS_SERVER).exists() and os.environ.get("LAYERD_REQUIRE_REDIS") != "1":
             pytest.skip("redis-server not installed (apt install redis-server)")
-        return Redis(aof)
+        return Redis(aof, tls, password)
 
-    def __init__(self, aof=False):
-        self.port, self.aof = free_port(), aof
+    def __init__(self, aof=False, tls=None, password=None):
+        """`tls`: (certificate, key, CA) files: TLS only, no plaintext port; `password`: required."""
+        self.port, self.aof, self.tls, self.password = free_port(), aof, tls, password
         self.dir = Path(tempfile.mkdtemp(prefix="layerd-redis-"))
         self.url = f"redis://127.0.0.1:{self.port}"
         self.start()
@@ -35,10 +36,16 @@ class Redis:
     def start(self):
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.aof
                        else ["--appendonly", "no"])
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
         self.log = self.dir / "redis.log"
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.dir), *persistence],
+            [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--save", "", "--dir", str(self.dir),
+             *persistence, *auth],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc, self.log)
 
@@ -49,7 +56,12 @@ class Redis:
 
     def cli(self, *args):
         """redis-cli's answer to one command, as text."""
-        return subprocess.run([REDIS_CLI, "-p", str(self.port), *args], check=True,
+        options = ["-p", str(self.port)]
+        if self.tls:
+            options += ["--tls", "--cacert", str(self.tls[2])]
+        if self.password:
+            options += ["-a", self.password, "--no-auth-warning"]
+        return subprocess.run([REDIS_CLI, *options, *args], check=True,
                               capture_output=True, text=True).stdout.strip()
 
     def session_keys(self):
@@ -78,7 +90,7 @@ class RedisCluster:
         self.nodes = []
         for _ in range(3):
             node = Redis.__new__(Redis)
-            node.port, node.aof = cluster_port(), False
+            node.port, node.aof, node.tls, node.password = cluster_port(), False, None, None
             node.dir = Path(tempfile.mkdtemp(prefix="layerd-redis-cluster-"))
             node.url = f"redis://127.0.0.1:{node.port}"
             node.log = node.dir / "redis.log"
@@ -121,9 +133,10 @@ def cluster_port():
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def replica(redis, name, *flags, addr="127.0.0.1:0"):
-    """A layerd replica with the session store, its metrics endpoint and a short drain."""
-    return Server("--session-store", redis.url, "--replica-id", name, "--metrics-addr", "127.0.0.1:0",
+def replica(redis, name, *flags, addr="127.0.0.1:0", url=None):
+    """A layerd replica with the session store (`url`, default redis's), its metrics endpoint and
+    a short drain."""
+    return Server("--session-store", url or redis.url, "--replica-id", name, "--metrics-addr", "127.0.0.1:0",
                   "--shutdown-grace", "2s", *flags, addr=addr)
 
 

@@ -175,7 +175,7 @@ def test_the_stateful_overlay_is_the_deployment_with_a_state_directory():
     assert {"LAYERD_STATE_DIR", "LAYERD_SNAPSHOT_INTERVAL"} <= set(re.findall(r"env: (LAYERD_[A-Z_]+)", help_text))
 
 
-def test_the_redis_overlay_points_layerd_at_its_redis_with_the_secret():
+def test_the_redis_overlay_points_layerd_at_its_redis_with_the_secret(tmp_path):
     """The patch names the base Deployment's container; its variables are layerd's flags; the
     URL's host and port are the Redis Service's; both read the same Secret key; and layerd
     started with those variables (the password expanded as Kubernetes does) serves sessions
@@ -225,6 +225,15 @@ def test_the_redis_overlay_points_layerd_at_its_redis_with_the_secret():
         # A wrong password: layerd does not start, and says why.
         with pytest.raises(AssertionError, match="session-store"):
             Server("--session-store", real_url.replace(password, "wrong"))
+        # The password from a file (a Secret mounted as one) instead of the URL.
+        secret = tmp_path / "password"
+        secret.write_text(password + "\n")
+        plain_url = f"redis://127.0.0.1:{redis.port}"
+        server = Server("--session-store", plain_url, "--session-store-password-file", str(secret))
+        assert server.stop() == 0
+        secret.write_text("wrong\n")
+        with pytest.raises(AssertionError, match="session-store"):
+            Server("--session-store", plain_url, "--session-store-password-file", str(secret))
     finally:
         redis.stop()
 

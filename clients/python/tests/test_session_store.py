@@ -418,3 +418,35 @@ def test_a_retry_on_the_replica_that_took_the_session_over_gets_the_first_answer
     finally:
         a.stop()
         b.stop()
+
+
+def test_rediss_with_a_ca_and_a_password_file(tmp_path):
+    """Redis over TLS only (its certificate from a test CA, made here) requiring a password:
+    layerd connects with rediss://, --session-store-ca and --session-store-password-file and
+    keeps a session there; without the CA (the system's roots) it refuses to start."""
+    import trustme
+    from redis_store import Redis
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    for name, pem in [("ca.pem", ca.cert_pem), ("redis.pem", cert.cert_chain_pems[0]),
+                      ("redis.key", cert.private_key_pem)]:
+        pem.write_to_path(tmp_path / name)
+    (tmp_path / "password").write_text("tls-test-password\n")
+    redis = Redis.start_or_skip(tls=(tmp_path / "redis.pem", tmp_path / "redis.key", tmp_path / "ca.pem"),
+                                password="tls-test-password")
+    url = f"rediss://127.0.0.1:{redis.port}"
+    try:
+        server = replica(redis, "tls", "--session-store-ca", str(tmp_path / "ca.pem"),
+                         "--session-store-password-file", str(tmp_path / "password"), url=url)
+        try:
+            with layerd.Client(server.addr) as client:
+                s = client.session(session_id="over-tls")
+                s.layer("relu", layer_id="act")
+                assert s.describe()["layers"]["act"]["kind"] == "relu"
+            assert len(redis.session_keys()) == 1
+        finally:
+            server.stop()
+        with pytest.raises(AssertionError, match="session-store"):
+            replica(redis, "no-ca", "--session-store-password-file", str(tmp_path / "password"), url=url)
+    finally:
+        redis.stop()
