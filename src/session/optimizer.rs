@@ -138,21 +138,28 @@ impl Optimizer {
         }
         let steps = self.steps.lock().await;
         match after {
-            Some(expected) if steps.count != expected => match self.replay(expected, request) {
-                Some(applied) => Ok(Turn::Replay(applied)),
-                None => Err(self.out_of_order(expected, steps.count)),
-            },
+            Some(expected) if steps.count != expected => self
+                .retried(expected, request, steps.count)
+                .map(Turn::Replay),
             _ => Ok(Turn::Run(steps)),
         }
     }
 
     /// The last update if it was the call numbered `after` with fingerprint
     /// `request` and nothing was applied since.
-    pub fn replay(&self, after: u64, request: u64) -> Option<Arc<Applied>> {
+    fn replay(&self, after: u64, request: u64) -> Option<Arc<Applied>> {
         let progress = self.progress.borrow();
         let last = progress.last.as_ref()?;
         (progress.count == after + 1 && last.after == after && last.request == request)
             .then(|| last.clone())
+    }
+
+    /// A call numbered `after` (`request`: its fingerprint) found the count
+    /// at `got`, past it: the last update, if the call is its retry
+    /// (the same request, nothing applied since), else STEP_OUT_OF_ORDER.
+    pub fn retried(&self, after: u64, request: u64, got: u64) -> Result<Arc<Applied>, Error> {
+        self.replay(after, request)
+            .ok_or_else(|| self.out_of_order(after, got))
     }
 
     /// Fails a call numbered `after` ahead of the count of an optimizer just

@@ -20,7 +20,7 @@
 //!   N; it fails with STEP_OUT_OF_ORDER, changing nothing, as soon as the
 //!   count is past N (at submission, or when the count moves past it while
 //!   it waits) — unless it is a retry of the update just applied
-//!   ([`Optimizer::replay`]), which gets that update's answer again;
+//!   ([`Optimizer::retried`]), which gets that update's answer again;
 //!   unnumbered calls run in arrival order when no numbered call is due;
 //! - whoever moves the count ([`Optimizer::set_count`]: a Step, an import,
 //!   the runner) wakes the queue ([`kick`]), so a call whose turn came is
@@ -201,10 +201,9 @@ pub async fn submit<C: StepCall>(
         }
         let slot = match after {
             Some(after) if after < count => {
-                return match optimizer.replay(after, request) {
-                    Some(applied) => Ok(C::replayed(&applied)),
-                    None => Err(optimizer.out_of_order(after, count)),
-                };
+                return optimizer
+                    .retried(after, request, count)
+                    .map(|applied| C::replayed(&applied));
             }
             Some(after) => {
                 pending.numbered.insert((after, arrival), job);
@@ -270,11 +269,8 @@ fn run(optimizer: &Arc<Optimizer>) {
             (stale, job)
         };
         for ((after, _), job) in stale {
-            let outcome = match optimizer.replay(after, job.request) {
-                Some(applied) => Outcome::Replay(applied),
-                None => Outcome::Fail(optimizer.out_of_order(after, steps.count)),
-            };
-            (job.settle)(outcome);
+            let outcome = optimizer.retried(after, job.request, steps.count);
+            (job.settle)(outcome.map_or_else(Outcome::Fail, Outcome::Replay));
         }
         let Some(Job { settle, span, .. }) = job else {
             return;
