@@ -28,10 +28,7 @@ impl DType {
     /// The dtype computed for a wire dtype named as in [`DType::proto_name`]
     /// (a half type computes in float32); None for another name.
     pub fn from_proto_name(name: &str) -> Option<DType> {
-        [Wire::F32, Wire::F64, Wire::F16, Wire::BF16]
-            .into_iter()
-            .find(|wire| wire.proto_name() == name)
-            .map(Wire::compute)
+        Wire::from_proto_name(name).map(Wire::compute)
     }
 
     /// How a tensor of this dtype travels.
@@ -102,6 +99,14 @@ impl Wire {
             Wire::BF16 => bytemuck::cast_slice_mut::<u16, bf16>(out).convert_from_f32_slice(values),
             Wire::F32 | Wire::F64 => unreachable!("only half types are narrowed"),
         }
+    }
+
+    /// The wire dtype named `name` as in [`Wire::proto_name`]; None for
+    /// another name.
+    pub fn from_proto_name(name: &str) -> Option<Wire> {
+        [Wire::F32, Wire::F64, Wire::F16, Wire::BF16]
+            .into_iter()
+            .find(|wire| wire.proto_name() == name)
     }
 
     /// The proto enum value name, as clients see it.

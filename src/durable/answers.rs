@@ -55,7 +55,8 @@ pub struct Stored(Vec<(String, Applied)>);
 /// The session's remembered steps, encoded (empty if none).
 pub async fn encode(session: &Session) -> Vec<u8> {
     let mut entries = HashMap::new();
-    let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+    // The answers' own bytes (shared, not copied) until serialised.
+    let mut tensors: Vec<(String, Bytes)> = Vec::new();
     for optimizer in session.optimizers_by_id() {
         let Some(last) = optimizer.last_applied() else {
             continue;
@@ -63,7 +64,7 @@ pub async fn encode(session: &Session) -> Vec<u8> {
         let answer = last.answer.as_ref().map(|a| {
             let mut layout = |name: &str, t: &Option<Tensor>| {
                 t.as_ref().map(|t| {
-                    tensors.push((format!("{}.{name}", optimizer.id), t.wire_bytes().to_vec()));
+                    tensors.push((format!("{}.{name}", optimizer.id), t.wire_bytes()));
                     Layout {
                         dtype: t.wire().proto_name().to_string(),
                         shape: t.shape().iter().map(|&d| d as u64).collect(),
@@ -158,9 +159,7 @@ fn tensor_of(file: &SafeTensors<'_>, name: &str, layout: Layout) -> Result<Tenso
     if view.dtype() != Dtype::U8 || view.shape().len() != 1 {
         return Err(format!("{name}: not a U8 vector"));
     }
-    let wire = [Wire::F32, Wire::F64, Wire::F16, Wire::BF16]
-        .into_iter()
-        .find(|w| w.proto_name() == layout.dtype)
+    let wire = Wire::from_proto_name(&layout.dtype)
         .ok_or_else(|| format!("{name}: unknown dtype {:?}", layout.dtype))?;
     let (shape, len) = validated_shape(&layout.shape, wire.itemsize(), wire.proto_name(), name)
         .map_err(|e| e.to_string())?;
