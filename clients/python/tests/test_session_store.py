@@ -165,11 +165,14 @@ def train_through(fleet, reference, disrupt, clients=CLIENTS, resumed=None):
     results, errors = {}, []
     started = threading.Barrier(clients + 1)
 
-    def pause(k):
-        if k == 20:
-            started.wait(timeout=60)
-
     def client(seed):
+        paused = []
+
+        def pause(k):  # once: a client that resumed from behind step 20 passes it again
+            if k == 20 and not paused:
+                paused.append(k)
+                started.wait(timeout=60)
+
         try:
             with layerd.Client(fleet.proxy.addr, retry=layerd.Retry(attempts=12, initial_backoff=0.1)) as c:
                 results[seed] = train(c, seed, pause, resumed=resumed)
