@@ -36,6 +36,8 @@ from layerd.v1 import layerd_pb2 as pb
 from layerd.v1 import layerd_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+#: TrainSteps in flight per session in the pipelined cases (numbered by expected_step).
+PIPELINE = 4
 
 
 def cpu_model() -> str:
@@ -242,6 +244,9 @@ def main() -> None:
                                                             args.duration),
         "convnet TrainStep (steps/s)": lambda addr: bench_rate(
             bench, addr, ["--mode", "train-step", "--network", "convnet"], args.duration),
+        **{f"{net} TrainStep, pipelined {PIPELINE} (steps/s)": (lambda net: lambda addr: bench_rate(
+            bench, addr, ["--mode", "train-step", "--network", net.lower(), "--pipeline", str(PIPELINE)],
+            args.duration))(net) for net in ("MLP", "convnet")},
     }
     try:
         print(f"CPU: {cpu_model()}; Redis on loopback; medians of {args.rounds} alternating rounds of "

@@ -86,11 +86,11 @@ pub enum Error {
     )]
     NothingKept { layer_id: String },
 
-    /// Backward on a layer whose session moved to this replica (from a
-    /// session store) after its last keeping Forward: kept state does not
-    /// move with a session.
+    /// Backward on a layer whose session was taken over (from a session
+    /// store) from a replica that died after its last keeping Forward: what
+    /// it kept died with it (a graceful handover moves kept state).
     #[error(
-        "layer {layer_id:?} has nothing kept on this replica: its session moved here from another replica after the last Forward, and kept state does not move; call Forward again, then Backward"
+        "layer {layer_id:?} has nothing kept on this replica: its session was taken over from a replica that stopped without handing it over, after the last Forward; call Forward again, then Backward"
     )]
     KeptStateLost { layer_id: String },
 

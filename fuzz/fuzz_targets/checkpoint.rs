@@ -1,8 +1,11 @@
 //! Fuzzes ImportSession's file: arbitrary bytes through the checkpoint
 //! parser, and what parses, restored into a session and exported again.
-//! The same bytes go through the session store's other value, the last
+//! The same bytes go through the session store's other values: the last
 //! numbered answers (`durable::answers::decode`), which must refuse them or
-//! decode them without panicking.
+//! decode them without panicking; and the kept state of a handover
+//! (`durable::kept`), as they are and spliced into a valid value (every
+//! kind's kept state, see `kept.rs`), which must be refused or restored into
+//! a session whose every Backward then runs without panicking.
 //!
 //! Invariants: nothing panics; every refusal is INVALID_ARGUMENT (a bad file
 //! is the client's error); a file that parses restores within generous
@@ -18,8 +21,12 @@ use layerd::error::Error;
 use layerd::session::{Limits, Store};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "kept.rs"]
+mod kept;
+
 fuzz_target!(|data: &[u8]| {
     let _ = layerd::durable::answers::decode(data);
+    kept::run(data);
     let checkpoint = match parse(data) {
         Ok(checkpoint) => checkpoint,
         Err(error) => {
@@ -56,6 +63,10 @@ fuzz_target!(|data: &[u8]| {
         let (id, _) = store.create(&owner, "b", 0).unwrap();
         let copy = store.session(&owner, &id).unwrap();
         restore(&copy, again).await.expect("it fitted once");
-        assert_eq!(export(&copy).await.unwrap(), file, "export ∘ import is the identity");
+        assert_eq!(
+            export(&copy).await.unwrap(),
+            file,
+            "export ∘ import is the identity"
+        );
     });
 });

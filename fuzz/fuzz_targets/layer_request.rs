@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 
+use layerd::api::spec::new_layer;
 use layerd::pb::{self, run_request::Step};
 use layerd::session::check_id;
-use layerd::api::spec::new_layer;
 use layerd::tensor::{Target, Tensor};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -133,5 +133,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// Bitwise equality (NaN payloads included).
 fn same_bits(a: &Tensor, b: &Tensor) -> bool {
-    a.dtype() == b.dtype() && a.shape() == b.shape() && a.clone().into_proto().data == b.clone().into_proto().data
+    a.dtype() == b.dtype()
+        && a.shape() == b.shape()
+        && a.clone().into_proto().data == b.clone().into_proto().data
 }

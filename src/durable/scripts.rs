@@ -1,14 +1,17 @@
 //! The store's keys and the Lua scripts that change them atomically.
 //!
-//! A session has three keys, all hash-tagged `{<owner in hex>:<id>}` (a
+//! A session has three keys (four while it is released), all hash-tagged `{<owner in hex>:<id>}` (a
 //! Redis Cluster hash tag: one slot for all of them):
 //! - `layerd:session:{…}`, a hash: `epoch` (a decimal count of take-overs),
 //!   `holder` (the holding replica's id, `""` once released), `owner`, `id`
 //!   and `idle` (seconds);
 //! - `layerd:state:{…}`: the session's checkpoint, a plain string;
-//! - `layerd:answers:{…}`: the last numbered step of each optimizer.
+//! - `layerd:answers:{…}`: the last numbered step of each optimizer;
+//! - `layerd:kept:{…}`: what its layers kept for Backward, written only by a
+//!   holder letting go (a handover, the drain) and taken with the session by
+//!   the next holder, so it never outlives the state it was kept with.
 //!
-//! All three expire after the session's idle timeout. A write sends the new
+//! All of them expire after the session's idle timeout. A write sends the new
 //! checkpoint with a plain SET to a staging key of the writer
 //! (`layerd:staging:{…}:<replica>`) and, in the same pipeline, [`COMMIT`]
 //! renames it over the state if the writer still holds the session: the
@@ -33,6 +36,7 @@ pub struct Keys {
     pub session: String,
     pub state: String,
     pub answers: String,
+    pub kept: String,
     tag: String,
 }
 
@@ -43,6 +47,7 @@ impl Keys {
             session: format!("layerd:session:{tag}"),
             state: format!("layerd:state:{tag}"),
             answers: format!("layerd:answers:{tag}"),
+            kept: format!("layerd:kept:{tag}"),
             tag,
         }
     }
@@ -104,11 +109,11 @@ return 1
 /// milliseconds; a replica that died between the two leaves it to expire).
 pub const STAGING_TTL_MS: u64 = 10_000;
 
-/// KEYS: session, state, answers, staging. ARGV: epoch, holder, answers, TTL
-/// in ms, release (1: the holder lets go). If (epoch, holder) still hold,
-/// moves the staged state over the state and answers 1; else drops the
-/// staged state and answers 0 (fenced); -1 if the staged state is gone
-/// (expired before its commit: nothing written).
+/// KEYS: session, state, answers, staging, kept. ARGV: epoch, holder,
+/// answers, TTL in ms, release (1: the holder lets go), kept (with release).
+/// If (epoch, holder) still hold, moves the staged state over the state and
+/// answers 1; else drops the staged state and answers 0 (fenced); -1 if the
+/// staged state is gone (expired before its commit: nothing written).
 pub static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -120,7 +125,12 @@ end
 if redis.call('EXISTS', KEYS[4]) == 0 then return -1 end
 redis.call('RENAME', KEYS[4], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'holder', '') end
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'holder', '')
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[4]) end
+else
+  redis.call('DEL', KEYS[5])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
@@ -141,24 +151,25 @@ return 1
     )
 });
 
-/// KEYS: session, state, answers. ARGV: epoch, holder. Deletes the session
-/// if (epoch, holder) still hold; 1 or 0 as [`COMMIT`].
+/// KEYS: session, state, answers, kept. ARGV: epoch, holder. Deletes the
+/// session if (epoch, holder) still hold; 1 or 0 as [`COMMIT`].
 pub static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local held = redis.call('HMGET', KEYS[1], 'epoch', 'holder')
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return 1
 ",
     )
 });
 
-/// KEYS: session, state, answers. ARGV: the epoch read, the taker. If the
-/// epoch is still the one read, increments it and makes the taker the
-/// holder; answers {new epoch, owner, id, idle, state, answers} (a missing
-/// value as an empty string), or an empty list if another replica got there
-/// first (or the session is gone).
+/// KEYS: session, state, answers, kept. ARGV: the epoch read, the taker. If
+/// the epoch is still the one read, increments it, makes the taker the
+/// holder and takes the kept state (deleting it); answers {new epoch, owner,
+/// id, idle, state, answers, kept} (a missing value as an empty string), or
+/// an empty list if another replica got there first (or the session is
+/// gone).
 pub static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -169,7 +180,9 @@ redis.call('HSET', KEYS[1], 'epoch', next, 'holder', ARGV[2])
 local f = redis.call('HMGET', KEYS[1], 'owner', 'id', 'idle')
 local state = redis.call('GET', KEYS[2])
 local answers = redis.call('GET', KEYS[3])
-return {next, f[1] or '', f[2] or '', f[3] or '', state or '', answers or ''}
+local kept = redis.call('GET', KEYS[4])
+redis.call('DEL', KEYS[4])
+return {next, f[1] or '', f[2] or '', f[3] or '', state or '', answers or '', kept or ''}
 ",
     )
 });
@@ -184,6 +197,7 @@ mod tests {
         assert_eq!(keys.session, "layerd:session:{617d7b62:s1}");
         assert_eq!(keys.state, "layerd:state:{617d7b62:s1}");
         assert_eq!(keys.answers, "layerd:answers:{617d7b62:s1}");
+        assert_eq!(keys.kept, "layerd:kept:{617d7b62:s1}");
         assert_eq!(keys.staging("r0"), "layerd:staging:{617d7b62:s1}:r0");
         assert_eq!(
             Keys::of(&Principal::default(), "s1").session,

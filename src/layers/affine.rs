@@ -19,7 +19,9 @@ use ndarray::{
 };
 
 use super::linalg::matmul;
-use super::{init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
+use super::{
+    init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Part, Parts, Plan, Slot,
+};
 
 /// The affine kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,6 +66,15 @@ impl Layer for Affine {
 
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn save_kept<F: Float>(&self, kept: &Kept<F>) -> Vec<Part<F>> {
+        vec![Part::Floats(kept.x.to_owned())]
+    }
+
+    fn load_kept<F: Float>(&self, plan: Plan<'_>, parts: &mut Parts<F>) -> Result<Kept<F>, String> {
+        let x = parts.floats("x", plan.x)?.into_shared();
+        Ok(Kept { x })
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept<F>> {

@@ -22,7 +22,7 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, IxDyn};
 
 use super::affine::param1;
-use super::{Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
+use super::{Backwarded, Fill, Float, Forwarded, Inputs, Layer, Part, Parts, Plan, Slot};
 
 /// The batch_norm kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,6 +62,38 @@ impl Layer for BatchNorm {
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         let rows = plan.x.iter().product::<usize>() / self.features.max(1);
         Kept::<f64>::elements_for(rows, self.features, plan.eval) * plan.itemsize
+    }
+
+    fn save_kept<F: Float>(&self, kept: &KeptInput<F>) -> Vec<Part<F>> {
+        let k = &kept.kept;
+        let mut parts = vec![
+            Part::Floats(k.xn.clone().into_dyn()),
+            Part::Floats(k.std.clone().into_dyn()),
+        ];
+        parts.extend(k.xc.iter().map(|xc| Part::Floats(xc.clone().into_dyn())));
+        parts
+    }
+
+    fn load_kept<F: Float>(
+        &self,
+        plan: Plan<'_>,
+        parts: &mut Parts<F>,
+    ) -> Result<KeptInput<F>, String> {
+        let f = self.features;
+        let rows = plan.x.iter().product::<usize>() / f.max(1);
+        let matrix = |a: ndarray::ArrayD<F>| a.into_dimensionality::<ndarray::Ix2>().expect("2-D");
+        let xn = matrix(parts.floats("xn", &[rows, f])?);
+        let std = parts.floats("std", &[f])?;
+        let std = std.into_dimensionality::<ndarray::Ix1>().expect("1-D");
+        let xc = if plan.eval {
+            None
+        } else {
+            Some(matrix(parts.floats("xc", &[rows, f])?))
+        };
+        Ok(KeptInput {
+            kept: Kept { xc, xn, std },
+            shape: plan.x.to_vec(),
+        })
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, KeptInput<F>> {

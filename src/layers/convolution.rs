@@ -31,7 +31,9 @@ use ndarray::{
 };
 
 use super::linalg::matmul_into;
-use super::{init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Plan, Slot};
+use super::{
+    init::Init, Backwarded, Fill, Float, Forwarded, Inputs, Layer, Part, Parts, Plan, Slot,
+};
 
 /// The convolution kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +90,20 @@ impl Layer for Convolution {
 
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn save_kept<F: Float>(&self, x: &Array4<F>) -> Vec<Part<F>> {
+        vec![Part::Floats(x.clone().into_dyn())]
+    }
+
+    fn load_kept<F: Float>(
+        &self,
+        plan: Plan<'_>,
+        parts: &mut Parts<F>,
+    ) -> Result<Array4<F>, String> {
+        let x = parts.floats("x", plan.x)?;
+        x.into_dimensionality::<Ix4>()
+            .map_err(|_| format!("x: expected 4 dimensions, got {:?}", plan.x))
     }
 
     fn scratch_elements(&self, x: &[usize]) -> u64 {

@@ -14,7 +14,7 @@
 use ndarray::{ArrayD, ArrayViewD};
 
 use super::rng::Rng;
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 
 /// The dropout kind, configured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,6 +50,21 @@ impl Layer for Dropout {
         } else {
             Mask::bytes_for(plan.x.iter().product())
         }
+    }
+
+    fn save_kept<F: Float>(&self, kept: &Kept) -> Vec<Part<F>> {
+        match kept {
+            Kept::Train(mask) => vec![Part::Bits(mask.words.clone())],
+            Kept::Eval => Vec::new(),
+        }
+    }
+
+    fn load_kept<F: Float>(&self, plan: Plan<'_>, parts: &mut Parts<F>) -> Result<Kept, String> {
+        if plan.eval {
+            return Ok(Kept::Eval);
+        }
+        let words = parts.bits("mask", plan.x.iter().product())?;
+        Ok(Kept::Train(Mask { words }))
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept> {

@@ -9,7 +9,7 @@
 
 use ndarray::ArrayViewD;
 
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 
 /// The identity kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,6 +31,14 @@ impl Layer for Identity {
 
     fn kept_bytes(&self, _plan: Plan<'_>) -> usize {
         0
+    }
+
+    fn save_kept<F: Float>(&self, _kept: &()) -> Vec<Part<F>> {
+        Vec::new()
+    }
+
+    fn load_kept<F: Float>(&self, _plan: Plan<'_>, _parts: &mut Parts<F>) -> Result<(), String> {
+        Ok(())
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, ()> {

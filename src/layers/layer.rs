@@ -7,6 +7,7 @@
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::kernels::{init, rng, vexp};
+use super::record::{Part, Parts};
 use super::softmax_with_loss::TargetView;
 use crate::dtype::{Element, Wire};
 
@@ -234,6 +235,20 @@ pub trait Layer: Clone + Send + Sync + 'static {
         dout: ArrayViewD<'_, F>,
     ) -> Backwarded<F>;
 
+    /// The kept state as arrays, to move it to another replica
+    /// ([`super::record`]).
+    fn save_kept<F: Float>(&self, kept: &Self::Kept<F>) -> Vec<Part<F>>;
+
+    /// The kept state back from the parts [`Layer::save_kept`] listed, for a
+    /// keeping Forward as `plan` describes (its shape checked by
+    /// [`Layer::output_shape`]); every part is checked, as they come from
+    /// outside.
+    fn load_kept<F: Float>(
+        &self,
+        plan: Plan<'_>,
+        parts: &mut Parts<F>,
+    ) -> Result<Self::Kept<F>, String>;
+
     /// Only the parameter gradients of [`Layer::backward`], for the first
     /// layer of a training step whose `dx` nobody asked for. Kinds whose
     /// `dx` costs a matrix product skip it; the default computes and drops it.
@@ -280,6 +295,8 @@ pub trait MemberKept<F: Float>: Send + Sync {
     fn param_grads(&self, values: &[ArrayViewD<'_, F>], dout: ArrayViewD<'_, F>) -> Vec<ArrayD<F>>;
     /// [`Layer::backward_halves`] from this state.
     fn backward_halves(&self, ds: &[u16]) -> Option<Vec<u16>>;
+    /// [`Layer::save_kept`] of this state.
+    fn save(&self) -> Vec<Part<F>>;
 }
 
 /// A kind's kept state with (a copy of) the configured kind that kept it.
@@ -309,6 +326,10 @@ impl<L: Layer, F: Float> MemberKept<F> for KeptBy<L, F> {
     fn backward_halves(&self, ds: &[u16]) -> Option<Vec<u16>> {
         self.layer.backward_halves(&self.kept, ds)
     }
+
+    fn save(&self) -> Vec<Part<F>> {
+        self.layer.save_kept(&self.kept)
+    }
 }
 
 /// The kept state of the members that ran in one Forward, in the element
@@ -329,5 +350,13 @@ impl KeptMembers {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The compute type of the members' state.
+    pub fn dtype(&self) -> crate::dtype::DType {
+        match self {
+            KeptMembers::F32(_) => crate::dtype::DType::F32,
+            KeptMembers::F64(_) => crate::dtype::DType::F64,
+        }
     }
 }

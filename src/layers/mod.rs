@@ -13,6 +13,7 @@
 //!   vectorisable exp ([`vexp`]), the seeded generator ([`rng`]), weight
 //!   initialisation ([`init`]) and the stateless elementwise passes over raw
 //!   bytes ([`elementwise`]);
+//! - [`record`]: kept state as plain arrays, to move it between replicas;
 //! - [`chain`]: a layer instance's math, dtype-erased over validated
 //!   [`crate::tensor::Tensor`]s: its members run in order on Forward and in
 //!   reverse on Backward.
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod kernels;
 pub mod layer;
 pub mod pooling;
+pub mod record;
 pub mod registry;
 pub mod relu;
 pub mod sigmoid;
@@ -43,7 +45,7 @@ pub use kernels::{elementwise, init, linalg, rng, vexp};
 
 pub use affine::Affine;
 pub use batch_norm::BatchNorm;
-pub use chain::{Chain, Kept, Member, MemberState};
+pub use chain::{Chain, Kept, KeptRecord, Member, MemberParts, MemberState};
 pub use convolution::Convolution;
 pub use dropout::Dropout;
 pub use elementwise::Elementwise;
@@ -53,6 +55,7 @@ pub use layer::{
     Slot,
 };
 pub use pooling::Pool;
+pub use record::{Part, Parts};
 pub(crate) use registry::{with_float, with_spec};
 pub use registry::{Kind, Spec};
 pub use relu::Relu;

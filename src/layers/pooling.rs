@@ -20,7 +20,7 @@
 
 use ndarray::{Array4, ArrayView4, ArrayViewD, Ix4};
 
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 
 impl Layer for Pool {
     const NAME: &'static str = "pooling";
@@ -48,6 +48,24 @@ impl Layer for Pool {
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         let y = self.output_shape(plan.x).expect("validated");
         Winners::bytes_for(y.iter().product())
+    }
+
+    fn save_kept<F: Float>(&self, winners: &Winners) -> Vec<Part<F>> {
+        vec![Part::Positions(winners.positions.clone().into_dyn())]
+    }
+
+    fn load_kept<F: Float>(&self, plan: Plan<'_>, parts: &mut Parts<F>) -> Result<Winners, String> {
+        let y = self.output_shape(plan.x)?;
+        let cells = u32::try_from(self.pool_h * self.pool_w).unwrap_or(u32::MAX);
+        let positions = parts.positions("winners", &y, cells)?;
+        let input: [usize; 4] = plan
+            .x
+            .try_into()
+            .map_err(|_| format!("x: expected (N, C, H, W), got {:?}", plan.x))?;
+        let positions = positions
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| format!("winners: expected 4 dimensions, got {y:?}"))?;
+        Ok(Winners { input, positions })
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Winners> {

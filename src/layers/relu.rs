@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
 use super::layer::Halved;
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 use crate::dtype::Wire;
 
 /// The ReLU kind.
@@ -180,6 +180,16 @@ impl Layer for Relu {
 
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         Mask::bytes_for(plan.x.iter().product())
+    }
+
+    fn save_kept<F: Float>(&self, mask: &Mask) -> Vec<Part<F>> {
+        vec![Part::Bits(mask.words.clone())]
+    }
+
+    fn load_kept<F: Float>(&self, plan: Plan<'_>, parts: &mut Parts<F>) -> Result<Mask, String> {
+        let len = plan.x.iter().product();
+        let words = parts.bits("mask", len)?;
+        Ok(Mask { words, len })
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Mask> {

@@ -13,7 +13,7 @@
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 
 /// The sigmoid kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,6 +75,18 @@ impl Layer for Sigmoid {
 
     fn kept_bytes(&self, plan: Plan<'_>) -> usize {
         plan.x.iter().product::<usize>() * plan.itemsize
+    }
+
+    fn save_kept<F: Float>(&self, y: &ArcArray<F, IxDyn>) -> Vec<Part<F>> {
+        vec![Part::Floats(y.to_owned())]
+    }
+
+    fn load_kept<F: Float>(
+        &self,
+        plan: Plan<'_>,
+        parts: &mut Parts<F>,
+    ) -> Result<ArcArray<F, IxDyn>, String> {
+        Ok(parts.floats("y", plan.x)?.into_shared())
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, ArcArray<F, IxDyn>> {

@@ -19,7 +19,7 @@
 
 use ndarray::{arr0, Array1, Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Ix2};
 
-use super::{Backwarded, Float, Forwarded, Inputs, Layer, Plan};
+use super::{Backwarded, Float, Forwarded, Inputs, Layer, Part, Parts, Plan};
 
 /// The softmax_with_loss kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +74,26 @@ impl Layer for SoftmaxWithLoss {
 
     fn is_loss(&self) -> bool {
         true
+    }
+
+    fn save_kept<F: Float>(&self, kept: &Kept<F>) -> Vec<Part<F>> {
+        let t = match &kept.t {
+            OwnedTarget::Classes(ids) => Part::Classes(ids.clone()),
+            OwnedTarget::Probabilities(p) => Part::Floats(p.clone().into_dyn()),
+        };
+        vec![Part::Floats(kept.y.clone().into_dyn()), t]
+    }
+
+    fn load_kept<F: Float>(&self, plan: Plan<'_>, parts: &mut Parts<F>) -> Result<Kept<F>, String> {
+        let (n, c) = (plan.x[0], plan.x[1]);
+        let rows = |a: ndarray::ArrayD<F>| a.into_dimensionality::<Ix2>().expect("checked (N, C)");
+        let y = rows(parts.floats("y", plan.x)?);
+        let t = if plan.classes {
+            OwnedTarget::Classes(parts.classes("t", n, c)?)
+        } else {
+            OwnedTarget::Probabilities(rows(parts.floats("t", plan.x)?))
+        };
+        Ok(Kept { y, t })
     }
 
     fn forward<F: Float>(&self, inputs: Inputs<'_, F>) -> Forwarded<F, Kept<F>> {

@@ -84,10 +84,10 @@ pub struct InstanceState {
     pub kept: Option<Arc<KeptEntry>>,
     /// The optimizer owning its parameters, and that optimizer's state for them.
     pub optimizer: Option<OptimizerState>,
-    /// The session moved to this replica (a session store) since the last
-    /// keeping Forward: kept state does not move, so a Backward now answers
-    /// KEPT_STATE_LOST rather than NOTHING_KEPT. Cleared by the next commit
-    /// of kept state, and by SetParams.
+    /// The session came to this replica (a session store) without the kept
+    /// state of the last keeping Forward (taken from a holder that died), so
+    /// a Backward now answers KEPT_STATE_LOST rather than NOTHING_KEPT.
+    /// Cleared by the next commit of kept state, and by SetParams.
     pub kept_lost: bool,
 }
 

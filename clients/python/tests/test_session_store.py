@@ -375,14 +375,60 @@ def test_bad_store_contents_are_a_clear_error_and_never_another_principals(redis
         second.stop()
 
 
-def test_a_backward_after_the_session_moved_asks_for_the_forward_again(redis):
+def forward_then_backward(first, then, relu_x):
+    """On `first`: Forwards of the convnet (float64, with its target) and of a ReLU on float16
+    (kept as a bitset of the half values); on `then` (the same client, or the replica the session
+    moved to): their Backwards. Answers every dx and gradient."""
+    x, t = batches(1)[0]
+    s = first.session(session_id="kept")
+    net = s.sequential(CONVNET, layer_id="net", dtype=np.float64)
+    act = s.layer("relu", layer_id="act")
+    net.forward(x, t)
+    act.forward(relu_x)
+    moved = then.attach("kept") if then is not first else s
+    dx, grads = moved.get_layer("net").backward(return_grads=True)
+    relu_dx = moved.get_layer("act").backward(np.full(relu_x.shape, 3.0, np.float16))
+    moved.close()
+    return dx, grads, relu_dx
+
+
+def test_a_backward_after_a_handover_answers_as_on_the_replica_that_kept_its_forward(redis):
+    """A live holder asked to let go writes what its layers kept (masks, inputs, batch statistics,
+    pooling winners, the loss's scores and target): Backward on the replica that took the session
+    over answers bit for bit what it would have answered on the first."""
+    relu_x = np.array([1.5, -2.0, 0.0, -0.0, 65504.0], np.float16)
+    server = Server()
+    try:
+        with layerd.Client(server.addr) as alone:
+            want = forward_then_backward(alone, alone, relu_x)
+    finally:
+        server.stop()
+    a, b = replica(redis, "a"), replica(redis, "b")
+    try:
+        with layerd.Client(a.addr) as on_a, layerd.Client(b.addr) as on_b:
+            got = forward_then_backward(on_a, on_b, relu_x)
+        assert handovers(b, "in") == 1
+    finally:
+        a.stop()
+        b.stop()
+    assert np.array_equal(got[0], want[0])
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        assert np.array_equal(got[1][name], want[1][name]), name
+    assert got[2].dtype == np.float16 and got[2].tobytes() == want[2].tobytes()
+    assert redis.stored_keys() == []  # the kept state moved once, and went with the session
+
+
+def test_a_backward_after_its_holder_died_asks_for_the_forward_again(redis):
     a, b = replica(redis, "a"), replica(redis, "b")
     x = np.array([1.5, -2.0, 0.5], np.float32)
     try:
         with layerd.Client(a.addr) as on_a, layerd.Client(b.addr) as on_b:
             s = on_a.session(session_id="kept")
             s.layer("relu", layer_id="act").forward(x)
-            moved = on_b.attach("kept")  # a hands it over: kept state stays behind
+            a.proc.kill()  # SIGKILL: what it kept dies with it
+            a.proc.wait()
+            moved = on_b.attach("kept")
             act = moved.get_layer("act")
             with pytest.raises(layerd.FailedPrecondition) as caught:
                 act.backward(np.ones(3, np.float32))

@@ -145,6 +145,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
     pub cycle_steps: usize,
 
+    /// With --mode train-step: TrainSteps each worker keeps in flight,
+    /// numbered by `expected_step` so the server applies them in order
+    /// (1: one at a time, unnumbered).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16).map(|n| n as usize))]
+    pub pipeline: usize,
+
     /// With --mode train-step: train the reference with this learning rate
     /// instead of the server's. Only useful to prove that the verifier
     /// catches wrong answers.

@@ -12,9 +12,13 @@
 //! no code shared with the server — and SGD in float64), and the first
 //! accepted loss of each step is pinned: every later cycle must answer the
 //! same bits. The step count must grow by one per step.
+//!
+//! With `--pipeline N` a worker keeps N TrainSteps in flight, numbered by
+//! `expected_step` (the server applies them in that order) and answered in
+//! order, so the checks are the same.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicI64, Ordering},
         Arc, OnceLock,
@@ -410,24 +414,42 @@ pub async fn run(args: &RunArgs, network: Network) -> Result<Measured, SetupErro
                     measured.error(Instant::now(), &status, Instant::now());
                     continue;
                 }
-                for step in 0..workload.steps() {
-                    let sent = Instant::now();
-                    if sent >= measure_from && remaining.fetch_sub(1, Ordering::Relaxed) <= 0 {
-                        break 'cycles;
+                // Up to --pipeline steps in flight, answered in order.
+                let (base, mut in_flight) = (last_steps, VecDeque::new());
+                let (mut next, mut stop, mut failed) = (0, false, false);
+                loop {
+                    while !stop
+                        && !failed
+                        && next < workload.steps()
+                        && in_flight.len() < args.pipeline
+                    {
+                        let sent = Instant::now();
+                        if sent >= measure_from && remaining.fetch_sub(1, Ordering::Relaxed) <= 0 {
+                            stop = true;
+                            break;
+                        }
+                        let request = pb::TrainStepRequest {
+                            session_id: session_id.clone(),
+                            layer_id: "net".into(),
+                            optimizer_id: "sgd".into(),
+                            x: Some(workload.x.clone()),
+                            t: Some(workload.t.clone()),
+                            return_dx: false,
+                            return_scores: false,
+                            expected_step: (args.pipeline > 1).then_some(base + next as u64),
+                        };
+                        let (mut client, request) = (
+                            client.clone(),
+                            workload::routed(&args, &session_id, request),
+                        );
+                        let call = tokio::spawn(async move { client.train_step(request).await });
+                        in_flight.push_back((next, sent, call));
+                        next += 1;
                     }
-                    let request = pb::TrainStepRequest {
-                        session_id: session_id.clone(),
-                        layer_id: "net".into(),
-                        optimizer_id: "sgd".into(),
-                        x: Some(workload.x.clone()),
-                        t: Some(workload.t.clone()),
-                        return_dx: false,
-                        return_scores: false,
-                        expected_step: None,
+                    let Some((step, sent, call)) = in_flight.pop_front() else {
+                        break;
                     };
-                    let answer = client
-                        .train_step(workload::routed(&args, &session_id, request))
-                        .await;
+                    let answer = call.await.expect("a call does not panic");
                     let done = Instant::now();
                     let measuring = sent >= measure_from && sent < measure_until;
                     match answer {
@@ -435,7 +457,7 @@ pub async fn run(args: &RunArgs, network: Network) -> Result<Measured, SetupErro
                             if measuring {
                                 measured.error(sent, &status, done);
                             }
-                            continue 'cycles;
+                            failed = true;
                         }
                         Ok(answer) => {
                             let answer = answer.into_inner();
@@ -453,6 +475,9 @@ pub async fn run(args: &RunArgs, network: Network) -> Result<Measured, SetupErro
                             }
                         }
                     }
+                }
+                if stop {
+                    break 'cycles;
                 }
             }
             measured

@@ -21,7 +21,7 @@ impl Chain {
         eval: bool,
         keep: bool,
     ) -> ChainForward {
-        if let Some(forwarded) = self.forward_on_halves(states, x, plan, keep) {
+        if let Some(forwarded) = self.forward_on_halves(states, x, plan, eval, keep) {
             return forwarded;
         }
         with_float!(x.dtype(), F => self.forward_as::<F>(states, x, t, plan, eval, keep))
@@ -35,6 +35,7 @@ impl Chain {
         states: &[MemberState],
         x: &Tensor,
         plan: &ForwardPlan,
+        eval: bool,
         keep: bool,
     ) -> Option<ChainForward> {
         let [member] = &self.members[..] else {
@@ -44,6 +45,9 @@ impl Chain {
         let (y, kept) = with_spec!(&member.spec, l => forward_halves(l, wire, &xs, keep))?;
         let kept = kept.map(|kept| Kept {
             wire,
+            x_shape: x.shape().to_vec(),
+            eval,
+            classes: false,
             y_shape: x.shape().to_vec(),
             ran_loss: false,
             members: KeptMembers::F32(vec![kept]),
@@ -132,6 +136,9 @@ impl Chain {
         let y = y.unwrap_or_else(|| x.to_owned().into_shared());
         let kept = keep.then(|| Kept {
             wire: x_wire,
+            x_shape: x.shape().to_vec(),
+            eval,
+            classes: t.is_some_and(Target::is_classes),
             y_shape: y.shape().to_vec(),
             ran_loss: plan.ran_loss,
             members: F::keep(kept),

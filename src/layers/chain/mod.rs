@@ -15,11 +15,14 @@
 //!
 //! Files: this one holds the chain, its slots and values; `plan.rs` checks a
 //! Forward before it runs, `forward.rs` runs it, `backward.rs` checks and runs
-//! Backward.
+//! Backward, `record.rs` turns kept state into plain arrays and back.
 
 mod backward;
 mod forward;
 mod plan;
+mod record;
+
+pub use record::{KeptRecord, MemberParts};
 
 use std::{collections::HashMap, fmt};
 
@@ -86,6 +89,12 @@ pub struct Kept {
     /// must come, and its dx goes back, the same way; its compute dtype is
     /// the one the members kept their state in.
     wire: Wire,
+    /// The keeping Forward's x shape, mode and kind of target: what its plan
+    /// was made from, to check kept state moved from another replica
+    /// against (`record.rs`).
+    x_shape: Vec<usize>,
+    eval: bool,
+    classes: bool,
     y_shape: Vec<usize>,
     ran_loss: bool,
     /// The kept state of each member that ran, able to run its own Backward.
@@ -97,6 +106,16 @@ impl Kept {
     /// Heap bytes held, as [`ForwardPlan::kept_bytes`] declared.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// How the keeping Forward's x traveled, and so Backward's dout must.
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    /// The keeping Forward's output shape, which dout must have.
+    pub fn y_shape(&self) -> &[usize] {
+        &self.y_shape
     }
 }
 
