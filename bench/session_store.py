@@ -133,8 +133,9 @@ def churn_rate(addr: str, seconds: float, threads: int = 4) -> float:
     return sum(done) / (time.monotonic() - started)
 
 
-def mlp_session(stub, sid: str) -> None:
-    """An MLP 784-100-10 with Adam and one TrainStep: about 1 MB of parameters and state."""
+def mlp_session(stub, sid: str, forward: bool = False) -> None:
+    """An MLP 784-100-10 with Adam and one TrainStep: about 1 MB of parameters and state; with
+    `forward`, then a keeping Forward on its batch (about 360 KB kept, moved at each handover)."""
     meta = (("x-session-id", sid),)
     stub.CreateSession(pb.CreateSessionRequest(session_id=sid), metadata=meta)
     member = lambda name, kind, **c: pb.LayerSpec(name=name, kind=kind, config=pb.LayerConfig(**c))  # noqa: E731
@@ -152,14 +153,19 @@ def mlp_session(stub, sid: str) -> None:
     stub.TrainStep(pb.TrainStepRequest(session_id=sid, layer_id="net", optimizer_id="adam", x=tensor(x),
                                        t=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[100], data=t.astype("<i8").tobytes())),
                    metadata=meta)
+    if forward:
+        stub.Forward(pb.ForwardRequest(session_id=sid, layer_id="net", x=tensor(x),
+                                       t=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[100], data=t.astype("<i8").tobytes())),
+                     metadata=meta)
 
 
 def handovers(a: Layerd, b: Layerd, count: int) -> list:
-    """Latencies (s) of DescribeSession calls alternating between a and b, each a handover."""
+    """Latencies (s) of DescribeSession calls alternating between a and b, each a handover (of
+    the session's state and of what its last Forward kept)."""
     channels = [grpc.insecure_channel(r.addr) for r in (a, b)]
     stubs = [layerd_pb2_grpc.LayerServiceStub(c) for c in channels]
     sid = f"handover-{os.getpid()}"
-    mlp_session(stubs[0], sid)
+    mlp_session(stubs[0], sid, forward=True)
     latencies = []
     for k in range(count):
         started = time.perf_counter()
@@ -167,6 +173,8 @@ def handovers(a: Layerd, b: Layerd, count: int) -> list:
                                                     metadata=(("x-session-id", sid),))
         latencies.append(time.perf_counter() - started)
         assert answer.optimizers[0].steps == 1
+    # The Forward's kept state moved with every handover: Backward runs where the session is now.
+    stubs[count % 2].Backward(pb.BackwardRequest(session_id=sid, layer_id="net"), metadata=(("x-session-id", sid),))
     stubs[count % 2].CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=(("x-session-id", sid),))
     for c in channels:
         c.close()

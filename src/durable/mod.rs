@@ -21,7 +21,8 @@
 //!   (UNAVAILABLE: the call did not take effect, retry), so stale state can
 //!   never overwrite newer state;
 //! - `--durability sync`: a call that changes parameters or optimizer state
-//!   answers only after the store has the new state; `async`: the newest
+//!   answers only after the store has the new state (calls that changed it
+//!   while a write was under way share the next write); `async`: the newest
 //!   state is written behind, at most one write in flight per session;
 //! - what is read from the store is validated as ImportSession validates a
 //!   file (owner, id, checkpoint, answers): a bad value answers DATA_LOSS
@@ -38,7 +39,7 @@ mod take;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, Weak,
     },
     time::Duration,
@@ -101,6 +102,12 @@ struct Held {
     session: Weak<Session>,
     /// One write at a time, so a later write always carries later state.
     writer: tokio::sync::Mutex<()>,
+    /// Sync mode: changes asked to be stored (one per call that changed the
+    /// session, counted after its commit), and how many of them the store
+    /// has (as of the last write's start): a write covers every change
+    /// counted before it began (a group commit).
+    requested: AtomicU64,
+    written: AtomicU64,
     /// Async mode: state committed since the last write began.
     dirty: AtomicBool,
     /// Async mode: a writer task is at work.
@@ -246,7 +253,20 @@ impl Durable {
             return Ok(());
         };
         match self.inner.durability {
-            Durability::Sync => self.write(&held, false).await,
+            Durability::Sync => {
+                // Calls that changed the session while a write was under way
+                // wait for the writer together; the first of them writes for
+                // all, the others find their change stored and answer.
+                let change = held.requested.fetch_add(1, Ordering::AcqRel) + 1;
+                let _writing = held.writer.lock().await;
+                if held.written.load(Ordering::Acquire) >= change {
+                    return Ok(());
+                }
+                let covered = held.requested.load(Ordering::Acquire);
+                self.write_locked(&held, false).await?;
+                held.written.fetch_max(covered, Ordering::AcqRel);
+                Ok(())
+            }
             Durability::Async => {
                 held.dirty.store(true, Ordering::Release);
                 if !held.writing.swap(true, Ordering::AcqRel) {
@@ -281,6 +301,11 @@ impl Durable {
     /// Writes the session's current state, fenced; `release` lets go of it.
     async fn write(&self, held: &Held, release: bool) -> Result<(), CallError> {
         let _writing = held.writer.lock().await;
+        self.write_locked(held, release).await
+    }
+
+    /// [`Durable::write`], under `held.writer`.
+    async fn write_locked(&self, held: &Held, release: bool) -> Result<(), CallError> {
         let Some(session) = held.session.upgrade() else {
             return Ok(());
         };
@@ -439,6 +464,8 @@ impl Held {
             idle: session.idle_timeout(),
             session: Arc::downgrade(session),
             writer: tokio::sync::Mutex::new(()),
+            requested: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             writing: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
