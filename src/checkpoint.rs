@@ -11,7 +11,10 @@
 //!   positions, and each optimizer's algorithm, layers and step count.
 //!
 //! Kept state and gradients are not saved: a step after an import starts with
-//! a Forward, as any training step does.
+//! a Forward, as any training step does. (A session store keeps kept state
+//! beside the file at a handover: [`Export::kept`].)
+//!
+//! Files: this one reads a checkpoint; `export.rs` writes one.
 //!
 //! Invariants:
 //! - export holds every optimizer's lock, then every layer's, in id order (as
@@ -24,13 +27,14 @@
 //!   budgets are charged while [`restore`] builds the session, and the caller
 //!   closes it again if that fails.
 
-use std::{
-    borrow::Cow,
-    collections::{BTreeMap, HashMap},
-};
+mod export;
+
+use std::collections::{BTreeMap, HashMap};
+
+pub use export::{export, export_counted, export_with, Export};
 
 use bytes::Bytes;
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Principal;
@@ -103,123 +107,6 @@ struct ImportedOptimizer {
     steps: u64,
     /// Per owned layer: its optimizer state (member → parameter → state).
     state: HashMap<String, Vec<Vec<Vec<Tensor>>>>,
-}
-
-/// The session as a safetensors file.
-pub async fn export(session: &Session) -> Result<Vec<u8>, Error> {
-    export_with(session, HashMap::new()).await
-}
-
-/// The session as a safetensors file with `extra` entries in its metadata
-/// besides the manifest (`--state-dir` records the session's id and owner).
-pub async fn export_with(
-    session: &Session,
-    extra: HashMap<String, String>,
-) -> Result<Vec<u8>, Error> {
-    Ok(export_counted(session, extra).await?.0)
-}
-
-/// [`export_with`], and each optimizer's step count in the file (the
-/// counts as of the export: it holds every optimizer's step lock).
-pub async fn export_counted(
-    session: &Session,
-    mut extra: HashMap<String, String>,
-) -> Result<(Vec<u8>, Vec<(String, u64)>), Error> {
-    let optimizers = session.optimizers_by_id();
-    let mut steps = Vec::with_capacity(optimizers.len());
-    for optimizer in &optimizers {
-        steps.push(optimizer.steps.lock().await);
-    }
-    let layers = session.layers_by_id();
-    let mut states = Vec::with_capacity(layers.len());
-    for (_, layer) in &layers {
-        states.push(layer.state.lock().await);
-    }
-    let algorithms: HashMap<&str, &Algorithm> = optimizers
-        .iter()
-        .map(|o| (o.id.as_str(), &o.algorithm))
-        .collect();
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let mut manifest = Manifest {
-        format: FORMAT.to_string(),
-        layers: Vec::with_capacity(layers.len()),
-        optimizers: Vec::with_capacity(optimizers.len()),
-    };
-    for ((id, layer), state) in layers.iter().zip(&states) {
-        let (params, buffers) = layer.chain.named_values(&state.members);
-        for (name, value) in params.into_iter().chain(buffers) {
-            tensors.push((format!("layers.{id}.{name}"), value));
-        }
-        let generators = layer
-            .chain
-            .members()
-            .iter()
-            .zip(&state.members)
-            .filter_map(|(member, s)| Some((member.name.clone(), hex(s.rng?.position()))))
-            .collect();
-        manifest.layers.push(LayerEntry {
-            id: id.clone(),
-            kind: layer.recipe.kind.clone(),
-            dtype: layer.chain.dtype().map(|d| d.proto_name().to_string()),
-            config: layer.recipe.config.clone(),
-            generators,
-        });
-        if let Some(owned) = &state.optimizer {
-            let names = algorithms[owned.optimizer_id.as_str()].state_names();
-            for (m, s, name, _) in layer.chain.params() {
-                for (k, state_name) in names.iter().enumerate() {
-                    tensors.push((
-                        format!("optimizers.{}.{state_name}.{id}.{name}", owned.optimizer_id),
-                        owned.values[m][s][k].clone(),
-                    ));
-                }
-            }
-        }
-    }
-    for (optimizer, steps) in optimizers.iter().zip(&steps) {
-        if steps.live {
-            manifest.optimizers.push(OptimizerEntry {
-                id: optimizer.id.clone(),
-                algorithm: AlgorithmConfig::of(&optimizer.algorithm),
-                layer_ids: optimizer.layers.iter().map(|(id, _)| id.clone()).collect(),
-                steps: steps.count,
-            });
-        }
-    }
-    drop(states);
-    drop(steps);
-    let counts = manifest
-        .optimizers
-        .iter()
-        .map(|o| (o.id.clone(), o.steps))
-        .collect();
-    let json = serde_json::to_string(&manifest)
-        .map_err(|e| Error::Internal(format!("checkpoint manifest: {e}")))?;
-    extra.insert(METADATA_KEY.to_string(), json);
-    let file = safetensors::serialize(tensors.iter().map(|(n, t)| (n, Wire(t))), Some(extra))
-        .map_err(|e| Error::Internal(format!("writing the checkpoint: {e}")))?;
-    Ok((file, counts))
-}
-
-/// A tensor as safetensors writes it.
-struct Wire<'a>(&'a Tensor);
-
-impl View for Wire<'_> {
-    fn dtype(&self) -> Dtype {
-        match self.0.dtype() {
-            DType::F32 => Dtype::F32,
-            DType::F64 => Dtype::F64,
-        }
-    }
-    fn shape(&self) -> &[usize] {
-        self.0.shape()
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        self.0.le_bytes()
-    }
-    fn data_len(&self) -> usize {
-        self.0.len() * self.0.dtype().itemsize()
-    }
 }
 
 /// The metadata entry `key` of a safetensors file, if it is one and has it.
@@ -570,7 +457,7 @@ mod tests {
             u64::MAX.to_le_bytes().to_vec(),
             [16u64.to_le_bytes().to_vec(), b"{\"a\":1}".to_vec()].concat(),
             // A valid file without layerd's manifest.
-            safetensors::serialize(Vec::<(String, Wire<'_>)>::new(), None).unwrap(),
+            safetensors::serialize(Vec::<(String, export::Wire<'_>)>::new(), None).unwrap(),
         ];
         for file in cases {
             let Err(error) = parse(&file) else {

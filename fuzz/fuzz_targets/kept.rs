@@ -8,11 +8,13 @@
 //! restores must answer every Backward (or refuse it) without panicking;
 //! the valid value itself must restore.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use layerd::auth::Principal;
+use layerd::checkpoint::export_counted;
 use layerd::dtype::Wire;
 use layerd::durable::kept;
 use layerd::engine::{backward_on, forward_on, ForwardOptions, Phases};
@@ -75,7 +77,10 @@ async fn valid_value(store: &Store, owner: &Principal) -> Vec<u8> {
             .await
             .unwrap();
     }
-    let valid = kept::encode(&kept_by).await;
+    let export = export_counted(&kept_by, HashMap::new(), true)
+        .await
+        .unwrap();
+    let valid = kept::encode(export.kept);
     let target = session(store, owner, "target").await;
     let stored = kept::decode(&valid).expect("an encoded value decodes");
     kept::restore(&target, stored).await.expect("and restores");

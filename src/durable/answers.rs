@@ -52,19 +52,17 @@ struct Layout {
 /// A decoded value: per optimizer id, its last numbered step.
 pub struct Stored(Vec<(String, Applied)>);
 
-/// The session's remembered steps, encoded (empty if none).
-pub async fn encode(session: &Session) -> Vec<u8> {
+/// Each optimizer's remembered step (its id and last update), encoded
+/// (empty if none).
+pub fn encode(remembered: &[(String, Arc<Applied>)]) -> Vec<u8> {
     let mut entries = HashMap::new();
     // The answers' own bytes (shared, not copied) until serialised.
     let mut tensors: Vec<(String, Bytes)> = Vec::new();
-    for optimizer in session.optimizers_by_id() {
-        let Some(last) = optimizer.last_applied() else {
-            continue;
-        };
+    for (id, last) in remembered {
         let answer = last.answer.as_ref().map(|a| {
             let mut layout = |name: &str, t: &Option<Tensor>| {
                 t.as_ref().map(|t| {
-                    tensors.push((format!("{}.{name}", optimizer.id), t.wire_bytes()));
+                    tensors.push((format!("{id}.{name}"), t.wire_bytes()));
                     Layout {
                         dtype: t.wire().proto_name().to_string(),
                         shape: t.shape().iter().map(|&d| d as u64).collect(),
@@ -83,7 +81,7 @@ pub async fn encode(session: &Session) -> Vec<u8> {
             request: last.request,
             answer,
         };
-        entries.insert(optimizer.id.clone(), entry);
+        entries.insert(id.clone(), entry);
     }
     if entries.is_empty() {
         return Vec::new();

@@ -42,16 +42,11 @@ struct Entry {
 /// A decoded value: per layer id, its kept state.
 pub struct Stored(Vec<(String, KeptRecord)>);
 
-/// What the session's layers keep, encoded (empty if nothing).
-pub async fn encode(session: &Session) -> Vec<u8> {
+/// Each layer's kept state (its id and record), encoded (empty if none).
+pub fn encode(records: Vec<(String, KeptRecord)>) -> Vec<u8> {
     let mut entries = HashMap::new();
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (id, layer) in session.layers_by_id() {
-        let state = layer.state.lock().await;
-        let Some(kept) = &state.kept else {
-            continue;
-        };
-        let record = layer.chain.save_kept(&kept.kept);
+    for (id, record) in records {
         let counts = record.members.counts();
         match record.members {
             MemberParts::F32(members) => push(&mut tensors, &id, members),

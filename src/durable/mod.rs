@@ -309,13 +309,10 @@ impl Durable {
         let Some(session) = held.session.upgrade() else {
             return Ok(());
         };
-        let (state, counts) = checkpoint::export_counted(&session, HashMap::new()).await?;
-        let answers = answers::encode(&session).await;
-        let kept = if release {
-            kept::encode(&session).await
-        } else {
-            Vec::new()
-        };
+        let export = checkpoint::export_counted(&session, HashMap::new(), release).await?;
+        let (state, counts) = (export.file, export.counts);
+        let answers = answers::encode(&export.last);
+        let kept = kept::encode(export.kept);
         let started = Instant::now();
         let mut connection = self.connection();
         let staging = held.keys.staging(&self.inner.replica);
