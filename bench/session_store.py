@@ -4,6 +4,7 @@
 cases against each in alternating rounds, medians and ratios to the store-off server.
 
     python3 bench/session_store.py --rounds 3        # release build: cargo build --release
+    python3 bench/session_store.py --quick --layerd target/debug/layerd   # smoke run (CI)
 
 Cases (clients: layerd-bench, which checks every answer; and a plain grpcio client with the
 layerd package's generated stubs for churn and handovers):
@@ -233,7 +234,12 @@ def main() -> None:
     parser.add_argument("--handovers", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="run only the cases whose names start with these words "
                                                   "(and skip handovers, kills and memory)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (one round of 1 s, 5 handovers, no convnet: a debug build takes "
+                             "seconds a step); the figures mean nothing")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.handovers = 1, "1s", 5
     bench = str(Path(args.layerd).with_name("layerd-bench"))
     seconds = float(args.duration.rstrip("s"))
     redis = Redis()
@@ -262,6 +268,8 @@ def main() -> None:
         print("| case | store off | sync | async | sync / off | async / off |\n|---|---:|---:|---:|---:|---:|")
         for name, run in cases.items():
             if args.only and not any(name.startswith(word) for word in args.only):
+                continue
+            if args.quick and name.startswith("convnet"):
                 continue
             got = {side: [] for side in sides}
             for round_ in range(args.rounds):
