@@ -13,12 +13,10 @@
 //! file that parses again and restores to the same export.
 #![no_main]
 
-use std::time::Duration;
-
 use layerd::auth::Principal;
 use layerd::checkpoint::{export, parse, restore};
 use layerd::error::Error;
-use layerd::session::{Limits, Store};
+use layerd::session::Store;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "kept.rs"]
@@ -40,15 +38,7 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let guard = Store::start(Limits {
-            max_sessions: 4,
-            max_layers_per_session: 64,
-            max_session_kept_bytes: 16 << 20,
-            max_total_kept_bytes: 64 << 20,
-            max_work_bytes: 16 << 20,
-            default_idle_timeout: Duration::from_secs(60),
-            max_idle_timeout: Duration::from_secs(60),
-        });
+        let guard = Store::start(kept::limits());
         let store = guard.store();
         let owner = Principal::default();
         let (id, _) = store.create(&owner, "a", 0).unwrap();

@@ -31,15 +31,7 @@ pub fn run(data: &[u8]) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let guard = Store::start(Limits {
-            max_sessions: 4,
-            max_layers_per_session: 64,
-            max_session_kept_bytes: 16 << 20,
-            max_total_kept_bytes: 64 << 20,
-            max_work_bytes: 16 << 20,
-            default_idle_timeout: Duration::from_secs(60),
-            max_idle_timeout: Duration::from_secs(60),
-        });
+        let guard = Store::start(limits());
         let store = guard.store();
         let owner = Principal::default();
         if VALID.get().is_none() {
@@ -58,6 +50,19 @@ pub fn run(data: &[u8]) {
             store.close(&owner, "target").unwrap();
         }
     });
+}
+
+/// The generous limits both parts of the target run under.
+pub fn limits() -> Limits {
+    Limits {
+        max_sessions: 4,
+        max_layers_per_session: 64,
+        max_session_kept_bytes: 16 << 20,
+        max_total_kept_bytes: 64 << 20,
+        max_work_bytes: 16 << 20,
+        default_idle_timeout: Duration::from_secs(60),
+        max_idle_timeout: Duration::from_secs(60),
+    }
 }
 
 /// The valid value: every layer's kept state after a Forward (made once);

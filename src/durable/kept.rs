@@ -123,15 +123,7 @@ pub fn decode(value: &[u8]) -> Result<Stored, String> {
     if value.is_empty() {
         return Ok(Stored(Vec::new()));
     }
-    let file = SafeTensors::deserialize(value).map_err(|e| format!("not safetensors: {e}"))?;
-    let (_, header) = SafeTensors::read_metadata(value).map_err(|e| e.to_string())?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| format!("no {METADATA_KEY} metadata"))?;
-    let entries: HashMap<String, Entry> =
-        serde_json::from_str(json).map_err(|e| format!("{METADATA_KEY}: {e}"))?;
+    let (file, entries): (_, HashMap<String, Entry>) = super::open_value(value, METADATA_KEY)?;
     let mut used = 0;
     let mut stored = Vec::with_capacity(entries.len());
     for (id, entry) in entries {

@@ -451,6 +451,24 @@ impl Durable {
     }
 }
 
+/// A stored value that is a safetensors file, and its metadata entry `key`
+/// parsed from JSON (the answers' and the kept state's framing).
+fn open_value<'a, T: serde::de::DeserializeOwned>(
+    value: &'a [u8],
+    key: &str,
+) -> Result<(safetensors::SafeTensors<'a>, T), String> {
+    use safetensors::SafeTensors;
+    let file = SafeTensors::deserialize(value).map_err(|e| format!("not safetensors: {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(value).map_err(|e| e.to_string())?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(key))
+        .ok_or_else(|| format!("no {key} metadata"))?;
+    let parsed = serde_json::from_str(json).map_err(|e| format!("{key}: {e}"))?;
+    Ok((file, parsed))
+}
+
 impl Held {
     fn new(keys: Keys, owner: &Principal, session: &Arc<Session>, epoch: u64) -> Held {
         Held {
