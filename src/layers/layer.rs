@@ -351,12 +351,4 @@ impl KeptMembers {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// The compute type of the members' state.
-    pub fn dtype(&self) -> crate::dtype::DType {
-        match self {
-            KeptMembers::F32(_) => crate::dtype::DType::F32,
-            KeptMembers::F64(_) => crate::dtype::DType::F64,
-        }
-    }
 }

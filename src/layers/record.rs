@@ -151,12 +151,6 @@ impl<F> Parts<F> {
         }
     }
 
-    /// The next part's type, without taking it (for a kind whose kept state
-    /// has variants: a target of class ids or of probabilities).
-    pub fn peek_is_classes(&self) -> bool {
-        matches!(self.parts.as_slice().first(), Some(Part::Classes(_)))
-    }
-
     /// Ends the loading: no part may be left over.
     pub fn finish(self) -> Result<(), String> {
         let left = self.parts.len();

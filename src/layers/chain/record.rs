@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(moved.bytes(), kept.bytes());
         let dout = (!kept.ran_loss).then(|| {
             let ones = ArrayD::from_elem(IxDyn(&kept.y_shape), 0.5);
-            with_float!(kept.members.dtype(), F => Tensor::from_array(ones.mapv(|v: f64| <F as num_traits::NumCast>::from(v).expect("0.5 fits"))))
+            with_float!(kept.wire.compute(), F => Tensor::from_array(ones.mapv(|v: f64| <F as num_traits::NumCast>::from(v).expect("0.5 fits"))))
         });
         let dout = dout.map(|d| {
             if x.wire().is_half() {
